@@ -1,0 +1,39 @@
+"""Count the BatchNorm kernels a forward pass actually runs, whatever form (module or functional) calls them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self, keyword: str) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if self.keyword in name:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(model: nn.Module, *inputs: Any, keyword: str = "batch_norm") -> int:
+    """Run ``model(*inputs)`` without gradients and count the ATen kernels whose name contains ``keyword``.
+
+    The dispatcher sees every BatchNorm however it was called (``nn.BatchNorm2d``, ``F.batch_norm`` in a
+    subclass, ``torch.batch_norm``), so this counts what runs, not the modules present.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
+        >>> count_kernels(net, torch.randn(1, 1, 4, 4))
+        1
+    """
+    with torch.no_grad(), _OpCounter(keyword) as counter:
+        model(*inputs)
+    return sum(counter.counts.values())

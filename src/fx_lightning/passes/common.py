@@ -1,0 +1,249 @@
+"""Graph helpers the passes share: recognising BatchNorm calls, tensor ranks, and swapping in folded layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
+
+from fx_lightning.folding import BatchNormStats
+from fx_lightning.report import Folded, Removed
+from fx_lightning.tracing import is_builtin_batch_norm
+
+
+@dataclass
+class PassResult:
+    """What one pass changed: the folds and removals it made, and why it left BatchNorm calls alone."""
+
+    folded: list[Folded] = field(default_factory=list)
+    removed: list[Removed] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.folded or self.removed)
+
+
+# Positional layouts of the two functional BatchNorm entry points, as (name of each argument) in order.
+_FUNCTIONAL_BN: dict[Callable[..., Any], tuple[str, ...]] = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+    ),
+}
+_FUNCTIONAL_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+@dataclass
+class BatchNormCall:
+    """A BatchNorm call found in a graph, in module or functional form.
+
+    ``stats`` is ``None`` when the call cannot be folded exactly; ``reason`` then says why.
+    """
+
+    node: fx.Node
+    input: fx.Node | None
+    name: str
+    num_features: int
+    stats: BatchNormStats | None
+    reason: str = ""
+    module: nn.Module | None = None
+
+
+def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Map a call node's positional and keyword arguments onto ``names``, filling ``defaults``."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def get_attr_tensor(gm: fx.GraphModule, value: Any) -> tuple[torch.Tensor | None, str]:
+    """Resolve a ``get_attr`` node (or ``None``) to its tensor; returns ``(tensor, "")`` or ``(None, reason)``."""
+    if value is None:
+        return None, ""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        owner_path, _, attr = value.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        return getattr(owner, attr), ""
+    what = value.format_node() if isinstance(value, fx.Node) else repr(value)
+    return None, f"its statistics are computed in the graph ({what}), not stored parameters or buffers"
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks that could observe or change what folding moves."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+    """Recognise ``node`` as an inference BatchNorm call, or return ``None`` when it is not a BatchNorm at all."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not is_builtin_batch_norm(module):
+            return None
+        return _match_module_bn(node, module)
+    if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+        return _match_functional_bn(gm, node)
+    return None
+
+
+def _match_module_bn(node: fx.Node, bn: nn.Module) -> BatchNormCall:
+    call = BatchNormCall(node, _first_node(node), str(node.target), bn.num_features, None, module=bn)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        call.reason = "no running statistics: it normalises with batch statistics even in eval"
+    elif is_lazy(mean) or (bn.weight is not None and is_lazy(bn.weight)):
+        call.reason = "lazy BatchNorm not materialised yet; run one forward pass before fusing"
+    elif has_hooks(bn):
+        call.reason = "it has forward hooks, which would see different tensors after folding"
+    elif len(node.args) != 1 or node.kwargs:
+        call.reason = f"called with extra arguments ({node.format_node()})"
+    else:
+        weight = bn.weight if bn.affine else None
+        bias = bn.bias if bn.affine else None
+        call.stats = BatchNormStats(mean, var, float(bn.eps), weight, bias)
+    return call
+
+
+def _match_functional_bn(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall:
+    args = bind_args(node, _FUNCTIONAL_BN[node.target], _FUNCTIONAL_DEFAULTS)
+    tensors: dict[str, torch.Tensor | None] = {}
+    reason = ""
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        tensors[key], why = get_attr_tensor(gm, args.get(key))
+        reason = reason or why
+    owners = [a.target.rpartition(".")[0] for a in node.all_input_nodes if a.op == "get_attr"]
+    name = owners[0] if owners else node.name
+    mean, var = tensors["running_mean"], tensors["running_var"]
+    num_features = mean.numel() if mean is not None and not is_lazy(mean) else -1
+    call = BatchNormCall(node, _first_node(node), name, num_features, None)
+    if args["training"] is not False:
+        call.reason = "it runs with training=True (no running statistics), so it uses batch statistics"
+    elif mean is None or var is None:
+        call.reason = reason or "no running statistics: it normalises with batch statistics even in eval"
+    elif reason:
+        call.reason = reason
+    elif not isinstance(args["eps"], (int, float)):
+        call.reason = f"eps is not a constant ({args['eps']})"
+    else:
+        call.stats = BatchNormStats(mean, var, float(args["eps"]), tensors["weight"], tensors["bias"])
+    return call
+
+
+def _first_node(node: fx.Node) -> fx.Node | None:
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    return first if isinstance(first, fx.Node) else None
+
+
+_RANK_PRESERVING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.PReLU, nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd,
+)
+_RANK_PRESERVING_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid, torch.tanh,
+    F.leaky_relu, F.elu, F.mish, F.linear, F.dropout,
+}
+
+
+def tensor_rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
+    """The number of dimensions of ``node``'s output, from shape propagation or the graph alone; ``None`` if unknown.
+
+    Without shape metadata, ranks are known after ``flatten(x, 1)``, ``nn.Flatten()`` and
+    ``view``/``reshape`` to an explicit shape, and carried through element-wise layers and ``Linear``.
+    """
+    if not isinstance(node, fx.Node) or depth > 64:
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return len(meta.shape)
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            return 2
+        if isinstance(module, _RANK_PRESERVING_MODULES) or is_builtin_batch_norm(module):
+            return tensor_rank(gm, _first_node(node), depth + 1)
+        return None
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            args = bind_args(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+            return 2 if args["start_dim"] == 1 and args["end_dim"] == -1 else None
+        if node.target in _RANK_PRESERVING_FUNCTIONS:
+            return tensor_rank(gm, _first_node(node), depth + 1)
+        return None
+    if node.op == "call_method":
+        if node.target == "flatten":
+            args = bind_args(node, ("self", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+            return 2 if args["start_dim"] == 1 and args["end_dim"] == -1 else None
+        if node.target in ("view", "reshape") and len(node.args) >= 2:
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            return len(shape)
+        if node.target in ("relu", "sigmoid", "tanh", "contiguous"):
+            return tensor_rank(gm, _first_node(node), depth + 1)
+    return None
+
+
+def base_class(module: nn.Module) -> type[nn.Module]:
+    """The module's class before any ``torch.nn.utils.parametrize`` wrapping."""
+    return parametrize.type_before_parametrizations(module)
+
+
+def with_new_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A new module of ``module``'s (unparametrised) class and settings, carrying ``weight`` and ``bias``.
+
+    The original keeps its own parameters, so other call sites and tied layers are unaffected.
+    """
+    cls = base_class(module)
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    new._buffers = dict(module._buffers)
+    requires_grad = bool(module.weight.requires_grad)
+    new._parameters = {
+        "weight": nn.Parameter(weight, requires_grad=requires_grad),
+        "bias": nn.Parameter(bias, requires_grad=requires_grad),
+    }
+    new.__dict__["_forward_hooks"] = type(module._forward_hooks)()
+    new.__dict__["_forward_pre_hooks"] = type(module._forward_pre_hooks)()
+    new.training = False
+    return new
+
+
+def install_for_node(gm: fx.GraphModule, node: fx.Node, new_module: nn.Module) -> str:
+    """Make ``node`` call ``new_module``; reuse its path when no other node calls it, else add a sibling.
+
+    Returns the path ``node`` now calls.
+    """
+    target = str(node.target)
+    sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    if len(sites) > 1:
+        suffix = 1
+        while _has_submodule(gm, f"{target}_folded{suffix}"):
+            suffix += 1
+        target = f"{target}_folded{suffix}"
+        node.target = target
+    gm.add_submodule(target, new_module)
+    return target
+
+
+def _has_submodule(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
+def replace_with_input(node: fx.Node, value: fx.Node) -> None:
+    """Reroute every reader of ``node`` to ``value`` and erase ``node``."""
+    node.replace_all_uses_with(value)
+    node.graph.erase_node(node)
+
+
+def users_text(node: fx.Node) -> str:
+    return ", ".join(u.format_node() or u.name for u in node.users)

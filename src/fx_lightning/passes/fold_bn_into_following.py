@@ -1,0 +1,88 @@
+"""Fold a BatchNorm into the convolution or linear layer that reads its output, where that is exact."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from fx_lightning.folding import fold_bn_before_conv, fold_bn_before_linear
+from fx_lightning.passes.common import (
+    BatchNormCall,
+    PassResult,
+    has_hooks,
+    install_for_node,
+    match_batch_norm,
+    replace_with_input,
+    tensor_rank,
+    with_new_params,
+)
+from fx_lightning.passes.fold_bn_into_preceding import producer_layer
+from fx_lightning.report import Folded
+
+RULE = "fold_bn_into_following"
+
+
+def fold_bn_into_following(gm: fx.GraphModule) -> PassResult:
+    """Fold every inference BatchNorm whose only reader is an unpadded convolution or a 2-D linear layer.
+
+    ``conv(BN(x))`` equals one convolution only when the convolution pads nothing: padding would
+    insert zeros where BN would have produced its shift.
+
+    Args:
+        gm: the graph module to rewrite in place.
+
+    Returns:
+        A :class:`PassResult` with one :class:`Folded` per fold and a reason for every BatchNorm left.
+    """
+    result = PassResult()
+    for node in list(gm.graph.nodes):
+        bn = match_batch_norm(gm, node)
+        if bn is None or bn.stats is None:
+            continue
+        why, consumer = _why_not(gm, bn)
+        if why:
+            result.reasons[node.name] = why
+            continue
+        layer = gm.get_submodule(consumer.target)
+        if isinstance(layer, nn.Linear):
+            weight, bias = fold_bn_before_linear(layer.weight, layer.bias, bn.stats)
+        else:
+            weight, bias = fold_bn_before_conv(layer.weight, layer.bias, bn.stats, groups=layer.groups)
+        source = bn.input
+        target = install_for_node(gm, consumer, with_new_params(layer, weight, bias))
+        replace_with_input(node, source)
+        result.folded.append(Folded(bn.name, target, RULE))
+    return result
+
+
+def _why_not(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[str, fx.Node]:
+    node = bn.node
+    users = list(node.users)
+    if len(users) != 1 or bn.input is None:
+        return f"its output is read by {len(users)} nodes, not by one layer", node
+    consumer = users[0]
+    layer = producer_layer(gm, consumer)
+    if layer is None or isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return f"the layer after it is not a Conv/Linear call ({consumer.format_node()})", node
+    if consumer.args[:1] != (node,) or len(consumer.args) != 1 or consumer.kwargs:
+        return f"'{consumer.target}' is called with other arguments too", node
+    if has_hooks(layer):
+        return f"the following layer '{consumer.target}' has forward hooks", node
+    in_features = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    if in_features != bn.num_features:
+        return f"it normalises {bn.num_features} features but '{consumer.target}' reads {in_features}", node
+    if isinstance(layer, nn.Linear):
+        if tensor_rank(gm, node) != 2:
+            return f"the Linear '{consumer.target}' after it may not see 2-D input", node
+    elif not _pads_nothing(layer):
+        return f"the convolution '{consumer.target}' after it pads its input (padding={layer.padding})", node
+    elif tensor_rank(gm, node) not in (None, layer.weight.dim()):
+        return f"the convolution '{consumer.target}' after it runs on unbatched input", node
+    return "", consumer
+
+
+def _pads_nothing(conv: nn.Module) -> bool:
+    if conv.padding == "valid":
+        return True
+    if conv.padding == "same":
+        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return all(p == 0 for p in conv.padding)

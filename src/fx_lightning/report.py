@@ -1,0 +1,120 @@
+"""What a fusion did: the layers folded, the BatchNorms left and why, and the parts that could not be traced."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One BatchNorm folded into a neighbouring layer.
+
+    Attributes:
+        bn: qualified name of the BatchNorm (module path, or the owner of the parameters of a functional call).
+        into: qualified name of the layer that now carries the BatchNorm.
+        rule: the pass that folded it, e.g. ``"fold_bn_into_preceding"``.
+    """
+
+    bn: str
+    into: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One BatchNorm left in place, with the reason it could not be folded exactly."""
+
+    bn: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One no-op call removed from the graph (Dropout in eval, Identity)."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Untraced:
+    """A sub-module torch.fx could not trace; it runs as it was, and BatchNorms inside it stay."""
+
+    path: str
+    error: str
+
+
+@dataclass
+class FusionReport:
+    """The facts of one :func:`fx_lightning.fuse` call, built from what each pass returned.
+
+    Print it for a short table; use :meth:`to_dict` for JSON.
+    """
+
+    model: str = ""
+    folded: list[Folded] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    removed: list[Removed] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    traced: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def num_folded(self) -> int:
+        return len(self.folded)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def merge(self, other: FusionReport, prefix: str) -> None:
+        """Append ``other``'s records, naming them relative to this report's model under ``prefix``."""
+
+        def join(name: str) -> str:
+            return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+        self.folded += [Folded(join(r.bn), join(r.into), r.rule) for r in other.folded]
+        self.skipped += [Skipped(join(r.bn), r.reason) for r in other.skipped]
+        self.removed += [Removed(join(r.name), r.kind) for r in other.removed]
+        self.untraced += [Untraced(join(r.path), r.error) for r in other.untraced]
+        self.traced += [join(p) for p in other.traced]
+        self.notes += other.notes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain JSON-serialisable data."""
+        return {
+            "model": self.model,
+            "folded": [asdict(r) for r in self.folded],
+            "skipped": [asdict(r) for r in self.skipped],
+            "removed": [asdict(r) for r in self.removed],
+            "untraced": [asdict(r) for r in self.untraced],
+            "traced": list(self.traced),
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+        }
+
+    def summary(self) -> str:
+        """One line: counts of folded, skipped, removed and untraced parts."""
+        return (
+            f"{self.model or 'model'}: folded {len(self.folded)} BatchNorm, left {len(self.skipped)}, "
+            f"removed {len(self.removed)} no-op calls, {len(self.untraced)} untraced part(s) "
+            f"in {self.seconds:.2f}s"
+        )
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        rows = [(r.bn, f"-> {r.into}", r.rule) for r in self.folded]
+        rows += [(r.bn, "left", r.reason) for r in self.skipped]
+        rows += [(r.path, "untraced", _first_line(r.error)) for r in self.untraced]
+        if rows:
+            widths = [max(len(row[i]) for row in rows) for i in range(2)]
+            lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _first_line(text: str, limit: int = 120) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,163 @@
+"""Turn an ``nn.Module`` into torch.fx graphs without touching the caller's model.
+
+Two pieces:
+
+* :func:`detached_copy` builds an eval-mode copy of a module tree whose parameters are new ``Parameter``
+  objects sharing storage with the original (no weight memory is duplicated) and whose buffers are
+  cloned (they are small, and an unfolded BatchNorm put back in train mode would otherwise write into
+  the caller's running statistics).
+* :func:`trace` traces as much as torch.fx can: a sub-module whose own code cannot be traced is kept as
+  a leaf call and the trace of its parent is retried, so the traced region is as large as possible.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def detached_copy(module: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of ``module`` that shares parameter storage but no Python objects with it.
+
+    Tied parameters and sub-modules used at several places stay tied in the copy. Changing the copy's
+    modules, ``training`` flags, dtype or device (``.to()`` rebinds ``.data`` of the copy's own
+    ``Parameter`` objects) leaves the original as it was; writing *in place* into a shared parameter's
+    storage would not, so treat the copy's parameters as read-only.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> copy = detached_copy(net)
+        >>> copy.training, net.training, copy[0].weight is net[0].weight
+        (False, True, False)
+    """
+    memo: dict[int, Any] = {}
+    return _copy_module(module, memo)
+
+
+def _copy_tensor(t: torch.Tensor | None, memo: dict[int, Any], *, clone: bool) -> Any:
+    if t is None:
+        return None
+    if id(t) in memo:
+        return memo[id(t)]
+    if is_lazy(t):
+        new: Any = t  # an uninitialised lazy tensor has no storage to share; materialising it is the owner's job
+    elif isinstance(t, nn.Parameter):
+        new = nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+    else:
+        new = t.detach().clone() if clone else t
+    memo[id(t)] = new
+    return new
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = {k: _copy_tensor(p, memo, clone=False) for k, p in module._parameters.items()}
+    new._buffers = {k: _copy_tensor(b, memo, clone=True) for k, b in module._buffers.items()}
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._modules = {k: (_copy_module(m, memo) if m is not None else None) for k, m in module._modules.items()}
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            new.__dict__[name] = collections.OrderedDict(module.__dict__[name])
+    new.training = False
+    return new
+
+
+def is_builtin_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that runs torch's own ``_BatchNorm`` forward (subclasses included)."""
+    if not isinstance(module, _BatchNorm):
+        return False
+    forward = type(module).forward
+    return getattr(forward, "__module__", "").startswith("torch.nn.")
+
+
+class LeafTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` with extra leaves and a record of where a failed trace was.
+
+    Leaves are torch's own modules, BatchNorm subclasses that keep torch's forward (their
+    ``_check_input_dim`` cannot be traced), and the modules named in ``leaves``.
+    """
+
+    def __init__(self, leaves: Iterable[str] = (), leaf_types: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+        self.leaf_types = leaf_types
+        self.stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves or is_builtin_batch_norm(m):
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = self.path_of_module(m)
+        self.stack.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+
+
+@dataclass
+class TraceResult:
+    """A traced module (or ``None``) and the sub-modules that had to stay opaque, with the tracer's errors."""
+
+    graph_module: fx.GraphModule | None
+    opaque: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int = 200) -> TraceResult:
+    """Trace ``root``, making every sub-module whose own code fails to trace a leaf and retrying.
+
+    Returns a result whose ``graph_module`` is ``None`` when ``root``'s own forward cannot be traced;
+    ``error`` then holds the tracer's message. ``opaque`` maps each sub-module kept as a leaf because
+    of a trace failure to its error message.
+    """
+    opaque: dict[str, str] = {}
+    for _ in range(max_retries):
+        tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types)
+        try:
+            graph = tracer.trace(root)
+        except Exception as err:  # noqa: BLE001 - any tracer failure means "not traceable here"
+            message = f"{type(err).__name__}: {err}"
+            culprit = tracer.failed_in[-1] if tracer.failed_in else ""
+            if not culprit or culprit in opaque:
+                return TraceResult(None, opaque, message)
+            opaque[culprit] = message
+            continue
+        name = type(root).__name__
+        return TraceResult(fx.GraphModule(tracer.root, graph, name), opaque)
+    return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")
