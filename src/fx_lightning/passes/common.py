@@ -246,4 +246,22 @@ def replace_with_input(node: fx.Node, value: fx.Node) -> None:
 
 
 def users_text(node: fx.Node) -> str:
-    return ", ".join(u.format_node() or u.name for u in node.users)
+    return ", ".join(u.name for u in value_users(node))
+
+
+_SHAPE_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The readers of ``node`` that depend on its values, ignoring shape checks such as ``x.ndim == 4``.
+
+    Folding keeps a layer's output shape, dtype and device, so readers of only those are unaffected.
+    """
+    return [u for u in node.users if not _reads_only_metadata(u, node)]
+
+
+def _reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _SHAPE_ATTRS
+    return user.op == "call_method" and user.target in _SHAPE_METHODS and user.args[0] is node

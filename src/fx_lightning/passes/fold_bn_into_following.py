@@ -13,6 +13,7 @@ from fx_lightning.passes.common import (
     match_batch_norm,
     replace_with_input,
     tensor_rank,
+    value_users,
     with_new_params,
 )
 from fx_lightning.passes.fold_bn_into_preceding import producer_layer
@@ -56,7 +57,7 @@ def fold_bn_into_following(gm: fx.GraphModule) -> PassResult:
 
 def _why_not(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[str, fx.Node]:
     node = bn.node
-    users = list(node.users)
+    users = value_users(node)
     if len(users) != 1 or bn.input is None:
         return f"its output is read by {len(users)} nodes, not by one layer", node
     consumer = users[0]

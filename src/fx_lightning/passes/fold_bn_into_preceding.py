@@ -16,6 +16,7 @@ from fx_lightning.passes.common import (
     replace_with_input,
     tensor_rank,
     users_text,
+    value_users,
     with_new_params,
 )
 from fx_lightning.report import Folded
@@ -83,7 +84,7 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: nn.Module | None) -> 
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
     if is_lazy(layer.weight):
         return f"the preceding layer '{source.target}' is lazy and not materialised yet"
-    if len(source.users) > 1:
+    if len(value_users(source)) > 1:
         return f"the output of '{source.target}' is also read by other nodes ({users_text(source)})"
     if has_hooks(layer):
         return f"the preceding layer '{source.target}' has forward hooks, which would see folded outputs"
