@@ -245,8 +245,15 @@ def replace_with_input(node: fx.Node, value: fx.Node) -> None:
     node.graph.erase_node(node)
 
 
-def users_text(node: fx.Node) -> str:
-    return ", ".join(u.name for u in value_users(node))
+def users_text(node: fx.Node, besides: fx.Node | None = None) -> str:
+    """Names of the nodes reading ``node``'s values, except ``besides``."""
+    return ", ".join(u.name for u in value_users(node) if u is not besides)
+
+
+def describe(node: fx.Node) -> str:
+    """A short description of a node for reports: its name and what it calls."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"'{node.name}': {node.op} {target}"
 
 
 _SHAPE_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})

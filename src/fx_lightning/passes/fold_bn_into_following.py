@@ -8,6 +8,7 @@ from fx_lightning.folding import fold_bn_before_conv, fold_bn_before_linear
 from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
+    describe,
     has_hooks,
     install_for_node,
     match_batch_norm,
@@ -63,7 +64,7 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[str, fx.Node]:
     consumer = users[0]
     layer = producer_layer(gm, consumer)
     if layer is None or isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        return f"the layer after it is not a Conv/Linear call ({consumer.format_node()})", node
+        return f"the layer after it is not a Conv/Linear call ({describe(consumer)})", node
     if consumer.args[:1] != (node,) or len(consumer.args) != 1 or consumer.kwargs:
         return f"'{consumer.target}' is called with other arguments too", node
     if has_hooks(layer):

@@ -10,6 +10,7 @@ from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
     base_class,
+    describe,
     has_hooks,
     install_for_node,
     match_batch_norm,
@@ -80,12 +81,12 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
 def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: nn.Module | None) -> str:
     source = bn.input
     if layer is None or source is None:
-        what = source.format_node() if source is not None else "a non-tensor argument"
+        what = describe(source) if source is not None else "a non-tensor argument"
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
     if is_lazy(layer.weight):
         return f"the preceding layer '{source.target}' is lazy and not materialised yet"
     if len(value_users(source)) > 1:
-        return f"the output of '{source.target}' is also read by other nodes ({users_text(source)})"
+        return f"the output of '{source.target}' is also read by {users_text(source, besides=bn.node)}"
     if has_hooks(layer):
         return f"the preceding layer '{source.target}' has forward hooks, which would see folded outputs"
     out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels

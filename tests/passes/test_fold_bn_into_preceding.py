@@ -1,0 +1,278 @@
+"""fold_bn_into_preceding: structure (what was folded) and numbers (same output as the eval model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_nets import BatchNormAct2d, ConvNormAct, batch_norm_count, rel_err
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fx_lightning import count_kernels, fuse
+from fx_lightning.testing import randomize_batch_norm
+
+
+def _fused_and_error(model: nn.Module, x: torch.Tensor, **kwargs: object) -> tuple[nn.Module, float]:
+    randomize_batch_norm(model)
+    model.eval()
+    fused = fuse(model, **kwargs)
+    with torch.no_grad():
+        return fused, rel_err(fused(x), model(x))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_bn_into_preceding_conv(dims: int, bias: bool) -> None:
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](3, 6, 3, padding=1, bias=bias)
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](6)
+    x = torch.randn(2, 3, *([5] * dims))
+    fused, err = _fused_and_error(nn.Sequential(conv, bn), x)
+    assert err <= 1e-5
+    assert batch_norm_count(fused) == 0
+    assert [(r.bn, r.into, r.rule) for r in fused.fusion_report.folded] == [("1", "0", "fold_bn_into_preceding")]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize(("cin", "cout", "groups"), [(4, 4, 1), (4, 4, 2), (4, 4, 4), (6, 4, 2)])
+def test_fold_bn_into_preceding_conv_transpose_grouped(dims: int, cin: int, cout: int, groups: int) -> None:
+    conv = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1](cin, cout, 3, 2, groups=groups)
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](cout)
+    fused, err = _fused_and_error(nn.Sequential(conv, bn), torch.randn(2, cin, *([4] * dims)))
+    assert err <= 1e-5
+    assert batch_norm_count(fused) == 0
+
+
+class Head(nn.Module):
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.fc = nn.Linear(8, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            x = torch.flatten(x, 1)
+        return self.bn(self.fc(x))
+
+
+def test_fold_bn_into_preceding_linear_on_flattened_input() -> None:
+    fused, err = _fused_and_error(Head(flatten=True), torch.randn(4, 8))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+
+
+def test_fold_bn_into_preceding_linear_with_example_inputs() -> None:
+    x = torch.randn(4, 8)
+    fused, err = _fused_and_error(Head(flatten=False), x, example_inputs=(x,))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+
+
+def test_fold_bn_into_preceding_skips_linear_of_unknown_rank() -> None:
+    fused, err = _fused_and_error(Head(flatten=False), torch.randn(4, 8))
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert skipped.bn == "bn"
+    assert "rank is unknown" in skipped.reason
+
+
+def test_fold_bn_into_preceding_skips_linear_on_3d_input() -> None:
+    # BatchNorm1d on (N, C, L) normalises C, while the Linear maps L: folding would be wrong.
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+    x = torch.randn(4, 6, 6)
+    fused, err = _fused_and_error(model, x, example_inputs=(x,))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 0
+    assert "3-D" in fused.fusion_report.skipped[0].reason
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_bn_into_preceding_linear_bn_without_affine(affine: bool) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.BatchNorm1d(5, affine=affine))
+    fused, err = _fused_and_error(model, torch.randn(4, 2, 4))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+
+
+def test_fold_bn_into_preceding_functional_batch_norm_subclass_keeps_activation() -> None:
+    fused, err = _fused_and_error(ConvNormAct(3, 8), torch.randn(2, 3, 8, 8))
+    assert err <= 1e-5
+    assert [r.bn for r in fused.fusion_report.folded] == ["bn"]
+    assert count_kernels(fused, torch.randn(1, 3, 8, 8)) == 0
+    assert "torch.nn.functional.relu" in fused.code or "act" in fused.code
+
+
+class FrozenBN(nn.BatchNorm2d):
+    """A subclass that keeps torch's forward but overrides the input check (untraceable in itself)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError("4-D input expected")
+
+
+@pytest.mark.parametrize(
+    "bn_factory",
+    [
+        pytest.param(lambda: FrozenBN(6), id="subclass"),
+        pytest.param(lambda: nn.SyncBatchNorm(6), id="sync"),
+        pytest.param(lambda: BatchNormAct2d(6, act=False), id="functional"),
+    ],
+)
+def test_fold_bn_into_preceding_batch_norm_variants(bn_factory: object) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), bn_factory())
+    fused, err = _fused_and_error(model, torch.randn(2, 3, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+    assert count_kernels(fused, torch.randn(1, 3, 6, 6)) == 0
+
+
+def test_fold_bn_into_preceding_lazy_batch_norm_once_materialised() -> None:
+    model = nn.Sequential(nn.LazyConv2d(6, 3), nn.LazyBatchNorm2d())
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # materialise
+    fused, err = _fused_and_error(model, x)
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+
+
+def test_fold_bn_into_preceding_skips_unmaterialised_lazy_batch_norm() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LazyBatchNorm2d())
+    fused = fuse(model)
+    assert fused.fusion_report.num_folded == 0
+    assert "not materialised" in fused.fusion_report.skipped[0].reason
+
+
+def test_fold_bn_into_preceding_buffers_kept_after_track_running_stats_off() -> None:
+    # Lightning's BaseFinetuning.freeze sets track_running_stats=False; eval still uses the buffers.
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    model[1].track_running_stats = False
+    fused, err = _fused_and_error(model, torch.randn(2, 3, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+
+
+def test_fold_bn_into_preceding_skips_batch_norm_without_running_stats() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, track_running_stats=False))
+    fused, err = _fused_and_error(model, torch.randn(4, 3, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 0
+    assert "batch statistics" in fused.fusion_report.skipped[0].reason
+
+
+class TwoSites(nn.Module):
+    """One conv called twice, only one call followed by BatchNorm (pytorch/pytorch#104593)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+def test_fold_bn_into_preceding_conv_called_at_two_sites() -> None:
+    fused, err = _fused_and_error(TwoSites(), torch.randn(2, 4, 5, 5))
+    assert err <= 1e-5
+    [folded] = fused.fusion_report.folded
+    assert folded.into == "conv_folded1"
+    assert isinstance(fused.conv, nn.Conv2d)
+    assert isinstance(fused.conv_folded1, nn.Conv2d)
+
+
+class SharedOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) * y
+
+
+def test_fold_bn_into_preceding_skips_shared_output() -> None:
+    fused, err = _fused_and_error(SharedOutput(), torch.randn(2, 4, 5, 5))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 0
+    assert "also read by mul" in fused.fusion_report.skipped[0].reason
+
+
+class SharedBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+def test_fold_bn_into_preceding_one_batch_norm_after_two_convs() -> None:
+    fused, err = _fused_and_error(SharedBatchNorm(), torch.randn(2, 4, 5, 5))
+    assert err <= 1e-5
+    assert sorted(r.into for r in fused.fusion_report.folded) == ["a", "b"]
+    assert batch_norm_count(fused) == 0
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.b(x)
+
+
+def test_fold_bn_into_preceding_tied_weights() -> None:
+    model = Tied()
+    fused, err = _fused_and_error(model, torch.randn(2, 4, 5, 5))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+    assert model.a.weight is model.b.weight  # the caller's tie is intact
+
+
+class Scale(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 2.0
+
+
+def test_fold_bn_into_preceding_parametrized_weight() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    parametrize.register_parametrization(model[0], "weight", Scale())
+    fused, err = _fused_and_error(model, torch.randn(2, 3, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+    assert not parametrize.is_parametrized(getattr(fused, "0"))
+    assert parametrize.is_parametrized(model[0])
+
+
+def test_fold_bn_into_preceding_skips_layer_with_forward_hook() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    model[0].register_forward_hook(lambda m, i, o: o * 2)
+    fused, err = _fused_and_error(model, torch.randn(2, 3, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 0
+    assert "forward hooks" in fused.fusion_report.skipped[0].reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fold_bn_into_preceding_low_precision_error_stays_at_model_error(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())])
+    randomize_batch_norm(model).eval()
+    x = torch.randn(4, 8, 8, 8)
+    with torch.no_grad():
+        reference = model.double()(x.double())
+        low = model.to(dtype)
+        fused = fuse(low)
+        unfused_err = rel_err(low(x.to(dtype)), reference)
+        fused_err = rel_err(fused(x.to(dtype)), reference)
+    assert fused.fusion_report.num_folded == 3
+    assert next(fused.parameters()).dtype == dtype
+    # Reference: the unfused low-precision model's own error against float64; allow 1.5x of it.
+    assert fused_err <= 1.5 * unfused_err, (fused_err, unfused_err)
