@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_nets import rel_err
 
+from engine_nets import rel_err
 from fx_lightning.folding import (
     BatchNormStats,
     fold_bn_after_conv,

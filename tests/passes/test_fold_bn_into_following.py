@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_nets import batch_norm_count, rel_err
 from torch import nn
 
+from engine_nets import batch_norm_count, rel_err
 from fx_lightning import fuse
 from fx_lightning.testing import randomize_batch_norm
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_nets import BatchNormAct2d, ConvNormAct, batch_norm_count, rel_err
 from torch import nn
 from torch.nn.utils import parametrize
 
+from engine_nets import BatchNormAct2d, ConvNormAct, batch_norm_count, rel_err
 from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
 

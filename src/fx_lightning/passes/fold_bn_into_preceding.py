@@ -64,7 +64,8 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
         if why:
             result.reasons[node.name] = why
             continue
-        assert bn.input is not None and layer is not None  # checked by _why_not
+        assert bn.input is not None
+        assert layer is not None
         if isinstance(layer, nn.Linear):
             weight, bias = fold_bn_after_linear(layer.weight, layer.bias, bn.stats)
         else:

@@ -1,0 +1,178 @@
+"""fuse(): the contract — same function, caller's model untouched, report, fallback, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+
+from engine_nets import ConvNormAct, LibraryStyleNet, batch_norm_count, conv_bn, rel_err
+from fx_lightning import count_kernels, fuse, register_pass
+from fx_lightning.testing import randomize_batch_norm
+
+
+def _snapshot(model: nn.Module) -> dict[str, object]:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "types": [type(m) for m in model.modules()],
+    }
+
+
+def _assert_same_snapshot(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["training"] == b["training"]
+    assert a["requires_grad"] == b["requires_grad"]
+    assert a["types"] == b["types"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, value in a["state"].items():
+        assert torch.equal(value, b["state"][key]), key
+
+
+def test_fuse_leaves_train_mode_model_untouched() -> None:
+    model = randomize_batch_norm(LibraryStyleNet()).train()
+    model.stem.conv.weight.requires_grad_(False)
+    before = _snapshot(model)
+    fused = fuse(model)
+    _assert_same_snapshot(before, _snapshot(model))
+    assert model.training
+    assert not fused.training
+    assert not any(m.training for m in fused.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(fused(x), model.eval()(x)) <= 1e-5
+
+
+def test_fuse_result_is_independent_of_later_changes_to_fused() -> None:
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), nn.Conv2d(4, 4, 1)))
+    fused = fuse(model)
+    fused.train().to(torch.float64)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model[0][1].training
+
+
+def test_fuse_shares_untouched_parameters_without_copying() -> None:
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), nn.Conv2d(4, 4, 1)))
+    fused = fuse(model)
+    untouched = getattr(fused, "1").weight
+    assert untouched.data_ptr() == model[1].weight.data_ptr()
+    assert untouched is not model[1].weight
+
+
+def test_fuse_keeps_dtype_device_and_channels_last() -> None:
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4)))
+    model = model.to(torch.float64).to(memory_format=torch.channels_last)
+    fused = fuse(model)
+    for p in fused.parameters():
+        assert p.dtype == torch.float64
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fuse_folds_through_untraceable_block_and_reports_it() -> None:
+    model = randomize_batch_norm(LibraryStyleNet()).eval()
+    fused = fuse(model)
+    report = fused.fusion_report
+    assert [u.path for u in report.untraced] == ["mid"]
+    assert "TraceError" in report.untraced[0].error
+    assert report.num_folded == 6
+    assert report.num_skipped == 0
+    for x in (torch.randn(2, 3, 16, 16), -torch.rand(2, 3, 16, 16)):  # both branches of the block
+        with torch.no_grad():
+            assert rel_err(fused(x), model(x)) <= 1e-5
+        assert count_kernels(model, x) == 5
+        assert count_kernels(fused, x) == 0
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ConvNormAct(3, 4)
+        self.b = nn.Sequential(conv_bn(4, 4), nn.Dropout())
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        return self.b(x) if x.sum() > 0 else self.bn(x)
+
+
+def test_fuse_untraceable_root_fuses_children() -> None:
+    model = randomize_batch_norm(UntraceableRoot()).eval()
+    fused = fuse(model)
+    report = fused.fusion_report
+    assert report.untraced[0].path == "<model>"
+    assert sorted(r.bn for r in report.folded) == ["a.bn", "b.0.1"]
+    assert [(s.bn, s.reason) for s in report.skipped] == [("bn", "its parent '<model>' could not be traced")]
+    assert isinstance(fused.a, fx.GraphModule)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_model_without_batch_norm_comes_back_unchanged() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout())
+    fused = fuse(model)
+    assert not isinstance(fused, fx.GraphModule)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    assert "no BatchNorm found" in fused.fusion_report.notes[0]
+
+
+def test_fuse_runs_only_the_chosen_passes() -> None:
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), nn.Dropout()))
+    fused = fuse(model, passes=["remove_dropout"])
+    assert batch_norm_count(fused) == 1
+    assert fused.fusion_report.skipped[0].reason == "no fusion pass applies to it"
+    assert [r.kind for r in fused.fusion_report.removed] == ["Dropout"]
+
+
+def test_fuse_leaf_modules_are_not_traced_through() -> None:
+    model = randomize_batch_norm(nn.Sequential(ConvNormAct(3, 4), conv_bn(4, 4)))
+    fused = fuse(model, leaf_modules=[ConvNormAct])
+    assert [r.bn for r in fused.fusion_report.folded] == ["1.1"]
+
+
+def test_fuse_report_prints_and_serialises() -> None:
+    fused = fuse(randomize_batch_norm(LibraryStyleNet()))
+    text = str(fused.fusion_report)
+    assert "folded 6 BatchNorm" in text
+    assert "stem.bn" in text
+    assert "untraced" in text
+    data = json.loads(json.dumps(fused.fusion_report.to_dict()))
+    assert len(data["folded"]) == 6
+    assert data["untraced"][0]["path"] == "mid"
+
+
+def test_fuse_rejects_non_module() -> None:
+    with pytest.raises(TypeError, match=r"fuse\(model=...\) expects a torch.nn.Module, got dict"):
+        fuse({"net": nn.Conv2d(1, 1, 1)})
+
+
+def test_fuse_rejects_bare_tensor_example_inputs() -> None:
+    with pytest.raises(TypeError, match=r"example_inputs=\(x,\)"):
+        fuse(nn.Conv2d(1, 1, 1), example_inputs=torch.randn(1, 1, 2, 2))
+
+
+def test_fuse_rejects_unknown_pass() -> None:
+    with pytest.raises(ValueError, match=r"unknown pass\(es\) \['fold_everything'\]. Registered passes:"):
+        fuse(nn.Conv2d(1, 1, 1), passes=["fold_everything"])
+
+
+def test_fuse_rejects_non_class_leaf_modules() -> None:
+    with pytest.raises(TypeError, match=r"expects nn.Module subclasses, got \['Conv2d'\]"):
+        fuse(nn.Conv2d(1, 1, 1), leaf_modules=["Conv2d"])
+
+
+def test_register_pass_rejects_duplicate_name() -> None:
+    with pytest.raises(ValueError, match=r"a pass named 'remove_dropout' is already registered"):
+        register_pass("remove_dropout", lambda gm: None)
+
+
+def test_fuse_channels_last_model_output_matches() -> None:
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 8), conv_bn(8, 8, groups=8))).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    fused = fuse(model)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
