@@ -16,6 +16,7 @@ from fx_lightning.report import FusionReport, Skipped, Untraced
 from fx_lightning.tracing import detached_copy, is_builtin_batch_norm, trace
 
 REPORT_ATTR = "fusion_report"
+_MAX_ROUNDS = 8
 
 
 def fuse(
@@ -145,15 +146,24 @@ def _fuse_tree(
 def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dict[str, Any]) -> None:
     local = FusionReport()
     reasons: dict[str, list[str]] = {}
-    for fn in passes.values():
-        result: PassResult = fn(gm)
-        local.folded += result.folded
-        local.removed += result.removed
-        for node_name, reason in result.reasons.items():
-            if reason not in reasons.setdefault(node_name, []):
-                reasons[node_name].append(reason)
-        if result.modified:
-            gm.graph.eliminate_dead_code()
+    # One rewrite can enable another (a merged conv followed by BN or a constant scale): repeat until none
+    # applies. The reasons kept are those of the last round, which saw the final graph.
+    for _ in range(_MAX_ROUNDS):
+        changed = False
+        reasons = {}
+        for fn in passes.values():
+            result: PassResult = fn(gm)
+            local.folded += result.folded
+            local.removed += result.removed
+            local.merged += result.merged
+            for node_name, reason in result.reasons.items():
+                if reason not in reasons.setdefault(node_name, []):
+                    reasons[node_name].append(reason)
+            if result.modified:
+                gm.graph.eliminate_dead_code()
+                changed = True
+        if not changed:
+            break
     for node in gm.graph.nodes:
         bn = match_batch_norm(gm, node)
         if bn is not None:

@@ -38,6 +38,22 @@ class Removed:
 
 
 @dataclass(frozen=True)
+class Merged:
+    """Graph nodes absorbed into one layer by structural re-parameterisation.
+
+    Attributes:
+        into: qualified name of the layer that now computes them.
+        consumed: what it absorbed: the parallel branches of a sum (``"identity(x)"`` for the input itself),
+            or the constant operation folded into its weights (``"mul(gamma)"``).
+        rule: the pass that merged them, e.g. ``"merge_branches"``.
+    """
+
+    into: str
+    consumed: tuple[str, ...]
+    rule: str
+
+
+@dataclass(frozen=True)
 class Untraced:
     """A sub-module torch.fx could not trace; it runs as it was, and BatchNorms inside it stay."""
 
@@ -57,6 +73,7 @@ class FusionReport:
     skipped: list[Skipped] = field(default_factory=list)
     removed: list[Removed] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
+    merged: list[Merged] = field(default_factory=list)
     traced: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -79,6 +96,7 @@ class FusionReport:
         self.skipped += [Skipped(join(r.bn), r.reason) for r in other.skipped]
         self.removed += [Removed(join(r.name), r.kind) for r in other.removed]
         self.untraced += [Untraced(join(r.path), r.error) for r in other.untraced]
+        self.merged += [Merged(join(r.into), r.consumed, r.rule) for r in other.merged]
         self.traced += [join(p) for p in other.traced]
         self.notes += other.notes
 
@@ -90,16 +108,18 @@ class FusionReport:
             "skipped": [asdict(r) for r in self.skipped],
             "removed": [asdict(r) for r in self.removed],
             "untraced": [asdict(r) for r in self.untraced],
+            "merged": [{"into": r.into, "consumed": list(r.consumed), "rule": r.rule} for r in self.merged],
             "traced": list(self.traced),
             "notes": list(self.notes),
             "seconds": self.seconds,
         }
 
     def summary(self) -> str:
-        """One line: counts of folded, skipped, removed and untraced parts."""
+        """One line: counts of folded, skipped, removed, merged and untraced parts."""
+        merged = f", {len(self.merged)} re-parameterised layer(s)" if self.merged else ""
         return (
             f"{self.model or 'model'}: folded {len(self.folded)} BatchNorm, left {len(self.skipped)}, "
-            f"removed {len(self.removed)} no-op calls, {len(self.untraced)} untraced part(s) "
+            f"removed {len(self.removed)} no-op calls{merged}, {len(self.untraced)} untraced part(s) "
             f"in {self.seconds:.2f}s"
         )
 
@@ -108,6 +128,7 @@ class FusionReport:
         rows = [(r.bn, f"-> {r.into}", r.rule) for r in self.folded]
         rows += [(r.bn, "left", r.reason) for r in self.skipped]
         rows += [(r.path, "untraced", _first_line(r.error)) for r in self.untraced]
+        rows += [(r.into, "<- merged", f"{' + '.join(r.consumed)} ({r.rule})") for r in self.merged]
         if rows:
             widths = [max(len(row[i]) for row in rows) for i in range(2)]
             lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]

@@ -13,7 +13,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from fx_lightning.folding import BatchNormStats
-from fx_lightning.report import Folded, Removed
+from fx_lightning.report import Folded, Merged, Removed
 from fx_lightning.tracing import is_builtin_batch_norm
 
 
@@ -24,10 +24,11 @@ class PassResult:
     folded: list[Folded] = field(default_factory=list)
     removed: list[Removed] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    merged: list[Merged] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
-        return bool(self.folded or self.removed)
+        return bool(self.folded or self.removed or self.merged)
 
 
 # Positional layouts of the two functional BatchNorm entry points, as (name of each argument) in order.
