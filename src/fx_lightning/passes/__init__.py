@@ -13,6 +13,8 @@ from torch import fx
 from fx_lightning.passes.common import PassResult
 from fx_lightning.passes.fold_bn_into_following import fold_bn_into_following
 from fx_lightning.passes.fold_bn_into_preceding import fold_bn_into_preceding
+from fx_lightning.passes.fold_constant_scale import fold_constant_scale
+from fx_lightning.passes.merge_branches import merge_branches
 from fx_lightning.passes.remove_dropout import remove_dropout
 
 GraphPass = Callable[[fx.GraphModule], PassResult]
@@ -43,5 +45,9 @@ def registered_passes() -> dict[str, GraphPass]:
 register_pass("remove_dropout", remove_dropout)
 register_pass("fold_bn_into_preceding", fold_bn_into_preceding)
 register_pass("fold_bn_into_following", fold_bn_into_following)
+# After BatchNorm folding, so that branch convolutions carry their BN; fuse() repeats the passes until
+# none applies, so a merged conv followed by a BN or a constant scale is folded in the next round.
+register_pass("merge_branches", merge_branches)
+register_pass("fold_constant_scale", fold_constant_scale)
 
 __all__ = ["GraphPass", "PassResult", "register_pass", "registered_passes"]

@@ -1,0 +1,411 @@
+"""Merge parallel branches summed after one input (RepVGG, MobileOne, ACNet style) into a single convolution.
+
+A sum such as ``conv3x3(x) + conv1x1(x) + bn(x)`` is, at inference, one convolution: every branch is a
+convolution of the same ``x`` with the same stride, dilation and groups, and smaller kernels are larger
+kernels padded with zeros. The identity ``x``, an inference BatchNorm of ``x`` and an average pool of ``x``
+are convolutions too (a one-hot, a scaled one-hot and a constant kernel). BatchNorms after the branch
+convolutions are folded first by ``fold_bn_into_preceding``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.parameter import is_lazy
+
+from fx_lightning.passes.common import (
+    PassResult,
+    has_hooks,
+    install_for_node,
+    match_batch_norm,
+    tensor_rank,
+    with_new_params,
+)
+from fx_lightning.passes.fold_bn_into_preceding import producer_layer
+from fx_lightning.reparam_math import (
+    average_kernel,
+    cast_weight,
+    identity_kernel,
+    pool_divisor,
+    scale_output_channels,
+    sum_branches,
+)
+from fx_lightning.report import Folded, Merged
+
+RULE = "merge_branches"
+
+# Sign of the second operand of each tensor sum/difference; in-place forms are checked separately.
+_SUM_FUNCTIONS: dict[Any, float] = {
+    operator.add: 1.0, operator.iadd: 1.0, torch.add: 1.0, operator.sub: -1.0, operator.isub: -1.0, torch.sub: -1.0,
+}
+_SUM_METHODS: dict[str, float] = {"add": 1.0, "sub": -1.0, "add_": 1.0, "sub_": -1.0}
+_IN_PLACE = {operator.iadd, operator.isub, "add_", "sub_"}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where a branch reads its input: equal geometries read the same windows, so their kernels add up."""
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    # 2 * padding - dilation * (kernel - 1): equal values give equal output sizes for every input size.
+    offset: tuple[int, ...]
+    parity: tuple[int, ...]
+
+
+@dataclass
+class _Branch:
+    """One summand of a sum, recognised as a convolution of ``input``."""
+
+    kind: str  # "conv", "identity", "batch_norm", "pool"
+    coefficient: float
+    input: fx.Node
+    name: str
+    consumed: list[fx.Node] = field(default_factory=list)
+    module: nn.Module | None = None
+    geometry: _Geometry | None = None
+    kernel_size: tuple[int, ...] = ()
+    channels: int = -1
+    scale_shift: tuple[Tensor, Tensor] | None = None
+    pool: nn.Module | None = None
+    bn_name: str = ""
+
+
+@dataclass
+class _Group:
+    """Branches that merge into one convolution: same input and layer settings, compatible kernels."""
+
+    convs: list[_Branch]
+    others: list[_Branch] = field(default_factory=list)
+    constant: float = 0.0
+
+    @property
+    def template(self) -> nn.Module:
+        """The convolution with the largest kernel: the merged layer takes its settings and its name."""
+        return self.largest.module
+
+    @property
+    def largest(self) -> _Branch:
+        return max(self.convs, key=lambda b: math.prod(b.kernel_size))
+
+
+def merge_branches(gm: fx.GraphModule) -> PassResult:
+    """Replace every sum of convolution branches of one input by a single convolution, where that is exact.
+
+    Branches merge when they are convolutions (``Conv1d/2d/3d`` with torch's own forward, BatchNorm already
+    folded) of the *same* input node with the same stride, dilation, groups, channels and zero padding, and
+    kernels that pad with zeros to the largest one with matching padding. With ``in_channels ==
+    out_channels``, the input itself, an inference BatchNorm of it and an average pool of it (exact only with
+    ``count_include_pad=True`` or no padding, no ``ceil_mode``) merge too. Each branch output must be read by
+    the sum alone. Other summands stay and are added to the merged convolution.
+
+    Args:
+        gm: the graph module to rewrite in place.
+
+    Returns:
+        A :class:`PassResult` with one :class:`Merged` per new convolution, and one :class:`Folded` per
+        BatchNorm it absorbed.
+    """
+    result = PassResult()
+    visited: set[fx.Node] = set()
+    for root in reversed(list(gm.graph.nodes)):
+        if root in visited or root.graph is not gm.graph or _sum_operands(root) is None:
+            continue
+        inner: list[fx.Node] = []
+        leaves: list[tuple[Any, float]] = []
+        _expand(root, 1.0, inner, leaves)
+        visited.update(inner)
+        if any(_mutates_visible(gm, node) for node in (root, *inner)):
+            continue
+        _merge_sum(gm, root, inner, leaves, result)
+    return result
+
+
+def _sum_operands(node: fx.Node) -> list[tuple[Any, float]] | None:
+    """``[(a, 1), (b, ±alpha)]`` when ``node`` computes ``a ± alpha * b`` of two values, at least one a node."""
+    if node.op == "call_function" and node.target in _SUM_FUNCTIONS:
+        sign = _SUM_FUNCTIONS[node.target]
+        names = ("input", "other")
+    elif node.op == "call_method" and node.target in _SUM_METHODS:
+        sign = _SUM_METHODS[node.target]
+        names = ("self", "other")
+    else:
+        return None
+    args = dict(zip(names, node.args))
+    if len(node.args) > 2 or any(key not in (*names, "alpha") for key in node.kwargs):
+        return None
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    alpha = node.kwargs.get("alpha", 1)
+    if len(args) != 2 or not _is_number(alpha) or not any(isinstance(v, fx.Node) for v in args.values()):
+        return None
+    first, second = (args[name] for name in names)
+    return [(first, 1.0), (second, sign * float(alpha))]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _expand(node: fx.Node, coefficient: float, inner: list[fx.Node], leaves: list[tuple[Any, float]]) -> None:
+    """Flatten a tree of sums read only by each other into ``(summand, coefficient)`` leaves."""
+    for operand, sign in _sum_operands(node) or []:
+        if (
+            isinstance(operand, fx.Node)
+            and _sum_operands(operand) is not None
+            and list(operand.users) == [node]
+        ):
+            inner.append(operand)
+            _expand(operand, coefficient * sign, inner, leaves)
+        else:
+            leaves.append((operand, coefficient * sign))
+
+
+def _mutates_visible(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes in place into a tensor that something besides the sum could see.
+
+    Rewriting the sum out of place is only safe when the overwritten tensor is a fresh layer output or
+    sum read by nothing else; a placeholder, a buffer or a view of either would lose the write.
+    """
+    if node.target not in _IN_PLACE:
+        return False
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node) or list(first.users) != [node]:
+        return True
+    return _sum_operands(first) is None and producer_layer(gm, first) is None
+
+
+def _merge_sum(
+    gm: fx.GraphModule, root: fx.Node, inner: list[fx.Node], leaves: list[tuple[Any, float]], result: PassResult
+) -> None:
+    branches: list[_Branch] = []
+    rest: list[tuple[Any, float]] = []
+    constant = 0.0
+    for leaf, coefficient in leaves:
+        if _is_number(leaf):
+            constant += coefficient * float(leaf)
+        elif isinstance(leaf, fx.Node):
+            branches.append(_branch(gm, leaf, coefficient, {root, *inner}))
+        else:
+            return
+    groups = _group(gm, branches)
+    if not groups:
+        return
+    merged_ids = {id(b) for g in groups for b in (*g.convs, *g.others)}
+    rest += [(_branch_value(b), b.coefficient) for b in branches if id(b) not in merged_ids]
+    if any(abs(c) != 1.0 for _, c in rest):
+        return  # a weighted leftover (torch.add alpha) would need re-expressing; leave such sums alone
+    groups[0].constant = constant
+    _rewrite(gm, root, inner, groups, rest, result)
+
+
+def _branch_value(branch: _Branch) -> fx.Node:
+    """The node whose value the sum reads for ``branch`` (kept when the branch does not merge)."""
+    return branch.input if branch.kind == "identity" else branch.consumed[0]
+
+
+def _branch(gm: fx.GraphModule, leaf: fx.Node, coefficient: float, sums: set[fx.Node]) -> _Branch:
+    """Recognise a summand as a convolution, BatchNorm or average pool of some input, else as that input itself."""
+    only_summed = len(leaf.users) == 1 and set(leaf.users) <= sums
+    conv = _conv_module(gm, leaf) if only_summed else None
+    geometry = _conv_geometry(conv) if conv is not None else None
+    if conv is not None and geometry is not None:
+        return _Branch(
+            "conv", coefficient, leaf.args[0], str(leaf.target), [leaf], conv, geometry,
+            tuple(conv.kernel_size), conv.out_channels,
+        )
+    bn = match_batch_norm(gm, leaf) if only_summed else None
+    if bn is not None and bn.stats is not None and bn.input is not None:
+        branch = _Branch("batch_norm", coefficient, bn.input, bn.name, [leaf], channels=bn.num_features)
+        branch.scale_shift = bn.stats.scale_shift()
+        branch.bn_name = bn.name
+        pooled = _pool_branch(gm, bn.input, coefficient, {leaf})
+        if pooled is not None:
+            branch.input, branch.pool, branch.geometry = pooled.input, pooled.pool, pooled.geometry
+            branch.kernel_size = pooled.kernel_size
+            branch.consumed.append(bn.input)
+            branch.name = f"{pooled.name} -> {bn.name}"
+        return branch
+    pooled = _pool_branch(gm, leaf, coefficient, sums) if only_summed else None
+    if pooled is not None:
+        return pooled
+    return _Branch("identity", coefficient, leaf, f"identity({leaf.name})")
+
+
+def _conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    layer = producer_layer(gm, node)
+    if not isinstance(layer, nn.modules.conv._ConvNd) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return None
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    if is_lazy(layer.weight) or has_hooks(layer) or layer.padding_mode != "zeros":
+        return None
+    return layer
+
+
+def _conv_geometry(conv: nn.Module) -> _Geometry | None:
+    padding = _numeric_padding(conv)
+    if padding is None:
+        return None
+    return _geometry(tuple(conv.kernel_size), tuple(conv.stride), padding, tuple(conv.dilation))
+
+
+def _numeric_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """The symmetric padding per dimension, or ``None`` for a ``'same'`` padding that pads unevenly."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
+    return tuple(conv.padding)
+
+
+def _geometry(
+    kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> _Geometry:
+    offset = tuple(2 * p - d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
+    return _Geometry(tuple(stride), tuple(dilation), offset, tuple(k % 2 for k in kernel))
+
+
+def _pool_branch(gm: fx.GraphModule, node: fx.Node, coefficient: float, sums: set[fx.Node]) -> _Branch | None:
+    """Recognise ``node`` as an exact average pool of an input node read only by ``sums``."""
+    if node.op != "call_module" or set(node.users) - sums or len(node.users) != 1:
+        return None
+    pool = gm.get_submodule(str(node.target))
+    cls = type(pool)
+    family = next((f for f in _AVG_POOLS if issubclass(cls, f) and cls.forward is f.forward), None)
+    if family is None or has_hooks(pool) or len(node.args) != 1 or node.kwargs or pool.ceil_mode:
+        return None
+    dims = _AVG_POOLS.index(family) + 1
+    kernel = _tuple(pool.kernel_size, dims)
+    stride = _tuple(pool.stride or pool.kernel_size, dims)
+    padding = _tuple(pool.padding, dims)
+    if any(padding) and not pool.count_include_pad:
+        return None
+    if not isinstance(node.args[0], fx.Node):
+        return None
+    geometry = _geometry(kernel, stride, padding, (1,) * dims)
+    return _Branch("pool", coefficient, node.args[0], str(node.target), [node], geometry=geometry,
+                   kernel_size=kernel, pool=pool)
+
+
+def _tuple(value: Any, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def _group(gm: fx.GraphModule, branches: list[_Branch]) -> list[_Group]:
+    """Partition the convolution branches into mergeable groups and attach the other branches they accept."""
+    groups: dict[tuple[Any, ...], _Group] = {}
+    for branch in branches:
+        if branch.kind != "conv":
+            continue
+        conv = branch.module
+        key = (
+            branch.input, branch.geometry, conv.groups, conv.in_channels, conv.out_channels,
+            conv.weight.dtype, conv.weight.device, conv.weight.dim(),
+        )
+        groups.setdefault(key, _Group([])).convs.append(branch)
+    for branch in branches:
+        if branch.kind == "conv":
+            continue
+        for key, group in groups.items():
+            if _accepts(gm, key, group, branch):
+                group.others.append(branch)
+                break
+    return [g for g in groups.values() if len(g.convs) + len(g.others) >= 2]
+
+
+def _accepts(gm: fx.GraphModule, key: tuple[Any, ...], group: _Group, branch: _Branch) -> bool:
+    conv = group.template
+    geometry: _Geometry = key[1]
+    dims = conv.weight.dim() - 2
+    if branch.input is not key[0] or conv.in_channels != conv.out_channels:
+        return False
+    if branch.kind == "batch_norm":
+        rank = tensor_rank(gm, branch.input)
+        if branch.channels != conv.out_channels or rank not in (None, conv.weight.dim()):
+            return False
+    if branch.pool is not None:
+        pool_dims = _AVG_POOLS.index(next(f for f in _AVG_POOLS if isinstance(branch.pool, f))) + 1
+        return pool_dims == dims and branch.geometry == geometry and all(d == 1 for d in geometry.dilation)
+    identity = _geometry((1,) * dims, (1,) * dims, (0,) * dims, geometry.dilation)
+    return geometry == identity
+
+
+def _rewrite(
+    gm: fx.GraphModule,
+    root: fx.Node,
+    inner: list[fx.Node],
+    groups: list[_Group],
+    rest: list[tuple[Any, float]],
+    result: PassResult,
+) -> None:
+    graph = gm.graph
+    built: list[tuple[fx.Node, nn.Module, _Group]] = []
+    with graph.inserting_before(root):
+        value: Any = None
+        for group in groups:
+            conv_node = group.largest.consumed[0]
+            node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
+            built.append((node, _merged_conv(group), group))
+            value = node if value is None else graph.call_function(operator.add, (value, node))
+        for leaf, coefficient in rest:
+            value = graph.call_function(operator.add if coefficient > 0 else operator.sub, (value, leaf))
+    root.replace_all_uses_with(value)
+    dead = {root, *inner} | {n for _, _, g in built for b in (*g.convs, *g.others) for n in b.consumed}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(dead, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+    for node, module, group in built:
+        target = install_for_node(gm, node, module)
+        branches = (*group.convs, *group.others)
+        names = tuple(_describe(b) for b in branches)
+        if group.constant:
+            names += (f"constant {group.constant:g}",)
+        result.merged.append(Merged(target, names, RULE))
+        result.folded += [Folded(b.bn_name, target, RULE) for b in branches if b.kind == "batch_norm"]
+
+
+def _describe(branch: _Branch) -> str:
+    sign = "" if branch.coefficient == 1.0 else f"{branch.coefficient:g} * "
+    return f"{sign}{branch.name}"
+
+
+def _merged_conv(group: _Group) -> nn.Module:
+    """A new convolution computing the sum of ``group``'s branches, built in float64 and cast back."""
+    template = group.template
+    dims = template.weight.dim() - 2
+    kernel_size = tuple(max(b.kernel_size[i] if b.kernel_size else 1 for b in (*group.convs, *group.others))
+                        for i in range(dims))
+    geometry = group.convs[0].geometry
+    padding = tuple((o + d * (k - 1)) // 2 for o, d, k in zip(geometry.offset, geometry.dilation, kernel_size))
+    terms: list[tuple[float, Tensor, Tensor | None]] = []
+    device = template.weight.device
+    for branch in group.convs:
+        terms.append((branch.coefficient, branch.module.weight, branch.module.bias))
+    for branch in group.others:
+        channels, groups = template.out_channels, template.groups
+        if branch.pool is not None:
+            divisor = pool_divisor(branch.kernel_size, getattr(branch.pool, "divisor_override", None))
+            kernel = average_kernel(channels, groups, branch.kernel_size, divisor, device)
+        else:
+            kernel = identity_kernel(channels, groups, dims, device)
+        bias = None
+        if branch.scale_shift is not None:
+            scale, shift = branch.scale_shift
+            kernel, bias = scale_output_channels(kernel, scale), shift
+        terms.append((branch.coefficient, kernel, bias))
+    weight, bias = sum_branches(terms, kernel_size, group.constant)
+    like_bias = template.bias if template.bias is not None else template.weight.new_zeros(template.out_channels)
+    module = with_new_params(template, cast_weight(weight, template.weight), cast_weight(bias, like_bias))
+    module.kernel_size = kernel_size
+    module.padding = padding
+    module._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+    return module
