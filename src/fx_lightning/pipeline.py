@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.common import PassResult, match_batch_norm
 from fx_lightning.report import FusionReport, Skipped, Untraced
-from fx_lightning.tracing import detached_copy, is_builtin_batch_norm, trace
+from fx_lightning.tracing import detached_copy, is_batch_norm_module, trace
 
 REPORT_ATTR = "fusion_report"
 _MAX_ROUNDS = 8
@@ -124,7 +124,7 @@ def _fuse_tree(
         report.untraced.append(Untraced(path or "<model>", traced.error))
         for name, child in list(module.named_children()):
             child_path = _join(path, name)
-            if is_builtin_batch_norm(child):
+            if is_batch_norm_module(child):
                 report.skipped.append(Skipped(child_path, f"its parent '{path or '<model>'}' could not be traced"))
             elif _contains_batch_norm(child) and not _is_torch_leaf(child):
                 setattr(module, name, _fuse_tree(child, child_path, report, passes, leaf_types, None))
@@ -176,7 +176,7 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
 
 
 def _contains_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or is_batch_norm_module(m) for m in module.modules())
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:

@@ -88,12 +88,29 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return new
 
 
+# Modules that compute an inference BatchNorm from buffers ``weight``, ``bias``, ``running_mean``,
+# ``running_var`` and an ``eps`` attribute, without subclassing ``_BatchNorm``; by qualified class name,
+# so that the library need not be imported.
+FROZEN_BATCH_NORM_CLASSES = {"torchvision.ops.misc.FrozenBatchNorm2d"}
+
+
 def is_builtin_batch_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm that runs torch's own ``_BatchNorm`` forward (subclasses included)."""
     if not isinstance(module, _BatchNorm):
         return False
     forward = type(module).forward
     return getattr(forward, "__module__", "").startswith("torch.nn.")
+
+
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`FROZEN_BATCH_NORM_CLASSES` (e.g. torchvision's FrozenBatchNorm2d)."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in FROZEN_BATCH_NORM_CLASSES
+
+
+def is_batch_norm_module(module: nn.Module) -> bool:
+    """Whether ``module`` is called as one BatchNorm in a traced graph (a leaf the passes can fold)."""
+    return is_builtin_batch_norm(module) or is_frozen_batch_norm(module)
 
 
 class LeafTracer(fx.Tracer):
@@ -111,7 +128,7 @@ class LeafTracer(fx.Tracer):
         self.failed_in: list[str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaves or is_builtin_batch_norm(m):
+        if module_qualified_name in self.leaves or is_batch_norm_module(m):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True

@@ -11,9 +11,13 @@ from fx_lightning import fuse
 from fx_lightning.testing import randomize_batch_norm
 
 
+# Only the BatchNorm passes, so that branch merging does not change the structures asserted here.
+BN_PASSES = ["remove_dropout", "fold_bn_into_preceding", "fold_bn_into_following"]
+
+
 def _fuse(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, float]:
     randomize_batch_norm(model).eval()
-    fused = fuse(model)
+    fused = fuse(model, passes=BN_PASSES)
     with torch.no_grad():
         return fused, rel_err(fused(x), model(x))
 

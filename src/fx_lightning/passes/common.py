@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from fx_lightning.folding import BatchNormStats
 from fx_lightning.report import Folded, Merged, Removed
-from fx_lightning.tracing import is_builtin_batch_norm
+from fx_lightning.tracing import is_batch_norm_module
 
 
 @dataclass
@@ -86,7 +86,7 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     """Recognise ``node`` as an inference BatchNorm call, or return ``None`` when it is not a BatchNorm at all."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if not is_builtin_batch_norm(module):
+        if not is_batch_norm_module(module):
             return None
         return _match_module_bn(node, module)
     if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
@@ -95,8 +95,9 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
 
 
 def _match_module_bn(node: fx.Node, bn: nn.Module) -> BatchNormCall:
-    call = BatchNormCall(node, _first_node(node), str(node.target), bn.num_features, None, module=bn)
     mean, var = bn.running_mean, bn.running_var
+    num_features = getattr(bn, "num_features", mean.numel() if mean is not None and not is_lazy(mean) else -1)
+    call = BatchNormCall(node, _first_node(node), str(node.target), num_features, None, module=bn)
     if mean is None or var is None:
         call.reason = "no running statistics: it normalises with batch statistics even in eval"
     elif is_lazy(mean) or (bn.weight is not None and is_lazy(bn.weight)):
@@ -106,8 +107,9 @@ def _match_module_bn(node: fx.Node, bn: nn.Module) -> BatchNormCall:
     elif len(node.args) != 1 or node.kwargs:
         call.reason = f"called with extra arguments ({node.format_node()})"
     else:
-        weight = bn.weight if bn.affine else None
-        bias = bn.bias if bn.affine else None
+        affine = getattr(bn, "affine", True)
+        weight = bn.weight if affine else None
+        bias = bn.bias if affine else None
         call.stats = BatchNormStats(mean, var, float(bn.eps), weight, bias)
     return call
 
@@ -167,7 +169,7 @@ def tensor_rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             return 2
-        if isinstance(module, _RANK_PRESERVING_MODULES) or is_builtin_batch_norm(module):
+        if isinstance(module, _RANK_PRESERVING_MODULES) or is_batch_norm_module(module):
             return tensor_rank(gm, _first_node(node), depth + 1)
         return None
     if node.op == "call_function":
