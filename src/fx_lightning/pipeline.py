@@ -68,7 +68,7 @@ def fuse(
     with torch.no_grad():
         root = detached_copy(model)
         fused = _fuse_tree(root, "", report, chosen, tuple(leaf_modules), example_inputs)
-    if not report.folded and not report.skipped and not _contains_batch_norm(fused):
+    if not report.folded and not report.skipped and not report.merged and not _contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
         fused = root
     report.seconds = time.perf_counter() - start
