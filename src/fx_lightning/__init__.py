@@ -7,6 +7,7 @@ from fx_lightning.report import Folded, FusionReport, Removed, Skipped, Untraced
 
 __all__ = [
     "Folded",
+    "FuseOnExport",
     "FusionReport",
     "Removed",
     "Skipped",
@@ -16,3 +17,12 @@ __all__ = [
     "register_pass",
     "registered_passes",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The callback imports Lightning; load it on first use so `import fx_lightning` stays cheap.
+    if name == "FuseOnExport":
+        from fx_lightning.callback import FuseOnExport
+
+        return FuseOnExport
+    raise AttributeError(f"module 'fx_lightning' has no attribute {name!r}")
