@@ -176,3 +176,20 @@ def test_fuse_channels_last_model_output_matches() -> None:
     fused = fuse(model)
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_rejects_scripted_module() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)))
+    with pytest.raises(TypeError, match=r"got a RecursiveScriptModule.*before torch.jit.script"):
+        fuse(scripted)
+
+
+def test_fuse_rejects_data_parallel_wrapper() -> None:
+    with pytest.raises(TypeError, match=r"got a DataParallel.*fuse\(model.module\)"):
+        fuse(nn.DataParallel(nn.Conv2d(1, 1, 1)))
+
+
+def test_fuse_rejects_compiled_module() -> None:
+    compiled = torch.compile(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match=r"got a OptimizedModule.*fuse\(model._orig_mod\)"):
+        fuse(compiled)

@@ -51,7 +51,8 @@ def fuse(
         with the :class:`FusionReport` at ``result.fusion_report``.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or ``example_inputs`` is not a sequence.
+        TypeError: if ``model`` is not an ``nn.Module``, is wrapped (TorchScript, ``DataParallel``,
+            ``DistributedDataParallel``, ``torch.compile``), or ``example_inputs`` is not a sequence.
         ValueError: if ``passes`` names a pass that is not registered.
 
     Example:
@@ -85,6 +86,11 @@ def _validate(
             f"fuse(model=...) expects a torch.nn.Module, got {type(model).__name__}. "
             "Pass the network itself, e.g. fuse(lightning_module.net)."
         )
+    wrapped = _wrapper_hint(model)
+    if wrapped:
+        raise TypeError(
+            f"fuse(model=...) got a {type(model).__name__}, which fx cannot fold through. {wrapped}"
+        )
     if example_inputs is not None and (
         isinstance(example_inputs, (torch.Tensor, str)) or not isinstance(example_inputs, Sequence)
     ):
@@ -107,6 +113,17 @@ def _validate(
             f"fuse(passes={list(passes)!r}) names unknown pass(es) {unknown}. Registered passes: {list(registry)}."
         )
     return {name: fn for name, fn in registry.items() if name in passes}
+
+
+def _wrapper_hint(model: nn.Module) -> str:
+    """The fix for a model wrapped in something torch.fx cannot trace through, or ``""``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return "Pass the eager nn.Module you scripted, before torch.jit.script/trace."
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "Pass the wrapped network instead: fuse(model.module)."
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        return "Pass the module you compiled: fuse(model._orig_mod), then torch.compile the result."
+    return ""
 
 
 def _fuse_tree(
