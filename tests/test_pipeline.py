@@ -178,6 +178,7 @@ def test_fuse_channels_last_model_output_matches() -> None:
         assert rel_err(fused(x), model(x)) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_fuse_rejects_scripted_module() -> None:
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)))
     with pytest.raises(TypeError, match=r"got a RecursiveScriptModule.*before torch.jit.script"):
