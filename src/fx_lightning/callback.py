@@ -139,7 +139,8 @@ class FuseResult:
         if self.verification is not None:
             v = self.verification
             metrics |= {"passed": float(v.passed), "max_abs_diff": float(v.max_abs_diff)}
-            metrics["top1_agreement"] = float(v.top1_agreement)
+            if v.top1_agreement is not None:
+                metrics["top1_agreement"] = float(v.top1_agreement)
             metrics |= {f"{k}_original": float(val) for k, val in v.metric_original.items()}
             metrics |= {f"{k}_fused": float(val) for k, val in v.metric_fused.items()}
         metrics |= {f"seconds_{k}": float(val) for k, val in self.seconds.items()}
@@ -163,9 +164,10 @@ class FuseResult:
             figures = ", ".join(f"{k} {x:.4f} -> {after.get(k, math.nan):.4f}" for k, x in v.metric_original.items())
             lines.append(
                 f"  verification on {v.num_samples} samples ({self.verify_source}): {figures}; "
-                f"max abs diff {v.max_abs_diff:.3g}, top-1 agreement {100 * v.top1_agreement:.2f}%, "
-                f"tolerance {v.tolerance:g} -> {'passed' if v.passed else 'FAILED'}"
+                f"max abs diff {v.max_abs_diff:.3g}{_agreement(v)}, tolerance {v.tolerance:g} -> "
+                f"{'passed' if v.passed else 'FAILED'}"
             )
+            lines += [f"  note: {note}" for note in v.notes]
         elif self.verify_source:
             lines.append(f"  verification: {self.verify_source}")
         if self.seconds:
@@ -452,6 +454,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         world, rank = trainer.world_size, trainer.global_rank
         total = _num_batches(batches, self.max_verify_batches)
         progress = _progress(trainer, batches, total)
+
+        def run_with(modules: dict[str, nn.Module]) -> Callable[..., Any]:
+            def run(*args: Any) -> Any:
+                with _installed(pl_module, modules):
+                    return _forward(trainer, pl_module, args[0] if len(args) == 1 else args, list(modules))
+
+            return run
+
         with _eval_mode(pl_module):
             for index, batch in enumerate(progress):
                 if self.max_verify_batches is not None and index >= self.max_verify_batches:
@@ -460,13 +470,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 # synchronised metric equals the single-process one.
                 if index % world != rank:
                     continue
-                batch = _to_device(trainer, pl_module, batch)
-                x = self._input_of(batch)
-                with _installed(pl_module, originals):
-                    out_original = _forward(trainer, pl_module, x, list(originals))
-                with _installed(pl_module, fused):
-                    out_fused = _forward(trainer, pl_module, x, list(fused))
-                verifier.update(out_original, out_fused, batch)
+                verifier.update(run_with(originals), run_with(fused), _to_device(trainer, pl_module, batch))
         if hasattr(progress, "close"):
             progress.close()
         return verifier.compute()
@@ -556,7 +560,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         )
         detail = (
             f"the fused network failed verification before {result.stage}: {diffs}, tolerance {v.tolerance:g}, "
-            f"max abs diff {v.max_abs_diff:.3g}, top-1 agreement {100 * v.top1_agreement:.2f}%"
+            f"max abs diff {v.max_abs_diff:.3g}{_agreement(v)}"
         )
         if self.strict or self.on_mismatch == "raise":
             mode = "strict=True" if self.strict else "on_mismatch='raise'"
@@ -909,6 +913,10 @@ def _info(trainer: Any, message: str) -> None:
 def _warn(trainer: Any, message: str) -> None:
     if trainer.is_global_zero:
         rank_zero_warn(message)
+
+
+def _agreement(v: VerificationResult) -> str:
+    return "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.2f}%"
 
 
 def _str_or_none(value: Any) -> str | None:
