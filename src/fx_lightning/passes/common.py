@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,37 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
         return _match_functional_bn(gm, node)
     return None
+
+
+def foldable_batch_norms(gm: fx.GraphModule, result: PassResult) -> Iterator[BatchNormCall]:
+    """Yield every BatchNorm call in ``gm`` whose statistics allow a fold; record in ``result`` why others do not.
+
+    The node list is taken up front, so a caller may erase the yielded node.
+    """
+    for node in list(gm.graph.nodes):
+        bn = match_batch_norm(gm, node)
+        if bn is None:
+            continue
+        if bn.stats is None:
+            result.reasons[node.name] = bn.reason
+            continue
+        yield bn
+
+
+def fold_into_layer(
+    gm: fx.GraphModule,
+    bn: BatchNormCall,
+    layer_node: fx.Node,
+    folded: tuple[torch.Tensor, torch.Tensor],
+    rule: str,
+    result: PassResult,
+) -> None:
+    """Give ``layer_node`` a layer carrying the ``folded`` weight and bias, drop ``bn``'s call, and record it."""
+    layer = gm.get_submodule(layer_node.target)
+    target = install_for_node(gm, layer_node, with_new_params(layer, *folded))
+    assert bn.input is not None  # a foldable BatchNorm call always has a tensor input
+    replace_with_input(bn.node, bn.input)
+    result.folded.append(Folded(bn.name, target, rule))
 
 
 def _match_module_bn(node: fx.Node, bn: nn.Module) -> BatchNormCall:

@@ -9,16 +9,13 @@ from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
     describe,
+    fold_into_layer,
+    foldable_batch_norms,
     has_hooks,
-    install_for_node,
-    match_batch_norm,
-    replace_with_input,
     tensor_rank,
     value_users,
-    with_new_params,
 )
 from fx_lightning.passes.fold_bn_into_preceding import producer_layer
-from fx_lightning.report import Folded
 
 RULE = "fold_bn_into_following"
 
@@ -36,23 +33,17 @@ def fold_bn_into_following(gm: fx.GraphModule) -> PassResult:
         A :class:`PassResult` with one :class:`Folded` per fold and a reason for every BatchNorm left.
     """
     result = PassResult()
-    for node in list(gm.graph.nodes):
-        bn = match_batch_norm(gm, node)
-        if bn is None or bn.stats is None:
-            continue
+    for bn in foldable_batch_norms(gm, result):
         why, consumer = _why_not(gm, bn)
         if why:
-            result.reasons[node.name] = why
+            result.reasons[bn.node.name] = why
             continue
         layer = gm.get_submodule(consumer.target)
         if isinstance(layer, nn.Linear):
-            weight, bias = fold_bn_before_linear(layer.weight, layer.bias, bn.stats)
+            folded = fold_bn_before_linear(layer.weight, layer.bias, bn.stats)
         else:
-            weight, bias = fold_bn_before_conv(layer.weight, layer.bias, bn.stats, groups=layer.groups)
-        source = bn.input
-        target = install_for_node(gm, consumer, with_new_params(layer, weight, bias))
-        replace_with_input(node, source)
-        result.folded.append(Folded(bn.name, target, RULE))
+            folded = fold_bn_before_conv(layer.weight, layer.bias, bn.stats, groups=layer.groups)
+        fold_into_layer(gm, bn, consumer, folded, RULE, result)
     return result
 
 

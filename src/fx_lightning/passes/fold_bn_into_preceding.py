@@ -11,16 +11,13 @@ from fx_lightning.passes.common import (
     PassResult,
     base_class,
     describe,
+    fold_into_layer,
+    foldable_batch_norms,
     has_hooks,
-    install_for_node,
-    match_batch_norm,
-    replace_with_input,
     tensor_rank,
     users_text,
     value_users,
-    with_new_params,
 )
-from fx_lightning.report import Folded
 
 RULE = "fold_bn_into_preceding"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,30 +49,20 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
         A :class:`PassResult` with one :class:`Folded` per fold and a reason for every BatchNorm left.
     """
     result = PassResult()
-    for node in list(gm.graph.nodes):
-        bn = match_batch_norm(gm, node)
-        if bn is None:
-            continue
-        if bn.stats is None:
-            result.reasons[node.name] = bn.reason
-            continue
+    for bn in foldable_batch_norms(gm, result):
         layer = producer_layer(gm, bn.input)
         why = _why_not(gm, bn, layer)
         if why:
-            result.reasons[node.name] = why
+            result.reasons[bn.node.name] = why
             continue
         assert bn.input is not None
         assert layer is not None
         if isinstance(layer, nn.Linear):
-            weight, bias = fold_bn_after_linear(layer.weight, layer.bias, bn.stats)
+            folded = fold_bn_after_linear(layer.weight, layer.bias, bn.stats)
         else:
             transposed = isinstance(layer, _CONV_T)
-            weight, bias = fold_bn_after_conv(
-                layer.weight, layer.bias, bn.stats, transposed=transposed, groups=layer.groups
-            )
-        target = install_for_node(gm, bn.input, with_new_params(layer, weight, bias))
-        replace_with_input(node, bn.input)
-        result.folded.append(Folded(bn.name, target, RULE))
+            folded = fold_bn_after_conv(layer.weight, layer.bias, bn.stats, transposed=transposed, groups=layer.groups)
+        fold_into_layer(gm, bn, bn.input, folded, RULE, result)
     return result
 
 
