@@ -1,0 +1,527 @@
+"""Check that a fused network still does its job: the same task metric and (nearly) the same outputs.
+
+:class:`Verifier` is fed batches one at a time, so it works inside a Lightning loop as well as on its own;
+every quantity it keeps is a torchmetrics metric, so :meth:`Verifier.compute` returns results synchronised
+across processes whenever ``torch.distributed`` is initialised. :func:`verify` runs it over an iterable.
+Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+INPUT_KEYS = ("x", "input", "inputs", "image", "images")
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+def default_get_input(batch: Any) -> Any:
+    """The network input of a batch: element 0 of a tuple/list, a known key of a dict, or a bare tensor.
+
+    Args:
+        batch: what the dataloader yields.
+
+    Returns:
+        The input to call the network with; a tuple returned here is unpacked as positional arguments.
+
+    Raises:
+        TypeError: if the batch has none of these layouts.
+
+    Example:
+        >>> x = torch.zeros(2, 3)
+        >>> default_get_input((x, torch.tensor([0, 1]))) is x, default_get_input({"image": x}) is x
+        (True, True)
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise TypeError(
+            f"default_get_input(batch) found none of the input keys {list(INPUT_KEYS)} in a dict batch with keys "
+            f"{list(batch)}. Pass get_input=lambda batch: batch['<your key>']."
+        )
+    raise TypeError(
+        f"default_get_input(batch) cannot find the input in a batch of type {type(batch).__name__}; expected a "
+        "tensor, a non-empty tuple/list (input first) or a dict. Pass get_input=lambda batch: ... that returns "
+        "the network input."
+    )
+
+
+def default_get_target(batch: Any) -> Tensor | None:
+    """The target of a batch: element 1 of a tuple/list, a known key of a dict, or ``None`` when there is none.
+
+    Args:
+        batch: what the dataloader yields.
+
+    Returns:
+        The target, or ``None`` for a bare tensor, a 1-element tuple or a dict without a target key.
+
+    Raises:
+        TypeError: if the batch is none of these layouts.
+
+    Example:
+        >>> y = torch.tensor([0, 1])
+        >>> default_get_target((torch.zeros(2, 3), y)) is y, default_get_target(torch.zeros(2, 3))
+        (True, None)
+    """
+    if isinstance(batch, Tensor):
+        return None
+    if isinstance(batch, (tuple, list)):
+        return batch[1] if len(batch) > 1 else None
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+        return None
+    raise TypeError(
+        f"default_get_target(batch) cannot find the target in a batch of type {type(batch).__name__}; expected a "
+        "tensor, a tuple/list (target second) or a dict. Pass get_target=lambda batch: ... (or lambda batch: None "
+        "to check only the outputs)."
+    )
+
+
+@dataclass
+class VerificationResult:
+    """The outcome of comparing an original network with its fused form.
+
+    Attributes:
+        metric_original: task metric values of the original network, by name (empty without targets).
+        metric_fused: the same metrics for the fused network.
+        max_abs_diff: the largest absolute difference between the two networks' outputs (float32).
+        top1_agreement: the share of samples whose argmax over dim 1 agrees, for 2-D outputs; else ``None``.
+        num_samples: samples compared.
+        tolerance: the largest allowed ``|fused - original|`` per metric.
+        passed: whether every metric stayed within ``tolerance`` (without targets: whether the outputs did,
+            within ``output_tolerance`` when given, else ``tolerance``), and the outputs within
+            ``output_tolerance`` when given.
+        output_tolerance: the largest allowed ``max_abs_diff``, or ``None`` when outputs are only reported.
+        notes: what was not checked, and why.
+    """
+
+    metric_original: dict[str, float]
+    metric_fused: dict[str, float]
+    max_abs_diff: float
+    top1_agreement: float | None
+    num_samples: int
+    tolerance: float
+    passed: bool
+    output_tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric_diff(self) -> dict[str, float]:
+        """``|fused - original|`` per metric name."""
+        return {k: abs(self.metric_fused[k] - v) for k, v in self.metric_original.items() if k in self.metric_fused}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as plain JSON-serialisable data."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [f"verification {verdict} on {self.num_samples} samples (metric tolerance {self.tolerance:g})"]
+        diffs = self.metric_diff
+        width = max((len(k) for k in diffs), default=0)
+        for name, diff in diffs.items():
+            lines.append(
+                f"  {name:<{width}}  original {self.metric_original[name]:.6f}  fused {self.metric_fused[name]:.6f}"
+                f"  |diff| {diff:.2e}"
+            )
+        outputs = f"  outputs: max |diff| {self.max_abs_diff:.3e}"
+        if self.output_tolerance is not None:
+            outputs += f" (tolerance {self.output_tolerance:g})"
+        if self.top1_agreement is not None:
+            outputs += f", top-1 agreement {100 * self.top1_agreement:.2f}%"
+        lines.append(outputs)
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+GetInput = Callable[[Any], Any]
+GetTarget = Callable[[Any], "Tensor | None"]
+
+
+class Verifier(nn.Module):
+    """Accumulates the task metric of two networks and the closeness of their outputs, batch by batch.
+
+    The metric given is updated with the original network's outputs and a clone of it with the fused
+    network's; output closeness is kept in ``MaxMetric``/``MeanMetric``/``SumMetric``. All are torchmetrics
+    metrics registered as sub-modules, so ``compute()`` synchronises them across processes and
+    ``verifier.to(device)`` moves them (``update`` also moves them to the outputs' device by itself).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> verifier = Verifier(tolerance=1e-3)
+        >>> verifier.update(net, net, (torch.randn(8, 4), torch.randint(0, 3, (8,))))
+        >>> result = verifier.compute()
+        >>> result.passed, result.num_samples, result.max_abs_diff
+        (True, 8, 0.0)
+    """
+
+    def __init__(
+        self,
+        metric: Metric | MetricCollection | None = None,
+        tolerance: float = 1e-3,
+        get_input: GetInput = default_get_input,
+        get_target: GetTarget = default_get_target,
+        *,
+        output_tolerance: float | None = None,
+    ) -> None:
+        """Configure the comparison.
+
+        Args:
+            metric: the task metric, e.g. ``MulticlassAccuracy(num_classes=10)`` or a ``MetricCollection``.
+                It is reset and then updated with the original network's outputs. ``None`` creates
+                ``MulticlassAccuracy(num_classes=outputs.shape[1])`` at the first batch.
+            tolerance: the largest allowed ``|fused - original|`` of each metric value; negative never passes.
+            get_input: maps a batch to the network input (a tuple is unpacked as positional arguments).
+            get_target: maps a batch to the metric target, or ``None`` to skip the metric for that batch.
+            output_tolerance: if given, ``max_abs_diff`` must also stay within it to pass.
+
+        Raises:
+            TypeError: if an argument has the wrong type.
+            ValueError: if a tolerance is NaN.
+        """
+        super().__init__()
+        self.tolerance = _check_tolerance("Verifier", "tolerance", tolerance)
+        self.output_tolerance = (
+            None if output_tolerance is None else _check_tolerance("Verifier", "output_tolerance", output_tolerance)
+        )
+        _check_metric("Verifier", metric)
+        _check_callable("Verifier", "get_input", get_input)
+        _check_callable("Verifier", "get_target", get_target)
+        self.get_input = get_input
+        self.get_target = get_target
+        self.metric_original: Metric | MetricCollection | None = None
+        self.metric_fused: Metric | MetricCollection | None = None
+        if metric is not None:
+            metric.reset()
+            self.metric_original = metric
+            self.metric_fused = metric.clone()
+        self.max_abs_diff = MaxMetric(nan_strategy="disable")
+        self.top1_agreement = MeanMetric()
+        self.num_samples = SumMetric()
+        self.num_targeted = SumMetric()
+
+    def forward(self, original: nn.Module, fused: nn.Module, batch: Any) -> None:
+        """Same as :meth:`update`."""
+        self.update(original, fused, batch)
+
+    def update(self, original: Callable[..., Any], fused: Callable[..., Any], batch: Any) -> None:
+        """Run both networks on the batch's input and accumulate metrics and output closeness.
+
+        Both run in eval mode under ``torch.no_grad()``; their ``training`` flags are restored afterwards.
+        Floating inputs are cast to each network's parameter dtype and moved to its device, and outputs are
+        compared in float32.
+
+        Args:
+            original: the network before fusion.
+            fused: the fused network.
+            batch: one batch as the dataloader yields it.
+
+        Raises:
+            TypeError: if the networks are not callable or return something other than tensors.
+            ValueError: if the two networks' outputs differ in shape, or the default metric cannot be built.
+        """
+        for name, net in (("original", original), ("fused", fused)):
+            if not callable(net):
+                raise TypeError(
+                    f"Verifier.update({name}=...) expects a network (nn.Module or callable), got "
+                    f"{type(net).__name__}. Call update(original_net, fused_net, batch)."
+                )
+        inputs = self.get_input(batch)
+        target = self.get_target(batch)
+        with torch.no_grad():
+            out_original = _primary_output(_run(original, inputs), "original")
+            out_fused = _primary_output(_run(fused, inputs), "fused")
+        if out_original.shape != out_fused.shape:
+            raise ValueError(
+                f"Verifier.update(): the original network returned shape {tuple(out_original.shape)} but the fused "
+                f"one {tuple(out_fused.shape)}. They must compute the same function; check the fusion report."
+            )
+        device = out_original.device
+        out_fused = out_fused.to(device)
+        if self.metric_original is None:
+            self._create_default_metric(out_original)
+        self.to(device)
+
+        diff = (out_original - out_fused).abs()
+        # A NaN difference must fail the check, not be dropped by the aggregation.
+        max_diff = torch.nan_to_num(diff.max(), nan=math.inf) if diff.numel() else diff.new_zeros(())
+        self.max_abs_diff.update(max_diff)
+        batch_size = out_original.shape[0] if out_original.dim() > 0 else 1
+        self.num_samples.update(torch.tensor(float(batch_size), device=device))
+        if out_original.dim() == 2 and out_original.shape[0] > 0:
+            agree = (out_original.argmax(dim=1) == out_fused.argmax(dim=1)).to(torch.float32)
+            self.top1_agreement.update(agree)
+        if target is not None:
+            if isinstance(target, Tensor):
+                target = target.to(device)
+            assert self.metric_original is not None  # built above
+            assert self.metric_fused is not None
+            self.metric_original.update(out_original, target)
+            self.metric_fused.update(out_fused, target)
+            self.num_targeted.update(torch.tensor(float(batch_size), device=device))
+
+    def _create_default_metric(self, outputs: Tensor) -> None:
+        if outputs.dim() < 2 or outputs.shape[1] < 2:
+            raise ValueError(
+                f"Verifier(metric=None) builds MulticlassAccuracy(num_classes=outputs.shape[1]), but the outputs "
+                f"have shape {tuple(outputs.shape)}. Pass a metric for this task, e.g. "
+                "Verifier(metric=torchmetrics.MeanSquaredError())."
+            )
+        metric = MulticlassAccuracy(num_classes=int(outputs.shape[1])).to(outputs.device)
+        self.metric_original = metric
+        self.metric_fused = metric.clone()
+
+    def compute(self) -> VerificationResult:
+        """Return the comparison over every batch seen (over every process when distributed).
+
+        Raises:
+            RuntimeError: if no batch was seen.
+        """
+        with warnings.catch_warnings():
+            # An aggregation never updated (no 2-D outputs) warns on compute; that case is reported as None.
+            warnings.filterwarnings("ignore", message=r".*compute.*before.*update.*")
+            num_samples = int(round(float(self.num_samples.compute())))
+            num_targeted = int(round(float(self.num_targeted.compute())))
+            max_abs_diff = float(self.max_abs_diff.compute())
+            top1 = float(self.top1_agreement.compute())
+        if num_samples == 0:
+            raise RuntimeError(
+                "Verifier.compute() was called before any batch was seen. Feed batches with "
+                "verifier.update(original, fused, batch) first."
+            )
+        notes: list[str] = []
+        metric_original: dict[str, float] = {}
+        metric_fused: dict[str, float] = {}
+        limit = self.tolerance if self.output_tolerance is None else self.output_tolerance
+        if num_targeted == 0:
+            notes.append(
+                f"no targets in the batches: only the outputs were compared (max |diff| <= {limit:g}), "
+                "not the task metric"
+            )
+        else:
+            assert self.metric_original is not None  # built at the first batch
+            assert self.metric_fused is not None
+            metric_original = _to_floats(self.metric_original)
+            metric_fused = _to_floats(self.metric_fused)
+            if num_targeted < num_samples:
+                notes.append(f"the task metric covers the {num_targeted} of {num_samples} samples that had targets")
+        top1_agreement = None if math.isnan(top1) else top1
+        if top1_agreement is None:
+            notes.append("outputs are not 2-D logits: top-1 agreement not computed")
+
+        if metric_original:
+            passed = all(
+                abs(metric_fused[k] - v) <= self.tolerance for k, v in metric_original.items() if k in metric_fused
+            ) and set(metric_original) == set(metric_fused)
+            if self.output_tolerance is not None:
+                passed = passed and max_abs_diff <= self.output_tolerance
+        else:
+            passed = max_abs_diff <= limit
+        return VerificationResult(
+            metric_original=metric_original,
+            metric_fused=metric_fused,
+            max_abs_diff=max_abs_diff,
+            top1_agreement=top1_agreement,
+            num_samples=num_samples,
+            tolerance=self.tolerance,
+            passed=bool(passed),
+            output_tolerance=self.output_tolerance,
+            notes=notes,
+        )
+
+    def reset(self) -> None:
+        """Forget every batch seen so far."""
+        for metric in (self.metric_original, self.metric_fused, self.max_abs_diff, self.top1_agreement):
+            if metric is not None:
+                metric.reset()
+        self.num_samples.reset()
+        self.num_targeted.reset()
+
+
+def verify(
+    original: Callable[..., Any],
+    fused: Callable[..., Any],
+    batches: Iterable[Any],
+    *,
+    metric: Metric | MetricCollection | None = None,
+    tolerance: float = 1e-3,
+    max_batches: int | None = None,
+    get_input: GetInput = default_get_input,
+    get_target: GetTarget = default_get_target,
+    output_tolerance: float | None = None,
+) -> VerificationResult:
+    """Compare ``original`` and ``fused`` over ``batches`` (a DataLoader or any iterable of batches).
+
+    Args:
+        original: the network before fusion.
+        fused: the fused network, e.g. ``fx_lightning.fuse(original)``.
+        batches: an iterable of batches, e.g. a validation DataLoader.
+        metric: the task metric; ``None`` for multiclass accuracy over ``outputs.shape[1]`` classes.
+        tolerance: the largest allowed ``|fused - original|`` of each metric value.
+        max_batches: stop after this many batches; ``None`` for all.
+        get_input: maps a batch to the network input.
+        get_target: maps a batch to the metric target (``None`` to compare outputs only).
+        output_tolerance: if given, the largest allowed absolute difference between outputs.
+
+    Returns:
+        The :class:`VerificationResult`.
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if ``max_batches`` is not positive or ``batches`` is empty.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+        >>> from fx_lightning import fuse
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+        >>> verify(net, fuse(net, (data[0][0],)), data).passed
+        True
+    """
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+    ):
+        raise ValueError(f"verify(max_batches={max_batches!r}) expects a positive integer or None (all batches).")
+    if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"verify(batches=...) expects an iterable of batches such as a DataLoader, got {type(batches).__name__}. "
+            "Wrap a single batch in a list: verify(original, fused, [batch])."
+        )
+    verifier = Verifier(metric, tolerance, get_input, get_target, output_tolerance=output_tolerance)
+    seen = 0
+    for batch in batches:
+        verifier.update(original, fused, batch)
+        seen += 1
+        if max_batches is not None and seen >= max_batches:
+            break
+    if seen == 0:
+        raise ValueError("verify(batches=...) got no batches. Pass a non-empty DataLoader or list of batches.")
+    return verifier.compute()
+
+
+def _run(net: Callable[..., Any], inputs: Any) -> Any:
+    param = _first_floating_parameter(net)
+    if param is not None:
+        inputs = _match_inputs(inputs, param.dtype, param.device)
+    with _eval_mode(net):
+        if isinstance(inputs, tuple):
+            return net(*inputs)
+        return net(inputs)
+
+
+def _first_floating_parameter(net: Any) -> Tensor | None:
+    if not isinstance(net, nn.Module):
+        return None
+    for tensor in (*net.parameters(), *net.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def _match_inputs(inputs: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        return value.to(device)
+
+    return tree_map(convert, inputs)
+
+
+@contextlib.contextmanager
+def _eval_mode(net: Any) -> Iterator[None]:
+    if not isinstance(net, nn.Module):
+        yield
+        return
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _primary_output(output: Any, which: str) -> Tensor:
+    """The tensor to score: the output itself, the first element of a tuple/list, or ``logits``/``out`` of a dict."""
+    found: Any = output
+    if isinstance(output, (tuple, list)) and output:
+        found = output[0]
+    elif isinstance(output, Mapping):
+        found = next((output[k] for k in ("logits", "out", "output") if k in output), None)
+    if not isinstance(found, Tensor):
+        leaves = [type(v).__name__ for v in tree_leaves(output)][:5]
+        raise TypeError(
+            f"Verifier.update(): the {which} network returned {type(output).__name__} ({leaves}), expected a tensor, "
+            "a tuple/list whose first element is a tensor, or a dict with 'logits' or 'out'. Wrap the network so "
+            "it returns the tensor to score."
+        )
+    return found.detach().to(torch.float32)
+
+
+def _to_floats(metric: Metric | MetricCollection) -> dict[str, float]:
+    value = metric.compute()
+    name = type(metric).__name__
+    return _flatten(name, value) if not isinstance(metric, MetricCollection) else _flatten("", value)
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        out: dict[str, float] = {}
+        for key, sub in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    if isinstance(value, (tuple, list)):
+        out = {}
+        for i, sub in enumerate(value):
+            out.update(_flatten(f"{prefix}[{i}]", sub))
+        return out
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return {prefix: float(value)}
+        return {f"{prefix}[{i}]": float(v) for i, v in enumerate(value.flatten())}
+    if isinstance(value, numbers.Real):
+        return {prefix: float(value)}
+    raise TypeError(
+        f"Verifier: the metric returned {type(value).__name__} for '{prefix}', expected tensors or numbers. "
+        "Use a metric whose compute() returns a tensor or a dict of tensors."
+    )
+
+
+def _check_tolerance(owner: str, name: str, value: Any) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}({name}={value!r}) expects a number, got {type(value).__name__}, e.g. {name}=1e-3.")
+    if math.isnan(float(value)):
+        raise ValueError(f"{owner}({name}=nan) expects a number, e.g. {name}=1e-3.")
+    return float(value)
+
+
+def _check_metric(owner: str, metric: Any) -> None:
+    if metric is not None and not isinstance(metric, (Metric, MetricCollection)):
+        raise TypeError(
+            f"{owner}(metric=...) expects a torchmetrics Metric or MetricCollection, got {type(metric).__name__}. "
+            "Pass e.g. metric=torchmetrics.classification.MulticlassAccuracy(num_classes=10), or None."
+        )
+
+
+def _check_callable(owner: str, name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"{owner}({name}=...) expects a function of the batch, got {type(fn).__name__}.")
