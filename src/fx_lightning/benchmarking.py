@@ -1,0 +1,425 @@
+"""Measuring helpers for ``scripts/benchmark.py``: interleaved latency, fusion cost, and the folding limit.
+
+Everything here works on plain ``nn.Module`` objects and callables, without Lightning, so it can time any
+inference variant (eager, fused, compiled, ONNX Runtime) the same way:
+
+* :func:`interleaved_timings` runs every variant once per round, rotating the order each round, so that
+  machine drift (other processes, frequency scaling) hits all variants alike; ratios are taken within a
+  round and their median reported.
+* :func:`bn_to_identity` builds the speed limit of folding: the same network with every BatchNorm
+  replaced by ``nn.Identity`` (what a perfect fold would cost, minus nothing).
+* :func:`measure_fusion` runs one fuser on one torchvision model in a fresh Python process and reports
+  its wall time and its peak and retained extra memory from ``/proc/self/status``.
+
+The module is also the entry point of that fresh process: ``python -m fx_lightning.benchmarking probe ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
+"""Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""
+
+MEMORY_METHOD = (
+    "Fusion cost is measured in a fresh Python process per (model, fuser): the model is built and its "
+    "BatchNorm statistics randomised, both fusers are warmed up on a tiny conv+BN net (so code loading is not "
+    "counted), freed heap is returned to the OS (gc + malloc_trim, and MALLOC_MMAP_THRESHOLD_=65536 so every "
+    "tensor above 64 KiB is its own mapping), then VmRSS is read as the baseline, the peak-RSS counter is reset "
+    "(echo 5 > /proc/self/clear_refs) and the fuser runs once. peak extra = VmHWM - baseline; retained RSS = "
+    "VmRSS after fusing (fused model alive) - baseline; retained tensors = bytes of the fused model's parameters "
+    "and buffers whose storage is not shared with the original model. Fusion time is the median wall time "
+    "of the repeats in that process (the first run included)."
+)
+
+
+@dataclass
+class VariantTiming:
+    """Latency of one variant over the interleaved rounds.
+
+    Attributes:
+        median_ms: median time of one call, in milliseconds.
+        ratio: median over rounds of (this variant's time / the reference variant's time in the same round).
+        samples_ms: time of one call in each round (each sample averages ``iters_per_sample`` calls).
+        iters_per_sample: calls per timed sample, chosen so that a sample lasts at least ``min_sample_s``.
+    """
+
+    median_ms: float
+    ratio: float
+    samples_ms: list[float] = field(default_factory=list)
+    iters_per_sample: int = 1
+
+    @property
+    def iqr_ms(self) -> float:
+        """Interquartile range of the per-round samples, in milliseconds (0 with fewer than 2 samples)."""
+        if len(self.samples_ms) < 2:
+            return 0.0
+        q = statistics.quantiles(self.samples_ms, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def time_calls(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
+    """Return the mean wall time in seconds of ``iters`` calls of ``fn``.
+
+    On CUDA the calls are bracketed by CUDA events and the end event is synchronised, so the time covers
+    the kernels, not only their launch; on other devices ``time.perf_counter`` is used.
+
+    Args:
+        fn: a callable taking no argument (a forward pass on prepared inputs).
+        iters: number of calls, at least 1.
+        device: where ``fn`` runs its work.
+
+    Returns:
+        Seconds per call.
+    """
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0 / iters
+    begin = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - begin) / iters
+
+
+def interleaved_timings(
+    variants: dict[str, Callable[[], Any]],
+    reference: str,
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    min_rounds: int = 5,
+    max_rounds: int = 30,
+    budget_s: float = 10.0,
+    min_sample_s: float = 0.05,
+) -> dict[str, VariantTiming]:
+    """Time every variant round by round, each round running all variants in a rotated order.
+
+    The number of rounds adapts to the cost of one round: as many as fit in ``budget_s``, clamped to
+    ``[min_rounds, max_rounds]``. Fast variants repeat their call within a sample so that timer
+    resolution and per-sample overhead stay negligible.
+
+    Args:
+        variants: name -> callable running one forward pass; inputs prepared in advance.
+        reference: the name of the variant ratios are taken against (the unfused eval model).
+        device: where the variants run (selects the CUDA-event timer on CUDA).
+        warmup: untimed calls per variant before calibration.
+        min_rounds: fewest rounds, whatever the budget.
+        max_rounds: most rounds, whatever the budget.
+        budget_s: target wall time of the timed rounds.
+        min_sample_s: shortest duration of one timed sample.
+
+    Returns:
+        name -> :class:`VariantTiming`, in the order of ``variants``.
+
+    Raises:
+        ValueError: if ``reference`` is not one of ``variants`` or the round limits are inconsistent.
+
+    Example:
+        >>> out = interleaved_timings({"a": lambda: None, "b": lambda: None}, "a", torch.device("cpu"),
+        ...                           warmup=1, min_rounds=2, max_rounds=2, min_sample_s=1e-4)
+        >>> sorted(out), out["a"].ratio
+        (['a', 'b'], 1.0)
+    """
+    if reference not in variants:
+        raise ValueError(
+            f"interleaved_timings(reference={reference!r}) is not one of the variants {list(variants)}. "
+            "Pass the name of the variant to compare against."
+        )
+    if not 1 <= min_rounds <= max_rounds:
+        raise ValueError(
+            f"interleaved_timings(min_rounds={min_rounds}, max_rounds={max_rounds}) needs "
+            "1 <= min_rounds <= max_rounds."
+        )
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    one_call = {name: time_calls(variants[name], 1, device) for name in names}
+    iters = {name: max(1, math.ceil(min_sample_s / max(one_call[name], 1e-9))) for name in names}
+    round_s = sum(iters[name] * one_call[name] for name in names)
+    rounds = min(max_rounds, max(min_rounds, int(budget_s / max(round_s, 1e-9))))
+
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        # Rotating the order keeps any one variant from always running right after the same neighbour
+        # (caches, turbo budget) or always first in a round.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(time_calls(variants[name], iters[name], device))
+    result = {}
+    for name in names:
+        ratios = [s / ref for s, ref in zip(samples[name], samples[reference])]
+        result[name] = VariantTiming(
+            median_ms=statistics.median(samples[name]) * 1e3,
+            ratio=statistics.median(ratios),
+            samples_ms=[s * 1e3 for s in samples[name]],
+            iters_per_sample=iters[name],
+        )
+    return result
+
+
+def bn_to_identity(model: nn.Module) -> nn.Module:
+    """Return a deep copy of ``model`` in eval mode with every BatchNorm module replaced by ``nn.Identity``.
+
+    This is the speed limit of folding: the same layers and call structure, minus every BatchNorm. It
+    computes a different function, so compare its latency, never its output.
+
+    Example:
+        >>> limit = bn_to_identity(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
+        >>> [type(m).__name__ for m in limit]
+        ['Conv2d', 'Identity']
+    """
+    limit = copy.deepcopy(model).eval()
+    for parent in list(limit.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm):
+                setattr(parent, name, nn.Identity())
+    return limit
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind ``model``'s parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(model)}
+    return sum(storages.values())
+
+
+def retained_extra_bytes(fused: nn.Module, original: nn.Module) -> int:
+    """Bytes of the storages behind ``fused``'s parameters and buffers that ``original`` does not also use.
+
+    Example:
+        >>> net = nn.Linear(4, 4)
+        >>> retained_extra_bytes(net, net), retained_extra_bytes(copy.deepcopy(net), net)
+        (0, 80)
+    """
+    shared = {t.untyped_storage().data_ptr() for t in _tensors(original)}
+    own = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in _tensors(fused)
+        if t.untyped_storage().data_ptr() not in shared
+    }
+    return sum(own.values())
+
+
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """Read fields such as ``VmRSS``/``VmHWM`` (in KiB) from ``/proc/self/status``; missing fields are left out."""
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    values[key] = int(rest.split()[0])
+    except OSError:
+        return {}
+    return values
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (``VmHWM``) to its current RSS; ``False`` where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    # Outside glibc there is no malloc_trim: RSS may then include freed heap, which the baseline also includes.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@dataclass
+class FusionCost:
+    """Wall time and memory of one fuser on one model, measured in a fresh process (see ``MEMORY_METHOD``).
+
+    Byte counts are ``None`` where the platform does not expose them (no ``/proc``, or no peak reset).
+    """
+
+    model: str
+    fuser: str
+    seconds: list[float]
+    model_bytes: int
+    retained_tensor_bytes: int
+    peak_extra_bytes: int | None
+    retained_rss_bytes: int | None
+    error: str = ""
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable data, with the median time added."""
+        return {**asdict(self), "median_seconds": self.median_seconds}
+
+
+def _run_fuser(fuser: str, model: nn.Module) -> nn.Module:
+    if fuser == "fx_lightning.fuse":
+        from fx_lightning import fuse
+
+        return fuse(model)
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    return fx_fuse(model)
+
+
+def probe_fusion(model_name: str, fuser: str, repeats: int = 3, threads: int = 2) -> FusionCost:
+    """Build ``model_name`` in this process and measure ``fuser`` on it; meant to run in a fresh process.
+
+    Use :func:`measure_fusion`, which starts that process, rather than calling this directly.
+    """
+    import torchvision
+
+    from fx_lightning.testing import randomize_batch_norm
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = torchvision.models.get_model(model_name, weights=None).eval()
+    randomize_batch_norm(model)
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    for name in FUSERS:
+        _run_fuser(name, tiny)
+    _release_free_memory()
+
+    base = proc_status_kib("VmRSS").get("VmRSS")
+    can_reset = reset_peak_rss()
+    begin = time.perf_counter()
+    fused = _run_fuser(fuser, model)
+    seconds = [time.perf_counter() - begin]
+    peak = proc_status_kib("VmHWM").get("VmHWM")
+    _release_free_memory()
+    after = proc_status_kib("VmRSS").get("VmRSS")
+    retained_tensors = retained_extra_bytes(fused, model)
+    del fused
+    for _ in range(repeats - 1):
+        _release_free_memory()
+        begin = time.perf_counter()
+        again = _run_fuser(fuser, model)
+        seconds.append(time.perf_counter() - begin)
+        del again
+    measured = base is not None and peak is not None and can_reset
+    return FusionCost(
+        model=model_name,
+        fuser=fuser,
+        seconds=seconds,
+        model_bytes=tensor_bytes(model),
+        retained_tensor_bytes=retained_tensors,
+        peak_extra_bytes=(peak - base) * 1024 if measured else None,
+        retained_rss_bytes=(after - base) * 1024 if base is not None and after is not None else None,
+    )
+
+
+def measure_fusion(
+    model_name: str, fuser: str, *, repeats: int = 3, threads: int = 2, timeout_s: float = 600.0
+) -> FusionCost:
+    """Measure ``fuser`` on the torchvision model ``model_name`` (``weights=None``) in a fresh Python process.
+
+    A fresh process per measurement keeps the memory figures free of what earlier work left in the heap.
+
+    Args:
+        model_name: a torchvision classification model name, e.g. ``"resnet50"``.
+        fuser: one of :data:`FUSERS`.
+        repeats: number of timed fusions (the first one also measures memory).
+        threads: ``torch.set_num_threads`` in the child process.
+        timeout_s: give up on the child after this many seconds.
+
+    Returns:
+        A :class:`FusionCost`; on failure its ``error`` holds the child's message and the figures are empty.
+
+    Raises:
+        ValueError: if ``fuser`` is not one of :data:`FUSERS` or ``repeats`` is below 1.
+    """
+    if fuser not in FUSERS:
+        raise ValueError(f"measure_fusion(fuser={fuser!r}) is not a known fuser; choose one of {list(FUSERS)}.")
+    if repeats < 1:
+        raise ValueError(f"measure_fusion(repeats={repeats}) must be at least 1.")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "fx_lightning.benchmarking", "probe", model_name, fuser]
+    cmd += ["--repeats", str(repeats), "--threads", str(threads)]
+    empty = FusionCost(model_name, fuser, [], 0, 0, None, None)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        empty.error = f"timed out after {timeout_s:.0f}s"
+        return empty
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        empty.error = f"probe exited with code {done.returncode}: {tail}"
+        return empty
+    data = json.loads(lines[-1])
+    data.pop("median_seconds", None)
+    return FusionCost(**data)
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages, or ``None`` where the platform has none."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return None
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Render a GitHub Markdown table.
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [["1", "2"]]))
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure one fuser on one torchvision model (used by measure_fusion).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    probe = sub.add_parser("probe")
+    probe.add_argument("model")
+    probe.add_argument("fuser", choices=FUSERS)
+    probe.add_argument("--repeats", type=int, default=3)
+    probe.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    cost = probe_fusion(args.model, args.fuser, args.repeats, args.threads)
+    print(json.dumps(cost.to_dict()))
+
+
+if __name__ == "__main__":
+    _main()
