@@ -194,3 +194,9 @@ def test_fuse_rejects_compiled_module() -> None:
     compiled = torch.compile(nn.Conv2d(1, 1, 1))
     with pytest.raises(TypeError, match=r"got a OptimizedModule.*fuse\(model._orig_mod\)"):
         fuse(compiled)
+
+
+def test_fuse_rejects_example_inputs_the_model_cannot_run() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"could not run the model on inputs of shapes \[\(1, 5, 8, 8\)\]"):
+        fuse(model, example_inputs=(torch.randn(1, 5, 8, 8),))

@@ -53,7 +53,8 @@ def fuse(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, is wrapped (TorchScript, ``DataParallel``,
             ``DistributedDataParallel``, ``torch.compile``), or ``example_inputs`` is not a sequence.
-        ValueError: if ``passes`` names a pass that is not registered.
+        ValueError: if ``passes`` names a pass that is not registered, or the model cannot run on
+            ``example_inputs``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -148,7 +149,14 @@ def _fuse_tree(
         return module
 
     if example_inputs is not None:
-        ShapeProp(gm).propagate(*example_inputs)
+        try:
+            ShapeProp(gm).propagate(*example_inputs)
+        except Exception as err:
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+            raise ValueError(
+                f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
+                f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
+            ) from err
     _run_passes(gm, path, report, passes)
     for name in traced.opaque:
         sub = gm.get_submodule(name)
