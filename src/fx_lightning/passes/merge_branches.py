@@ -116,7 +116,7 @@ def merge_branches(gm: fx.GraphModule) -> PassResult:
     result = PassResult()
     visited: set[fx.Node] = set()
     for root in reversed(list(gm.graph.nodes)):
-        if root in visited or root.graph is not gm.graph or _sum_operands(root) is None:
+        if root in visited or getattr(root, "_erased", False) or _sum_operands(root) is None:
             continue
         inner: list[fx.Node] = []
         leaves: list[tuple[Any, float]] = []
@@ -353,10 +353,14 @@ def _rewrite(
         for group in groups:
             conv_node = group.largest.consumed[0]
             node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
+            if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
+                node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
             built.append((node, _merged_conv(group), group))
             value = node if value is None else graph.call_function(operator.add, (value, node))
         for leaf, coefficient in rest:
             value = graph.call_function(operator.add if coefficient > 0 else operator.sub, (value, leaf))
+    if "tensor_meta" in root.meta:
+        value.meta["tensor_meta"] = root.meta["tensor_meta"]
     root.replace_all_uses_with(value)
     dead = {root, *inner} | {n for _, _, g in built for b in (*g.convs, *g.others) for n in b.consumed}
     order = {n: i for i, n in enumerate(graph.nodes)}
