@@ -1,0 +1,479 @@
+"""FuseOnExport with lightning.pytorch: when it fuses, what runs fused, what is put back, what checkpoints hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import fx, nn
+
+from fx_lightning import FuseOnExport, count_kernels
+from fx_lightning.callback import UNFUSED_STATE_KEY, is_fused, restore_original
+from fx_lightning.models import DigitsCNN
+
+#: Test metrics of the fused and unfused networks may differ by this much (accuracy over 270 digits).
+METRIC_TOLERANCE = 1e-3
+
+
+class FusedProbe(pl.Callback):
+    """Records, at every test/predict batch, whether ``pl_module.net`` is a fused GraphModule."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+
+
+def assert_original(model: DigitsCNN, x: torch.Tensor) -> None:
+    """The module has its original architecture: a plain Sequential running all three BatchNorms."""
+    assert not is_fused(model)
+    assert type(model.net) is nn.Sequential
+    assert count_kernels(model.net.eval(), x) == 3
+    assert set(model.state_dict()) == set(DigitsCNN(channels=4).state_dict())
+
+
+def sample(digits: Any, n: int = 32) -> torch.Tensor:
+    digits.setup("test")
+    return digits.test_set.tensors[0][:n]
+
+
+def unfused_test_acc(ckpt: str | Path, digits: Any, make_trainer: Any) -> float:
+    model = DigitsCNN.load_from_checkpoint(ckpt)
+    return make_trainer().test(model, datamodule=digits, verbose=False)[0]["test_acc"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One short run with the callback, shared by the tests that only read its checkpoints."""
+    from conftest import TRAINER_DEFAULTS
+    from fx_lightning.data import DigitsDataModule
+
+    root = tmp_path_factory.mktemp("trained")
+    pl.seed_everything(0, verbose=False)
+    model = DigitsCNN(channels=4, lr=0.05)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpts", monitor="val_acc", mode="max", save_top_k=1)
+    callback = FuseOnExport(export_formats=[])
+    trainer = pl.Trainer(
+        **(TRAINER_DEFAULTS | {"max_epochs": 2, "enable_checkpointing": True, "default_root_dir": root}),
+        callbacks=[checkpoint, callback],
+    )
+    dm = DigitsDataModule(batch_size=128)
+    trainer.fit(model, datamodule=dm)
+    fused_ckpt = root / "after_fit.ckpt"
+    trainer.save_checkpoint(fused_ckpt)
+    return {"best": checkpoint.best_model_path, "fused_ckpt": fused_ckpt, "model": model, "root": root}
+
+
+def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    model = tiny_cnn()
+    probe, checkpoint = FusedProbe(), ModelCheckpoint(monitor="val_acc", mode="max")
+    callback = FuseOnExport(export_formats=[])
+    logger = CSVLogger(tmp_path, name="logs")
+    # DigitsCNN and DigitsDataModule both have a differing `channels` hparam: Lightning cannot merge them.
+    trainer = make_trainer(
+        max_epochs=2,
+        enable_checkpointing=True,
+        logger=logger,
+        enable_autolog_hparams=False,
+        callbacks=[probe, checkpoint, callback],
+    )
+    trainer.fit(model, datamodule=digits)
+
+    # After fit: fused, verified, in place; the summary figures went to the logger under fuse/.
+    assert is_fused(model)
+    assert isinstance(model.net, fx.GraphModule)
+    x = sample(digits)
+    assert count_kernels(model.net, x) == 0
+    fit_result = callback.last_result
+    assert fit_result is not None
+    assert fit_result.stage == "fit"
+    assert fit_result.outcome == "fused"
+    assert fit_result.num_folded == 3
+    assert (fit_result.kernels_before, fit_result.kernels_after) == (3, 0)
+    assert fit_result.verification is not None
+    assert fit_result.verification.num_samples == 270
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "fuse/folded" in logged
+    assert "fuse/MulticlassAccuracy_fused" in logged
+    report = json.loads((Path(logger.log_dir) / "fused" / "fuse_report.json").read_text())
+    assert report["stage"] == "fit"
+    assert report["num_folded"] == 3
+
+    results = trainer.test(datamodule=digits, ckpt_path="best", verbose=False)
+    assert probe.seen
+    assert all(probe.seen)
+    assert callback.last_result.ckpt_path == checkpoint.best_model_path
+    reference = unfused_test_acc(checkpoint.best_model_path, digits, make_trainer)
+    assert abs(results[0]["test_acc"] - reference) <= METRIC_TOLERANCE
+    assert_original(model, x)
+
+
+def test_fuse_on_export_test_model_without_checkpoint(trained: dict[str, Any], digits: Any, make_trainer: Any) -> None:
+    model = DigitsCNN.load_from_checkpoint(trained["best"])
+    probe = FusedProbe()
+    results = make_trainer(callbacks=[probe, FuseOnExport(export_formats=[])]).test(
+        model, datamodule=digits, verbose=False
+    )
+    assert probe.seen
+    assert all(probe.seen)
+    reference = unfused_test_acc(trained["best"], digits, make_trainer)
+    assert abs(results[0]["test_acc"] - reference) <= METRIC_TOLERANCE
+    assert_original(model, sample(digits))
+
+
+def test_fuse_on_export_test_ckpt_path_on_fresh_trainer(
+    trained: dict[str, Any], tiny_cnn: Any, digits: Any, make_trainer: Any
+) -> None:
+    model = tiny_cnn(seed=123)  # different weights: the checkpoint must be what gets fused
+    probe, callback = FusedProbe(), FuseOnExport(export_formats=[])
+    results = make_trainer(callbacks=[probe, callback]).test(
+        model, datamodule=digits, ckpt_path=trained["best"], verbose=False
+    )
+    assert probe.seen
+    assert all(probe.seen)
+    assert callback.last_result.ckpt_path == str(trained["best"])
+    reference = unfused_test_acc(trained["best"], digits, make_trainer)
+    assert abs(results[0]["test_acc"] - reference) <= METRIC_TOLERANCE
+    assert_original(model, sample(digits))
+
+
+def test_fuse_on_export_predict_matches_unfused(trained: dict[str, Any], digits: Any, make_trainer: Any) -> None:
+    model = DigitsCNN.load_from_checkpoint(trained["best"])
+    probe = FusedProbe()
+    fused = make_trainer(callbacks=[probe, FuseOnExport(export_formats=[])]).predict(model, datamodule=digits)
+    reference = make_trainer().predict(DigitsCNN.load_from_checkpoint(trained["best"]), datamodule=digits)
+    assert probe.seen
+    assert all(probe.seen)
+    torch.testing.assert_close(torch.cat(fused), torch.cat(reference), rtol=1e-4, atol=1e-5)
+    assert_original(model, sample(digits))
+
+
+def test_fuse_on_export_trained_model_fused_after_fit_and_restorable(trained: dict[str, Any], digits: Any) -> None:
+    model = copy.deepcopy(trained["model"])  # the fixture's model stays fused for the other tests
+    x = sample(digits)
+    assert is_fused(model)
+    with torch.no_grad():
+        fused_out = model.eval()(x)
+    assert restore_original(model) is True
+    assert restore_original(model) is False
+    assert_original(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), fused_out, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_on_export_save_checkpoint_after_fit_loads_strictly_with_fused_outputs(
+    trained: dict[str, Any], digits: Any
+) -> None:
+    x = sample(digits)
+    fused_net = trained["model"].net
+    with torch.no_grad():
+        expected = fused_net(x)
+    loaded = DigitsCNN.load_from_checkpoint(trained["fused_ckpt"])  # strict loading, the user's own class
+    assert type(loaded.net) is nn.Sequential
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+    checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
+    assert list(checkpoint["state_dict"]) == list(DigitsCNN(channels=4).state_dict())
+    assert set(checkpoint[UNFUSED_STATE_KEY]) == {k for k in checkpoint["state_dict"] if k.startswith("net.")}
+
+
+def test_fuse_on_export_resume_from_fused_checkpoint_restores_unfused_weights(trained: dict[str, Any]) -> None:
+    checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
+    model = DigitsCNN(channels=4)
+    model.load_state_dict(checkpoint["state_dict"])  # what Lightning's restore does first: folded weights
+    FuseOnExport().on_load_checkpoint(None, model, checkpoint)
+    for key, value in checkpoint[UNFUSED_STATE_KEY].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # The folded layout is not the unfused one: BatchNorms there are the identity.
+    key = "net.0.1.running_var"
+    assert not torch.equal(checkpoint["state_dict"][key], checkpoint[UNFUSED_STATE_KEY][key])
+
+
+def test_fuse_on_export_every_checkpoint_opens_with_weights_only(trained: dict[str, Any]) -> None:
+    paths = sorted(Path(trained["root"]).rglob("*.ckpt"))
+    assert len(paths) >= 2
+    for path in paths:
+        checkpoint = torch.load(path, weights_only=True)
+        assert "state_dict" in checkpoint
+
+
+def test_fuse_on_export_checkpoints_during_training_are_unchanged(trained: dict[str, Any]) -> None:
+    checkpoint = torch.load(trained["best"], weights_only=True)
+    assert UNFUSED_STATE_KEY not in checkpoint
+    # Trained (not identity) BatchNorm statistics: the ordinary, unfused weights.
+    assert not torch.allclose(checkpoint["state_dict"]["net.0.1.running_mean"], torch.zeros(4))
+
+
+def test_fuse_on_export_resume_mid_training_matches_run_without_callback(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "mid", save_top_k=-1, every_n_epochs=1)
+    make_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint, FuseOnExport(export_formats=[])]).fit(
+        tiny_cnn(), datamodule=digits
+    )
+    mid = checkpoint.best_model_path or next((tmp_path / "mid").glob("*.ckpt"))
+    assert UNFUSED_STATE_KEY not in torch.load(mid, weights_only=True)
+
+    finals = []
+    for callbacks in ([FuseOnExport(export_formats=[])], []):
+        model = tiny_cnn(seed=7)
+        pl.seed_everything(1, verbose=False)
+        make_trainer(max_epochs=2, callbacks=callbacks).fit(model, datamodule=digits, ckpt_path=mid)
+        restore_original(model)
+        finals.append(model.state_dict())
+    assert finals[0].keys() == finals[1].keys()
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
+
+
+def test_fuse_on_export_tolerance_negative_reverts_by_default(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
+    model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, export_formats=[])
+    with pytest.warns(UserWarning, match=r"on_mismatch='revert'\): the fused network failed verification before fit"):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "reverted"
+    assert_original(model, sample(digits))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strict": True}, r"FuseOnExport\(strict=True\): the fused network failed verification before fit"),
+        ({"on_mismatch": "raise"}, r"FuseOnExport\(on_mismatch='raise'\): the fused network failed verification"),
+    ],
+)
+def test_fuse_on_export_tolerance_negative_raises_in_strict_or_raise_mode(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, kwargs: dict[str, Any], match: str
+) -> None:
+    model = tiny_cnn()
+    with pytest.raises(RuntimeError, match=match):
+        make_trainer(callbacks=[FuseOnExport(tolerance=-1, export_formats=[], **kwargs)]).fit(model, datamodule=digits)
+    assert_original(model, sample(digits))
+
+
+class SignFlip(nn.Module):
+    """Conv-BN network whose Python-side call counter flips the logits' sign on every call.
+
+    Tracing runs ``forward`` once and bakes the sign of that call into the graph, so the fused network
+    computes something else than the original's next calls: a real "eval forward differs after tracing".
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 64, 10)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        sign = 1.0 if self.calls % 2 else -1.0
+        return self.head(self.body(x)) * sign
+
+
+class SignFlipModule(DigitsCNN):
+    def __init__(self) -> None:
+        super().__init__(channels=4)
+        self.net = SignFlip()
+
+
+def test_fuse_on_export_network_differing_after_tracing_reverts(digits: Any, make_trainer: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    model, callback = SignFlipModule(), FuseOnExport(export_formats=[])
+    with pytest.warns(UserWarning, match="failed verification before fit"):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "reverted"
+    assert isinstance(model.net, SignFlip)
+    assert not is_fused(model)
+
+
+def test_fuse_on_export_on_mismatch_warn_keeps_fused(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
+    model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, on_mismatch="warn", export_formats=[])
+    with pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*Keeping the fused network anyway"):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "kept despite mismatch"
+    assert is_fused(model)
+
+
+def test_fuse_on_export_export_pt2_and_onnx_reload_and_match(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    model = tiny_cnn()
+    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["pt2", "weights", "onnx"])
+    make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    artifacts = callback.last_result.artifacts
+    assert set(artifacts) == {"pt2", "weights", "onnx"}
+    assert json.loads((tmp_path / "out" / "fuse_report.json").read_text())["artifacts"] == artifacts
+
+    x = sample(digits, 128)  # the first validation batch's size: the exported programs may be static
+    with torch.no_grad():
+        expected = model.net(x)
+    program = torch.export.load(artifacts["pt2"]).module()
+    torch.testing.assert_close(program(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(artifacts["onnx"], providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    weights = torch.load(artifacts["weights"], weights_only=True)
+    assert isinstance(weights, dict)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fuse_on_export_bf16_precision_fuses_and_tests(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, precision: str
+) -> None:
+    model, probe = tiny_cnn(), FusedProbe()
+    # bf16 rounds differently before and after folding: allow a few of the 270 predictions to move.
+    callback = FuseOnExport(tolerance=0.02, export_formats=[])
+    trainer = make_trainer(precision=precision, callbacks=[probe, callback])
+    trainer.fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "fused"
+    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {p.dtype for p in model.net.parameters()} == {expected_dtype}
+    trainer.test(model, datamodule=digits, verbose=False)
+    assert probe.seen
+    assert all(probe.seen)
+    assert callback.last_result.stage == "test"
+    assert callback.last_result.verification.passed
+    assert not is_fused(model)
+
+
+def test_fuse_on_export_exception_during_test_restores_original(
+    trained: dict[str, Any], digits: Any, make_trainer: Any
+) -> None:
+    class Broken(DigitsCNN):
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            assert isinstance(self.net, fx.GraphModule)
+            raise ValueError("broken test_step")
+
+    model = Broken.load_from_checkpoint(trained["best"])
+    with pytest.raises(ValueError, match="broken test_step"):
+        make_trainer(callbacks=[FuseOnExport(export_formats=[])]).test(model, datamodule=digits, verbose=False)
+    assert_original(model, sample(digits))
+
+
+def test_fuse_on_export_engine_error_warns_or_raises_when_strict(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_fuse(*args: Any, **kwargs: Any) -> nn.Module:
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr("fx_lightning.callback.fuse", broken_fuse)
+    model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
+    with pytest.warns(UserWarning, match=r"fx_lightning.fuse failed on \['net'\] \(RuntimeError: engine exploded\)"):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "failed"
+    assert not is_fused(model)
+
+    with pytest.raises(RuntimeError, match=r"FuseOnExport\(strict=True\): fx_lightning.fuse failed on \['net'\]"):
+        make_trainer(callbacks=[FuseOnExport(strict=True, export_formats=[])]).fit(tiny_cnn(), datamodule=digits)
+
+
+def test_fuse_on_export_validate_stage_only_when_asked(trained: dict[str, Any], digits: Any, make_trainer: Any) -> None:
+    class ValProbe(pl.Callback):
+        seen: list[bool] = []
+
+        def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+
+    for stages, expected in ((["validate"], True), (["test"], False)):
+        model, probe = DigitsCNN.load_from_checkpoint(trained["best"]), ValProbe()
+        probe.seen = []
+        make_trainer(callbacks=[probe, FuseOnExport(stages=stages, export_formats=[])]).validate(
+            model, datamodule=digits, verbose=False
+        )
+        assert probe.seen
+        assert all(s is expected for s in probe.seen)
+        assert not is_fused(model)
+
+
+def test_fuse_on_export_state_dict_round_trip(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
+    callback = FuseOnExport(export_formats=[])
+    make_trainer(callbacks=[callback]).fit(tiny_cnn(), datamodule=digits)
+    state = callback.state_dict()
+    assert state["history"][0]["stage"] == "fit"
+    assert state["history"][0]["outcome"] == "fused"
+    json.dumps(state)  # plain data only
+    other = FuseOnExport()
+    other.load_state_dict(state)
+    assert other.history == state["history"]
+
+
+def test_fuse_on_export_progress_bar_shown_when_enabled(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_trainer(enable_progress_bar=True, callbacks=[FuseOnExport(export_formats=[])]).fit(
+        tiny_cnn(), datamodule=digits
+    )
+    assert "FuseOnExport: verifying" in capsys.readouterr().err
+
+
+def test_fuse_on_export_no_batch_norm_warns_and_does_nothing(digits: Any, make_trainer: Any) -> None:
+    class NoBN(DigitsCNN):
+        def __init__(self) -> None:
+            super().__init__(channels=4)
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    model = NoBN()
+    with pytest.warns(UserWarning, match="found no BatchNorm in the direct children of NoBN"):
+        make_trainer(callbacks=[FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
+    assert not is_fused(model)
+
+
+def test_fuse_on_export_missing_or_wrong_attribute_raises(tiny_cnn: Any, make_trainer: Any) -> None:
+    trainer, model = make_trainer(), tiny_cnn()
+    with pytest.raises(ValueError, match=r"FuseOnExport\(attributes=\['backbone'\]\): DigitsCNN has no attribute"):
+        FuseOnExport(attributes=["backbone"]).setup(trainer, model, "fit")
+    model.not_a_module = 3
+    with pytest.raises(TypeError, match=r"DigitsCNN.not_a_module is a int, expected a torch.nn.Module"):
+        FuseOnExport(attributes=["not_a_module"]).setup(trainer, model, "fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"on_mismatch": "ignore"}, ValueError, r"FuseOnExport\(on_mismatch='ignore'\) expects one of"),
+        ({"stages": ["train"]}, ValueError, r"FuseOnExport\(stages=\['train'\]\) expects a list drawn from"),
+        ({"attributes": "net"}, ValueError, r"FuseOnExport\(attributes='net'\) expects a list of attribute names"),
+        ({"metric": "accuracy"}, TypeError, r"FuseOnExport\(metric='accuracy'\) expects a torchmetrics Metric"),
+        ({"tolerance": float("nan")}, ValueError, r"FuseOnExport\(tolerance=nan\) expects a number"),
+        ({"max_verify_batches": 0}, ValueError, r"FuseOnExport\(max_verify_batches=0\) expects a positive integer"),
+        ({"export_formats": "pt2"}, ValueError, r"FuseOnExport\(export_formats='pt2'\) expects a list"),
+        ({"export_stages": ["train"]}, ValueError, r"FuseOnExport\(export_stages=\['train'\]\) expects a list"),
+    ],
+)
+def test_fuse_on_export_invalid_arguments_raise(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        FuseOnExport(**kwargs)
+
+
+def test_fuse_on_export_rejects_spawn_and_sharded_strategies(tiny_cnn: Any) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spawn = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(ValueError, match=r"does not support spawn-based strategies \(Trainer\(strategy=DDPStrategy\)"):
+        FuseOnExport().setup(spawn, tiny_cnn(), "fit")
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+
+    with pytest.raises(ValueError, match=r"does not support Trainer\(strategy=FSDPStrategy\) yet"):
+        FuseOnExport().setup(FakeTrainer(), tiny_cnn(), "fit")
