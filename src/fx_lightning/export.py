@@ -1,0 +1,398 @@
+"""Deploy artifacts of a (fused) network, each reloaded and checked, and the checkpoint form of a fused network.
+
+* :func:`export_artifacts` writes ``torch.export`` programs (``.pt2``), ONNX files and plain weights, reloads
+  each one and compares its outputs with the module's before returning the paths.
+* :func:`checkpoint_state_dict` expresses a fused network in the original architecture's state-dict keys, so
+  a checkpoint keeps loading into the user's own class and computes what the fused network computes.
+
+Nothing here imports Lightning, and onnx/onnxruntime are imported only when the ONNX format is asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from fx_lightning.report import Folded
+
+FORMATS = ("pt2", "onnx", "weights")
+_PRECEDING_RULE = "fold_bn_into_preceding"
+_ONNX_INLINE_LIMIT = 1 << 30  # bytes of parameters above which ONNX weights go to an external data file
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """An optional dependency of fx-lightning is not installed; the message names the pip extra to install."""
+
+
+# ----------------------------------------------------------------------------------------- export_artifacts
+
+
+def export_artifacts(
+    module: nn.Module,
+    example_inputs: Sequence[Any],
+    directory: str | Path,
+    formats: Sequence[str] = ("pt2", "weights"),
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    name: str = "model",
+) -> dict[str, Path]:
+    """Write ``module`` in each format to ``directory``, reload every file and check it against ``module``.
+
+    Formats:
+
+    * ``"pt2"``: ``torch.export.export`` + ``torch.export.save`` (``<name>.pt2``); reloaded with
+      ``torch.export.load(path).module()``.
+    * ``"onnx"``: ``torch.onnx.export`` (``<name>.onnx``); checked with ``onnx.checker`` and run with
+      onnxruntime on the CPU. Needs ``pip install "fx-lightning[onnx]"``.
+    * ``"weights"``: the state dict as ``<name>.safetensors`` when safetensors is installed, else
+      ``<name>.pt`` (loadable with ``torch.load(path, weights_only=True)``); reloaded into a copy of the
+      module's structure whose values were wiped first.
+
+    Args:
+        module: the network to export, usually the eval-mode result of :func:`fx_lightning.fuse`.
+        example_inputs: positional inputs for one forward call, e.g. ``(torch.randn(1, 3, 32, 32),)``.
+        directory: where to write; created if missing.
+        formats: which artifacts to write, any of ``"pt2"``, ``"onnx"``, ``"weights"``.
+        rtol: relative tolerance of the reload check (``|out - ref| <= atol + rtol * |ref|``).
+        atol: absolute tolerance of the reload check.
+        name: file name stem.
+
+    Returns:
+        The path of each artifact by format.
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if a format is unknown, a tolerance is negative or ``name`` is not a plain file name.
+        MissingExtraError: (a ``ModuleNotFoundError``) if ``"onnx"`` is asked for without onnx/onnxruntime.
+        RuntimeError: if an export fails or a reloaded artifact's outputs differ beyond the tolerance.
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Sequential(nn.Linear(4, 2)).eval()
+        >>> paths = export_artifacts(net, (torch.randn(1, 4),), tempfile.mkdtemp(), formats=["weights"])
+        >>> sorted(paths), paths["weights"].suffix in (".safetensors", ".pt")
+        (['weights'], True)
+    """
+    chosen = _validate_export(module, example_inputs, formats, rtol, atol, name)
+    inputs = tuple(example_inputs)
+    out_dir = Path(directory).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        reference = module(*inputs)
+
+    paths: dict[str, Path] = {}
+    program: torch.export.ExportedProgram | None = None
+    for fmt in chosen:
+        if fmt == "pt2":
+            program = _export_program(module, inputs)
+            paths[fmt] = _write_pt2(program, inputs, reference, out_dir / f"{name}.pt2", rtol, atol)
+        elif fmt == "onnx":
+            paths[fmt] = _write_onnx(module, program, inputs, reference, out_dir / f"{name}.onnx", rtol, atol)
+        else:
+            paths[fmt] = _write_weights(module, inputs, reference, out_dir, name, rtol, atol)
+    return paths
+
+
+def _validate_export(
+    module: Any, example_inputs: Any, formats: Any, rtol: Any, atol: Any, name: Any
+) -> list[str]:
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"export_artifacts(module=...) expects a torch.nn.Module, got {type(module).__name__}. "
+            "Pass the network, e.g. export_artifacts(fuse(model.net), (x,), 'out')."
+        )
+    if isinstance(example_inputs, (Tensor, str)) or not isinstance(example_inputs, Sequence):
+        raise TypeError(
+            f"export_artifacts(example_inputs=...) expects a tuple of positional inputs, got "
+            f"{type(example_inputs).__name__}. Wrap a single tensor: example_inputs=(x,)."
+        )
+    if isinstance(formats, str):
+        formats = [formats]
+    if not isinstance(formats, Sequence) or not all(isinstance(f, str) for f in formats):
+        raise TypeError(
+            f"export_artifacts(formats={formats!r}) expects a list of format names from {list(FORMATS)}, "
+            "e.g. formats=['pt2', 'weights']."
+        )
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"export_artifacts(formats={list(formats)!r}) names unknown format(s) {unknown}. "
+            f"Valid formats: {list(FORMATS)}."
+        )
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or value < 0:
+            raise ValueError(f"export_artifacts({label}={value!r}) expects a number >= 0, e.g. {label}=1e-5.")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(
+            f"export_artifacts(name={name!r}) expects a plain file name stem such as 'model'; put folders in "
+            "directory=... instead."
+        )
+    return list(dict.fromkeys(formats))
+
+
+def _export_program(module: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(module, inputs)
+    except Exception as err:
+        raise RuntimeError(
+            f"export_artifacts(formats=['pt2']): torch.export.export could not capture {type(module).__name__}: "
+            f"{type(err).__name__}: {_first_line(err)} (full error above). Export the other formats with "
+            "formats=['weights'], or make the "
+            "forward exportable (no branches on tensor values)."
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _write_pt2(
+    program: torch.export.ExportedProgram,
+    inputs: tuple[Any, ...],
+    reference: Any,
+    path: Path,
+    rtol: float,
+    atol: float,
+) -> Path:
+    torch.export.save(program, path)
+    reloaded = torch.export.load(path).module()
+    with torch.no_grad():
+        output = reloaded(*inputs)
+    _check_close("pt2", path, tree_leaves(output), tree_leaves(reference), rtol, atol)
+    return path
+
+
+def _write_onnx(
+    module: nn.Module,
+    program: torch.export.ExportedProgram | None,
+    inputs: tuple[Any, ...],
+    reference: Any,
+    path: Path,
+    rtol: float,
+    atol: float,
+) -> Path:
+    onnx, ort = _import_onnx()
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        torch.onnx.export(
+            program if program is not None else module,
+            inputs,
+            str(path),
+            dynamo=True,
+            external_data=param_bytes > _ONNX_INLINE_LIMIT,
+            verbose=False,
+        )
+        onnx.checker.check_model(str(path))
+    except Exception as err:
+        raise RuntimeError(
+            f"export_artifacts(formats=['onnx']) could not export {type(module).__name__}: "
+            f"{type(err).__name__}: {_first_line(err)} (full error above). Export the other formats with "
+            "formats=['pt2', 'weights']."
+        ) from err
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    feeds = {
+        arg.name: tensor.detach().cpu().numpy() for arg, tensor in zip(session.get_inputs(), tensors)
+    }
+    outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
+    _check_close("onnx", path, outputs, tree_leaves(reference), rtol, atol)
+    return path
+
+
+def _import_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise MissingExtraError(
+            f"export_artifacts(formats=['onnx']) needs onnx, onnxruntime and onnxscript ({err}). "
+            'Install them with: pip install "fx-lightning[onnx]"'
+        ) from err
+    return onnx, onnxruntime
+
+
+def _write_weights(
+    module: nn.Module, inputs: tuple[Any, ...], reference: Any, directory: Path, name: str, rtol: float, atol: float
+) -> Path:
+    # Plain contiguous CPU copies: safetensors refuses shared or strided storage, and the file must not
+    # depend on the device the module ran on.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+    save, load, suffix = _weights_backend()
+    path = directory / f"{name}{suffix}"
+    save(state, path)
+
+    restored = copy.deepcopy(module)
+    with torch.no_grad():
+        # Wipe every saved value first, so the check proves the file restores all of them.
+        for value in restored.state_dict(keep_vars=True).values():
+            if value.is_floating_point():
+                value.fill_(math.nan)
+    restored.load_state_dict(load(path), strict=True)
+    with torch.no_grad():
+        output = restored(*inputs)
+    _check_close("weights", path, tree_leaves(output), tree_leaves(reference), rtol, atol)
+    return path
+
+
+def _weights_backend() -> tuple[Callable[[dict[str, Tensor], Path], None], Callable[[Path], Any], str]:
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        return (
+            lambda state, path: torch.save(state, path),
+            lambda path: torch.load(path, map_location="cpu", weights_only=True),
+            ".pt",
+        )
+    return (lambda state, path: save_file(state, str(path))), (lambda path: load_file(str(path))), ".safetensors"
+
+
+def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any], rtol: float, atol: float) -> None:
+    refs = [r for r in references if isinstance(r, Tensor)]
+    outs = [o for o in outputs if isinstance(o, Tensor)]
+    if len(outs) != len(refs):
+        raise RuntimeError(
+            f"export_artifacts: the reloaded '{fmt}' artifact {path} returned {len(outs)} tensor(s), the module "
+            f"{len(refs)}. The format does not preserve this module's outputs; choose another format."
+        )
+    worst_abs, worst_rel, ok = 0.0, 0.0, True
+    for out, ref in zip(outs, refs):
+        if out.shape != ref.shape:
+            raise RuntimeError(
+                f"export_artifacts: the reloaded '{fmt}' artifact {path} returned shape {tuple(out.shape)}, the "
+                f"module {tuple(ref.shape)}."
+            )
+        out64 = out.detach().cpu().to(torch.float64)
+        ref64 = ref.detach().cpu().to(torch.float64)
+        err = (out64 - ref64).abs()
+        if err.numel():
+            worst_abs = max(worst_abs, float(err.max()))
+            worst_rel = max(worst_rel, float((err / ref64.abs().clamp_min(1e-12)).max()))
+        ok = ok and bool(torch.isclose(out64, ref64, rtol=rtol, atol=atol, equal_nan=True).all())
+    if not ok:
+        raise RuntimeError(
+            f"export_artifacts: the reloaded '{fmt}' artifact {path} differs from the module: max abs error "
+            f"{worst_abs:.3e}, max rel error {worst_rel:.3e}, tolerance rtol={rtol:g}, atol={atol:g}. "
+            "Check that the module is deterministic and in eval mode, or loosen rtol/atol."
+        )
+
+
+# ----------------------------------------------------------------------------------------- checkpoint form
+
+
+def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Tensor]:
+    """A state dict for ``original``'s architecture that computes what ``fused`` computes (in eval mode).
+
+    For every BatchNorm folded into the layer before it (``fold_bn_into_preceding``) whose layer has the same
+    qualified name in ``original``, the layer gets the fused weight and the BatchNorm becomes the identity
+    carrying the fused bias: weight 1, bias = fused bias, ``running_mean`` 0, ``running_var`` = 1 - eps (so
+    ``sqrt(var + eps) == 1``); a bias of the layer itself is set to 0. A BatchNorm without affine parameters
+    leaves the fused bias in the layer's own bias instead, when it has one. Everything else keeps the
+    original's values: folds of other kinds, layers renamed because they are called at several sites, and
+    layers changed by several rewrites.
+
+    Args:
+        original: the network before fusion (its current values are the starting point).
+        fused: the result of :func:`fx_lightning.fuse` on ``original`` (it carries ``fusion_report``).
+
+    Returns:
+        Exactly the keys, shapes, dtypes and devices of ``original.state_dict()``, as detached tensor copies
+        (no ``Parameter`` objects, nothing shared with either network).
+
+    Raises:
+        TypeError: if an argument is not a module, or ``fused`` has no fusion report.
+
+    Example:
+        >>> from fx_lightning import fuse
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2)).eval()
+        >>> state = checkpoint_state_dict(net, fuse(net))
+        >>> sorted(state) == sorted(net.state_dict()), state["1.weight"].tolist(), state["1.running_mean"].tolist()
+        (True, [1.0, 1.0], [0.0, 0.0])
+    """
+    for label, value in (("original", original), ("fused", fused)):
+        if not isinstance(value, nn.Module):
+            raise TypeError(
+                f"checkpoint_state_dict({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
+                "Call checkpoint_state_dict(model, fuse(model))."
+            )
+    report = getattr(fused, "fusion_report", None)
+    if report is None or not hasattr(report, "folded"):
+        raise TypeError(
+            f"checkpoint_state_dict(fused=...) expects the module returned by fx_lightning.fuse(), which carries "
+            f".fusion_report; got a {type(fused).__name__} without one. Pass fused=fuse(original)."
+        )
+    state = {k: v.detach().clone() for k, v in original.state_dict().items()}
+    fused_state = fused.state_dict()
+
+    # A layer that absorbed anything besides BatchNorms after it cannot be split back into layer + BatchNorm.
+    touched_otherwise = {r.into for r in report.folded if r.rule != _PRECEDING_RULE}
+    touched_otherwise |= {r.into for r in getattr(report, "merged", [])}
+    by_layer: dict[str, list[Folded]] = {}
+    for record in report.folded:
+        if record.rule == _PRECEDING_RULE and record.into not in touched_otherwise:
+            by_layer.setdefault(record.into, []).append(record)
+
+    with torch.no_grad():
+        for layer, records in by_layer.items():
+            _write_fold(state, fused_state, original, layer, [r.bn for r in records])
+    return state
+
+
+def _write_fold(
+    state: dict[str, Tensor], fused_state: dict[str, Tensor], original: nn.Module, layer: str, bns: list[str]
+) -> bool:
+    """Rewrite ``layer`` and its BatchNorms in ``state``; return whether the fold could be expressed."""
+    weight_key, bias_key = f"{layer}.weight", f"{layer}.bias"
+    if weight_key not in state or weight_key not in fused_state or bias_key not in fused_state:
+        return False  # the layer does not exist under this name in the original (e.g. a "_folded" copy)
+    if state[weight_key].shape != fused_state[weight_key].shape:
+        return False
+    eps: dict[str, float] = {}
+    for bn in bns:
+        owner = _get_submodule(original, bn)
+        stats = [f"{bn}.running_mean", f"{bn}.running_var"]
+        value = getattr(owner, "eps", None) if owner is not None else None
+        if not isinstance(value, numbers.Real) or not all(k in state for k in stats):
+            return False
+        eps[bn] = float(value)
+    fused_bias = fused_state[bias_key]
+    carrier = next((bn for bn in bns if f"{bn}.bias" in state and f"{bn}.weight" in state), None)
+    if carrier is None and bias_key not in state:
+        return False  # no affine BatchNorm and no layer bias: nowhere to put the folded bias
+
+    _assign(state, weight_key, fused_state[weight_key])
+    for bn in bns:
+        state[f"{bn}.running_mean"].zero_()
+        state[f"{bn}.running_var"].fill_(1.0 - eps[bn])
+        if f"{bn}.weight" in state:
+            state[f"{bn}.weight"].fill_(1.0)
+        if f"{bn}.bias" in state:
+            state[f"{bn}.bias"].zero_()
+    if carrier is not None:
+        _assign(state, f"{carrier}.bias", fused_bias)
+        if bias_key in state:
+            state[bias_key].zero_()
+    else:
+        _assign(state, bias_key, fused_bias)
+    return True
+
+
+def _assign(state: dict[str, Tensor], key: str, value: Tensor) -> None:
+    target = state[key]
+    state[key] = value.detach().to(dtype=target.dtype, device=target.device, copy=True).reshape(target.shape)
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
