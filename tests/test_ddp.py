@@ -1,0 +1,110 @@
+"""FuseOnExport under DDP with two CPU processes (gloo), launched as a script the way users run DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from fx_lightning import fuse
+from fx_lightning.data import DigitsDataModule
+from fx_lightning.models import DigitsCNN
+from fx_lightning.verify import verify
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    import torch
+
+    import fx_lightning.callback as callback_module
+    from fx_lightning import FuseOnExport
+    from fx_lightning.data import DigitsDataModule
+    from fx_lightning.models import DigitsCNN
+
+    out = Path(sys.argv[1])
+    export = callback_module.export_artifacts
+
+
+    def counted_export(*args, **kwargs):
+        # Record every export call per process: exactly one process may write artifacts.
+        with open(out / f"export_calls_{pl_trainer.global_rank}.txt", "a") as f:
+            f.write("call\\n")
+        return export(*args, **kwargs)
+
+
+    callback_module.export_artifacts = counted_export
+    pl.seed_everything(0, verbose=False)
+    model = DigitsCNN(channels=4, lr=0.05)
+    callback = FuseOnExport(export_dir=str(out / "fused"), export_formats=["weights"])
+    pl_trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+        callbacks=[callback],
+    )
+    pl_trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    torch.save(
+        {
+            "fused": model.net.state_dict(),
+            "original": callback_module._originals(model)["net"].state_dict(),
+            "result": callback.last_result.to_dict(),
+        },
+        out / f"rank{pl_trainer.global_rank}.pt",
+    )
+    """
+)
+
+
+def test_fuse_on_export_ddp_two_processes_agree_and_export_once(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_fuse.py"
+    script.write_text(SCRIPT)
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # Every rank ends with the same fused weights.
+    assert ranks[0]["fused"].keys() == ranks[1]["fused"].keys()
+    for key, value in ranks[0]["fused"].items():
+        assert torch.equal(value, ranks[1]["fused"][key]), key
+    # One collective verification: the same figures on both ranks, over the whole validation split.
+    results = [r["result"] for r in ranks]
+    assert results[0]["verification"] == results[1]["verification"]
+    assert results[0]["outcome"] == "fused"
+    assert results[0]["verification"]["num_samples"] == 270
+
+    # The synchronised metric equals a single-process verification of the same weights on the same data.
+    model = DigitsCNN(channels=4)
+    model.net.load_state_dict(ranks[0]["original"])
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    single = verify(model.net, fuse(model.net), dm.val_dataloader())
+    ddp = results[0]["verification"]
+    assert single.num_samples == ddp["num_samples"]
+    for name, value in single.metric_original.items():
+        assert abs(ddp["metric_original"][name] - value) <= 1e-6, name
+        assert abs(ddp["metric_fused"][name] - single.metric_fused[name]) <= 1e-6, name
+
+    # Exactly one set of artifacts, written by global rank zero only.
+    assert (tmp_path / "export_calls_0.txt").read_text().count("call") == 1
+    assert not (tmp_path / "export_calls_1.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == sorted(
+        [Path(results[0]["artifacts"]["weights"]).name, "fuse_report.json"]
+    )
