@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from fx_lightning import FuseOnExport, count_kernels
 from fx_lightning.callback import UNFUSED_STATE_KEY, is_fused, restore_original
+from fx_lightning.export import MissingExtraError
 from fx_lightning.models import DigitsCNN
 
 #: Test metrics of the fused and unfused networks may differ by this much (accuracy over 270 digits).
@@ -329,7 +330,12 @@ def test_fuse_on_export_export_pt2_and_onnx_reload_and_match(
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
-    weights = torch.load(artifacts["weights"], weights_only=True)
+    if artifacts["weights"].endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        weights = load_file(artifacts["weights"])
+    else:
+        weights = torch.load(artifacts["weights"], weights_only=True)
     assert isinstance(weights, dict)
     assert all(isinstance(v, torch.Tensor) for v in weights.values())
 
@@ -454,13 +460,20 @@ def test_fuse_on_export_missing_or_wrong_attribute_raises(tiny_cnn: Any, make_tr
         ({"metric": "accuracy"}, TypeError, r"FuseOnExport\(metric='accuracy'\) expects a torchmetrics Metric"),
         ({"tolerance": float("nan")}, ValueError, r"FuseOnExport\(tolerance=nan\) expects a number"),
         ({"max_verify_batches": 0}, ValueError, r"FuseOnExport\(max_verify_batches=0\) expects a positive integer"),
-        ({"export_formats": "pt2"}, ValueError, r"FuseOnExport\(export_formats='pt2'\) expects a list"),
+        ({"export_formats": "pt2"}, ValueError, r"FuseOnExport\(export_formats='pt2'\) expects a list drawn from"),
+        ({"export_formats": ["tflite"]}, ValueError, r"FuseOnExport\(export_formats=\['tflite'\]\) expects a list"),
         ({"export_stages": ["train"]}, ValueError, r"FuseOnExport\(export_stages=\['train'\]\) expects a list"),
     ],
 )
 def test_fuse_on_export_invalid_arguments_raise(kwargs: dict[str, Any], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         FuseOnExport(**kwargs)
+
+
+def test_fuse_on_export_onnx_without_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fx_lightning.callback._missing_onnx_modules", lambda: ["onnxruntime"])
+    with pytest.raises(MissingExtraError, match=r"needs onnxruntime for ONNX export. Install the extra with `pip"):
+        FuseOnExport(export_formats=["pt2", "onnx"])
 
 
 def test_fuse_on_export_rejects_spawn_and_sharded_strategies(tiny_cnn: Any) -> None:

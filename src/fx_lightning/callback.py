@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import json
 import math
@@ -37,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.counting import count_kernels
-from fx_lightning.export import checkpoint_state_dict, export_artifacts
+from fx_lightning.export import FORMATS, MissingExtraError, checkpoint_state_dict, export_artifacts
 from fx_lightning.pipeline import fuse
 from fx_lightning.report import FusionReport
 from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target
@@ -215,9 +216,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         example_input: the forward input used for shape propagation, kernel counts and export; ``None`` takes
             it from the first verification batch.
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
-        export_formats: artifacts to write: ``"pt2"`` (``torch.export``), ``"weights"`` (a state dict for
-            ``torch.load(weights_only=True)``), ``"onnx"`` (needs ``pip install "fx-lightning[onnx]"``).
-            ``None`` means ``["pt2", "weights"]``; ``[]`` writes only the report.
+        export_formats: artifacts to write: ``"pt2"`` (``torch.export``), ``"weights"`` (a state dict as
+            ``.safetensors``, or ``.pt`` for ``torch.load(weights_only=True)`` without safetensors), ``"onnx"``
+            (needs ``pip install "fx-lightning[onnx]"``). ``None`` means ``["pt2", "weights"]``; ``[]`` writes
+            only the report.
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
             ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
         passes: the fusion passes to run (see :func:`fx_lightning.registered_passes`); ``None`` runs all.
@@ -227,6 +229,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     Raises:
         ValueError: if an argument is out of its range.
         TypeError: if ``metric`` is not a torchmetrics ``Metric`` or ``MetricCollection``.
+        fx_lightning.export.MissingExtraError: if ``"onnx"`` is asked for without the ``onnx`` extra installed.
 
     Example::
 
@@ -866,10 +869,17 @@ def _check_arguments(
             f"FuseOnExport(max_verify_batches={max_verify_batches!r}) expects a positive integer or None (all batches)."
         )
     if export_formats is not None and (
-        isinstance(export_formats, str) or any(not isinstance(f, str) for f in export_formats)
+        isinstance(export_formats, str) or any(f not in FORMATS for f in export_formats)
     ):
         raise ValueError(
-            f"FuseOnExport(export_formats={export_formats!r}) expects a list of format names, e.g. ['pt2', 'weights']."
+            f"FuseOnExport(export_formats={export_formats!r}) expects a list drawn from {list(FORMATS)}, "
+            "e.g. export_formats=['pt2', 'weights']."
+        )
+    missing = _missing_onnx_modules() if export_formats is not None and "onnx" in export_formats else []
+    if missing:
+        raise MissingExtraError(
+            f"FuseOnExport(export_formats={export_formats!r}) needs {', '.join(missing)} for ONNX export. Install "
+            "the extra with `pip install \"fx-lightning[onnx]\"`, or drop 'onnx' from export_formats."
         )
     if export_stages is not None and (
         isinstance(export_stages, str) or any(s not in _EXPORT_STAGES for s in export_stages)
@@ -878,6 +888,10 @@ def _check_arguments(
             f"FuseOnExport(export_stages={export_stages!r}) expects a list drawn from {list(_EXPORT_STAGES)}, "
             "e.g. export_stages=['fit']."
         )
+
+
+def _missing_onnx_modules() -> list[str]:
+    return [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
 
 
 def _check_strategy(trainer: Any) -> None:
