@@ -333,3 +333,50 @@ def test_checkpoint_state_dict_invalid_arguments_raise() -> None:
         checkpoint_state_dict(net, "fused")
     with pytest.raises(TypeError, match=r"expects the module returned by fx_lightning.fuse\(\).*Sequential without"):
         checkpoint_state_dict(net, net)
+
+
+# ----------------------------------------------------------------------------------------- dynamic batch
+
+
+class FixedBatch(nn.Module):
+    """Reshapes to a constant batch size, so it cannot run on another one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x).reshape(4, 2)
+
+
+class BatchBranch(FixedBatch):
+    """Branches on the batch size: eager code runs on any batch, the export specialises to the example's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) if x.shape[0] == 4 else -self.fc(x)
+
+
+def test_export_artifacts_dynamic_batch_accepts_other_batch_sizes(tmp_path: Path) -> None:
+    fused = fx_lightning.fuse(prepared(TinyNet()))
+    paths = export_artifacts(
+        fused, (torch.randn(2, 1, 6, 6),), tmp_path, formats=["onnx", "pt2"], dynamic_batch=True
+    )
+    x = torch.randn(5, 1, 6, 6)
+    assert rel_err(torch.export.load(paths["pt2"]).module()(x), fused(x)) < 1e-5
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    assert not isinstance(session.get_inputs()[0].shape[0], int)  # a symbolic batch dimension
+    onnx_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(onnx_out, fused(x)) < 1e-5
+
+
+def test_export_artifacts_dynamic_batch_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"dynamic_batch=True\) needs example inputs with batch size >= 2, got .*1"):
+        export_artifacts(nn.Linear(3, 2), (torch.randn(1, 3),), tmp_path, formats=["pt2"], dynamic_batch=True)
+    with pytest.raises(TypeError, match=r"export_artifacts\(dynamic_batch='yes'\) expects True or False"):
+        export_artifacts(nn.Linear(3, 2), (torch.randn(2, 3),), tmp_path, dynamic_batch="yes")
+    with pytest.raises(RuntimeError, match=r"dynamic_batch=True\): FixedBatch itself fails on a batch twice as large"):
+        export_artifacts(FixedBatch(), (torch.randn(4, 3),), tmp_path, formats=["pt2"], dynamic_batch=True)
+    with pytest.raises(RuntimeError, match=r"reloaded 'pt2' artifact .* does not accept a batch of another size"):
+        export_artifacts(BatchBranch(), (torch.randn(4, 3),), tmp_path, formats=["pt2"], dynamic_batch=True)

@@ -19,13 +19,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.export import Dim
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.report import Folded
 
 FORMATS = ("pt2", "onnx", "weights")
 _PRECEDING_RULE = "fold_bn_into_preceding"
 _ONNX_INLINE_LIMIT = 1 << 30  # bytes of parameters above which ONNX weights go to an external data file
+
+
+Runner = Callable[[tuple[Any, ...]], Any]
 
 
 class MissingExtraError(ModuleNotFoundError):
@@ -44,6 +48,7 @@ def export_artifacts(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     name: str = "model",
+    dynamic_batch: bool = False,
 ) -> dict[str, Path]:
     """Write ``module`` in each format to ``directory``, reload every file and check it against ``module``.
 
@@ -65,6 +70,9 @@ def export_artifacts(
         rtol: relative tolerance of the reload check (``|out - ref| <= atol + rtol * |ref|``).
         atol: absolute tolerance of the reload check.
         name: file name stem.
+        dynamic_batch: export ``pt2``/``onnx`` with a dynamic dim 0 on every tensor input, and check the
+            reloaded artifacts on a batch twice as large as well. Needs example inputs with batch size >= 2
+            (``torch.export`` specialises size 1).
 
     Returns:
         The path of each artifact by format.
@@ -73,7 +81,8 @@ def export_artifacts(
         TypeError: if an argument has the wrong type.
         ValueError: if a format is unknown, a tolerance is negative or ``name`` is not a plain file name.
         MissingExtraError: (a ``ModuleNotFoundError``) if ``"onnx"`` is asked for without onnx/onnxruntime.
-        RuntimeError: if an export fails or a reloaded artifact's outputs differ beyond the tolerance.
+        RuntimeError: if an export fails, a reloaded artifact's outputs differ beyond the tolerance, or (with
+            ``dynamic_batch``) an artifact does not accept another batch size.
 
     Example:
         >>> import tempfile
@@ -83,23 +92,63 @@ def export_artifacts(
         (['weights'], True)
     """
     chosen = _validate_export(module, example_inputs, formats, rtol, atol, name)
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"export_artifacts(dynamic_batch={dynamic_batch!r}) expects True or False.")
     inputs = tuple(example_inputs)
+    checks = [inputs, _doubled_batch(inputs)] if dynamic_batch else [inputs]
+    with torch.no_grad():
+        references = [module(*inputs)]
+        if dynamic_batch:
+            try:
+                references.append(module(*checks[1]))
+            except Exception as err:
+                raise RuntimeError(
+                    f"export_artifacts(dynamic_batch=True): {type(module).__name__} itself fails on a batch twice as "
+                    f"large as the example: {type(err).__name__}: {_first_line(err)}. Export with dynamic_batch=False."
+                ) from err
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        reference = module(*inputs)
 
     paths: dict[str, Path] = {}
     program: torch.export.ExportedProgram | None = None
+    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
     for fmt in chosen:
         if fmt == "pt2":
-            program = _export_program(module, inputs)
-            paths[fmt] = _write_pt2(program, inputs, reference, out_dir / f"{name}.pt2", rtol, atol)
+            program = _export_program(module, inputs, dynamic_shapes)
+            path, run = _write_pt2(program, out_dir / f"{name}.pt2")
         elif fmt == "onnx":
-            paths[fmt] = _write_onnx(module, program, inputs, reference, out_dir / f"{name}.onnx", rtol, atol)
+            path, run = _write_onnx(module, program, inputs, dynamic_shapes, out_dir / f"{name}.onnx")
         else:
-            paths[fmt] = _write_weights(module, inputs, reference, out_dir, name, rtol, atol)
+            path, run = _write_weights(module, out_dir, name)
+        for args, reference in zip(checks, references):
+            try:
+                with torch.no_grad():
+                    outputs = run(args)
+            except Exception as err:
+                if args is inputs:
+                    raise
+                raise RuntimeError(
+                    f"export_artifacts(dynamic_batch=True): the reloaded '{fmt}' artifact {path} does not accept a "
+                    f"batch of another size: {type(err).__name__}: {_first_line(err)}. The forward fixes the batch "
+                    "size somewhere (e.g. a reshape to a constant); export with dynamic_batch=False."
+                ) from err
+            _check_close(fmt, path, tree_leaves(outputs), tree_leaves(reference), rtol, atol)
+        paths[fmt] = path
     return paths
+
+
+def _doubled_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tree_map(lambda t: torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 else t, inputs)
+
+
+def _batch_dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    batch_sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
+    if batch_sizes & {0, 1}:
+        raise ValueError(
+            f"export_artifacts(dynamic_batch=True) needs example inputs with batch size >= 2, got batch size(s) "
+            f"{sorted(batch_sizes)}: torch.export treats sizes 0 and 1 as constants. Pass e.g. (x.repeat(2, 1, 1, 1),)."
+        )
+    return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
 
 
 def _validate_export(
@@ -139,9 +188,11 @@ def _validate_export(
     return list(dict.fromkeys(formats))
 
 
-def _export_program(module: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+def _export_program(
+    module: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None
+) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, inputs)
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
         raise RuntimeError(
             f"export_artifacts(formats=['pt2']): torch.export.export could not capture {type(module).__name__}: "
@@ -156,31 +207,19 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _write_pt2(
-    program: torch.export.ExportedProgram,
-    inputs: tuple[Any, ...],
-    reference: Any,
-    path: Path,
-    rtol: float,
-    atol: float,
-) -> Path:
+def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> tuple[Path, Runner]:
     torch.export.save(program, path)
     reloaded = torch.export.load(path).module()
-    with torch.no_grad():
-        output = reloaded(*inputs)
-    _check_close("pt2", path, tree_leaves(output), tree_leaves(reference), rtol, atol)
-    return path
+    return path, lambda args: reloaded(*args)
 
 
 def _write_onnx(
     module: nn.Module,
     program: torch.export.ExportedProgram | None,
     inputs: tuple[Any, ...],
-    reference: Any,
+    dynamic_shapes: tuple[Any, ...] | None,
     path: Path,
-    rtol: float,
-    atol: float,
-) -> Path:
+) -> tuple[Path, Runner]:
     onnx, ort = _import_onnx()
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
@@ -188,6 +227,7 @@ def _write_onnx(
             program if program is not None else module,
             inputs,
             str(path),
+            dynamic_shapes=dynamic_shapes if program is None else None,
             dynamo=True,
             external_data=param_bytes > _ONNX_INLINE_LIMIT,
             verbose=False,
@@ -200,13 +240,13 @@ def _write_onnx(
             "formats=['pt2', 'weights']."
         ) from err
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
-    feeds = {
-        arg.name: tensor.detach().cpu().numpy() for arg, tensor in zip(session.get_inputs(), tensors)
-    }
-    outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
-    _check_close("onnx", path, outputs, tree_leaves(reference), rtol, atol)
-    return path
+
+    def run(args: tuple[Any, ...]) -> list[Tensor]:
+        tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor)]
+        feeds = {arg.name: t.detach().cpu().numpy() for arg, t in zip(session.get_inputs(), tensors)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+    return path, run
 
 
 def _import_onnx() -> tuple[Any, Any]:
@@ -221,9 +261,7 @@ def _import_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def _write_weights(
-    module: nn.Module, inputs: tuple[Any, ...], reference: Any, directory: Path, name: str, rtol: float, atol: float
-) -> Path:
+def _write_weights(module: nn.Module, directory: Path, name: str) -> tuple[Path, Runner]:
     # Plain contiguous CPU copies: safetensors refuses shared or strided storage, and the file must not
     # depend on the device the module ran on.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
@@ -238,10 +276,7 @@ def _write_weights(
             if value.is_floating_point():
                 value.fill_(math.nan)
     restored.load_state_dict(load(path), strict=True)
-    with torch.no_grad():
-        output = restored(*inputs)
-    _check_close("weights", path, tree_leaves(output), tree_leaves(reference), rtol, atol)
-    return path
+    return path, lambda args: restored(*args)
 
 
 def _weights_backend() -> tuple[Callable[[dict[str, Tensor], Path], None], Callable[[Path], Any], str]:
