@@ -307,6 +307,29 @@ def test_checkpoint_state_dict_keeps_renamed_and_following_folds_original() -> N
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
+class TwoBranch(nn.Module):
+    """RepVGG-style sum of a 3x3 and a 1x1 Conv-BN branch: the folded convs are then merged into one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.a_bn = nn.BatchNorm2d(3)
+        self.b = nn.Conv2d(3, 3, 1, bias=False)
+        self.b_bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.a_bn(self.a(x)) + self.b_bn(self.b(x)))
+
+
+def test_checkpoint_state_dict_merged_layers_keep_original_values() -> None:
+    model = prepared(TwoBranch())
+    state, fused = assert_checkpoint_reproduces_fused(model, TwoBranch(), torch.randn(2, 3, 5, 5))
+    assert [m.into for m in fused.fusion_report.merged] == ["a"]
+    assert fused.fusion_report.num_folded == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
 def test_checkpoint_state_dict_fused_fallback_module() -> None:
     model = prepared(ShapeBranch())
     x = torch.randn(3, 1, 6, 6)

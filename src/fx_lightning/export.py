@@ -370,7 +370,8 @@ def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Te
 
     # A layer that absorbed anything besides BatchNorms after it cannot be split back into layer + BatchNorm.
     touched_otherwise = {r.into for r in report.folded if r.rule != _PRECEDING_RULE}
-    touched_otherwise |= {r.into for r in getattr(report, "merged", [])}
+    for merged in getattr(report, "merged", []):
+        touched_otherwise |= {merged.into, *merged.consumed}
     by_layer: dict[str, list[Folded]] = {}
     for record in report.folded:
         if record.rule == _PRECEDING_RULE and record.into not in touched_otherwise:
