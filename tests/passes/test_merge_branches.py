@@ -332,3 +332,17 @@ def test_merge_branches_half_precision_error_stays_at_model_error(
     assert next(fused.parameters()).dtype == dtype
     # Reference: the unfused low-precision model's own error against float64; allow 1.5x of it, as BN folding does.
     assert fused_err <= 1.5 * unfused_err, (fused_err, unfused_err)
+
+
+def test_merge_branches_skips_merge_that_overflows_dtype() -> None:
+    # Weight 6e4 and variance 0.25 fit in float16, but the identity kernel's scale 1.2e5 does not.
+    block = RepVGGBlock(4, 4)
+    with torch.no_grad():
+        block.rbr_identity.weight.fill_(6e4)
+        block.rbr_identity.running_var.fill_(0.25)
+    block = block.half().eval()
+    assert torch.isfinite(block.rbr_identity.weight).all()
+    with torch.no_grad():
+        fused = fuse(block)
+    assert [set(m.consumed) for m in fused.fusion_report.merged] == []
+    assert count_kernels(fused, torch.randn(1, 4, 5, 5).half(), keyword="convolution") == 2

@@ -29,6 +29,7 @@ from fx_lightning.passes.common import (
 )
 from fx_lightning.passes.fold_bn_into_preceding import producer_layer
 from fx_lightning.reparam_math import (
+    all_finite,
     average_kernel,
     cast_weight,
     identity_kernel,
@@ -202,7 +203,10 @@ def _merge_sum(
     if any(abs(c) != 1.0 for _, c in rest):
         return  # a weighted leftover (torch.add alpha) would need re-expressing; leave such sums alone
     groups[0].constant = constant
-    _rewrite(gm, root, inner, groups, rest, result)
+    modules = [_merged_conv(group) for group in groups]
+    if not all(all_finite(m.weight, m.bias) for m in modules):
+        return  # the merged weights overflow the layer's dtype: keep the branches
+    _rewrite(gm, root, inner, list(zip(groups, modules)), rest, result)
 
 
 def _branch_value(branch: _Branch) -> fx.Node:
@@ -342,7 +346,7 @@ def _rewrite(
     gm: fx.GraphModule,
     root: fx.Node,
     inner: list[fx.Node],
-    groups: list[_Group],
+    groups: list[tuple[_Group, nn.Module]],
     rest: list[tuple[Any, float]],
     result: PassResult,
 ) -> None:
@@ -350,12 +354,12 @@ def _rewrite(
     built: list[tuple[fx.Node, nn.Module, _Group]] = []
     with graph.inserting_before(root):
         value: Any = None
-        for group in groups:
+        for group, module in groups:
             conv_node = group.largest.consumed[0]
             node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
             if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
                 node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
-            built.append((node, _merged_conv(group), group))
+            built.append((node, module, group))
             value = node if value is None else graph.call_function(operator.add, (value, node))
         for leaf, coefficient in rest:
             value = graph.call_function(operator.add if coefficient > 0 else operator.sub, (value, leaf))
