@@ -372,8 +372,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         return {"history": copy.deepcopy(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Runs when a checkpoint is restored with this callback present: brings back the fusion history."""
-        self.history = list(state_dict.get("history", []))
+        """Runs when a checkpoint is restored with this callback present: brings back the fusion history of a
+        resumed run (a callback that already fused keeps its own, newer history, e.g. for ``ckpt_path="best"``)."""
+        if not self.history:
+            self.history = list(state_dict.get("history", []))
 
     # --------------------------------------------------------------- the work
 
