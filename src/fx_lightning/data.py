@@ -105,6 +105,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """The number of digit classes, 10."""
         return 10
 
     def setup(self, stage: str | None = None) -> None:
@@ -159,15 +160,19 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """The training split, reshuffled every epoch from a generator seeded with ``seed``."""
         return self._loader(self.train_set, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split, in a fixed order."""
         return self._loader(self.val_set, "val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """The test split, in a fixed order."""
         return self._loader(self.test_set, "test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        """The test split again, as ``(x, y)`` batches, for ``Trainer.predict``."""
         return self._loader(self.test_set, "test", shuffle=False, caller="predict")
 
 

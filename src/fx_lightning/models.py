@@ -29,9 +29,11 @@ class _Classifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of ``self.net``."""
         return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Cross-entropy on an ``(x, y)`` batch; logs ``train_loss`` and ``train_acc``."""
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -41,6 +43,7 @@ class _Classifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Logs ``val_loss`` and ``val_acc``."""
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
@@ -48,6 +51,7 @@ class _Classifier(pl.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Logs ``test_loss`` and ``test_acc``."""
         x, y = batch
         logits = self(x)
         self.test_acc(logits, y)
@@ -55,6 +59,7 @@ class _Classifier(pl.LightningModule):
         self.log("test_acc", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits for an ``(x, y)`` batch or a bare input tensor."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
@@ -105,6 +110,7 @@ class DigitsCNN(_Classifier):
         self._init_metrics(num_classes)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over every parameter."""
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
@@ -124,7 +130,7 @@ class ResNetClassifier(_Classifier):
     ``DigitsDataModule(image_size=32, channels=3)``.
 
     Example:
-        >>> model = ResNetClassifier(num_classes=10)
+        >>> model = ResNetClassifier(num_classes=10).eval()
         >>> model(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
@@ -164,6 +170,7 @@ class ResNetClassifier(_Classifier):
         self._init_metrics(num_classes)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the parameters that are not frozen."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(trainable, lr=self.hparams.lr)
 
