@@ -3,12 +3,13 @@
 from fx_lightning.counting import count_kernels
 from fx_lightning.passes import register_pass, registered_passes
 from fx_lightning.pipeline import fuse
-from fx_lightning.report import Folded, FusionReport, Removed, Skipped, Untraced
+from fx_lightning.report import Folded, FusionReport, Merged, Removed, Skipped, Untraced
 
 __all__ = [
     "Folded",
     "FuseOnExport",
     "FusionReport",
+    "Merged",
     "Removed",
     "Skipped",
     "Untraced",
