@@ -208,6 +208,14 @@ def test_verify_default_metric_needs_class_dimension() -> None:
         verify(net, net, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))])
 
 
+def test_verify_without_targets_needs_no_class_dimension() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1))  # one channel: no MulticlassAccuracy possible
+    randomize_batch_norm(net)
+    result = verify(net, fx_lightning.fuse(net), [torch.randn(2, 1, 5, 5)])
+    assert result.passed
+    assert result.metric_original == {}
+
+
 def test_verify_max_batches_and_dict_batches() -> None:
     net = tiny_net()
     batches = [{"image": x, "label": y} for x, y in make_batches(n=5, size=4)]

@@ -256,7 +256,7 @@ class Verifier(nn.Module):
             )
         device = out_original.device
         out_fused = out_fused.to(device)
-        if self.metric_original is None:
+        if self.metric_original is None and target is not None:
             self._create_default_metric(out_original)
         self.to(device)
 
