@@ -95,6 +95,7 @@ def export_artifacts(
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"export_artifacts(dynamic_batch={dynamic_batch!r}) expects True or False.")
     inputs = tuple(example_inputs)
+    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
     checks = [inputs, _doubled_batch(inputs)] if dynamic_batch else [inputs]
     with torch.no_grad():
         references = [module(*inputs)]
@@ -111,7 +112,6 @@ def export_artifacts(
 
     paths: dict[str, Path] = {}
     program: torch.export.ExportedProgram | None = None
-    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
     for fmt in chosen:
         if fmt == "pt2":
             program = _export_program(module, inputs, dynamic_shapes)
