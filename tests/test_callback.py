@@ -242,6 +242,26 @@ def test_fuse_on_export_resume_mid_training_matches_run_without_callback(
         assert torch.equal(finals[0][key], finals[1][key]), key
 
 
+def test_fuse_on_export_training_again_after_fusion_starts_from_original(
+    tiny_cnn: Any, digits: Any, make_trainer: Any
+) -> None:
+    class TrainProbe(pl.Callback):
+        def __init__(self) -> None:
+            self.kernels: list[int] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.kernels.append(count_kernels(pl_module.net, batch[0][:2]))
+
+    model = tiny_cnn()
+    make_trainer(callbacks=[FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
+    assert is_fused(model)
+    probe = TrainProbe()
+    make_trainer(max_epochs=2, callbacks=[probe, FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
+    assert probe.kernels == [3] * len(probe.kernels)  # every training step ran the three original BatchNorms
+    assert len(probe.kernels) == 6
+    assert is_fused(model)
+
+
 def test_fuse_on_export_tolerance_negative_reverts_by_default(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
     model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, export_formats=[])
     with pytest.warns(UserWarning, match=r"on_mismatch='revert'\): the fused network failed verification before fit"):
