@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,11 @@ def test_digits_datamodule_empty_split_raises() -> None:
 def test_digits_datamodule_invalid_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def test_load_digits_damaged_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits.csv.gz").write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    with pytest.raises(RuntimeError, match=r"read 3 columns from digits.csv.gz, expected 65 .*reinstall fx-lightning"):
+        load_digits()
