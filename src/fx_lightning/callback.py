@@ -222,6 +222,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             only the report.
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
             ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
+        dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
+            ``False`` fixes the batch size of the example input.
         passes: the fusion passes to run (see :func:`fx_lightning.registered_passes`); ``None`` runs all.
         strict: raise instead of warning when the engine or the exporter fails, and on a failed verification
             whatever ``on_mismatch`` says.
@@ -258,6 +260,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         export_dir: str | None = None,
         export_formats: list[str] | None = None,
         export_stages: list[ExportStage] | None = None,
+        dynamic_batch: bool = True,
         passes: list[str] | None = None,
         strict: bool = False,
     ) -> None:
@@ -279,6 +282,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         self.export_dir = export_dir
         self.export_formats: list[str] = list(export_formats) if export_formats is not None else ["pt2", "weights"]
         self.export_stages: list[str] = list(export_stages) if export_stages is not None else ["fit", "test"]
+        self.dynamic_batch = dynamic_batch
         self.passes = list(passes) if passes is not None else None
         self.strict = strict
         self.last_result: FuseResult | None = None
@@ -501,7 +505,12 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     if not self.export_formats:
                         continue
                     paths = export_artifacts(
-                        module, child_inputs[name], directory, formats=tuple(self.export_formats), name=_file_name(name)
+                        module,
+                        child_inputs[name],
+                        directory,
+                        formats=tuple(self.export_formats),
+                        name=_file_name(name),
+                        dynamic_batch=self.dynamic_batch,
                     )
                     prefix = "" if len(fused) == 1 else f"{name}."
                     status["artifacts"] |= {prefix + fmt: str(path) for fmt, path in paths.items()}
