@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fx_lightning import benchmarking, count_kernels, fuse
 from fx_lightning.benchmarking import (
+    balanced_orders,
     bn_to_identity,
     interleaved_timings,
     markdown_table,
@@ -195,6 +197,18 @@ def test_interleaved_timings_rotates_order_and_pairs_ratios(monkeypatch) -> None
     assert len(out["slow"].samples_ms) == 4
     assert out["slow"].ratio == pytest.approx(3.0, rel=0.02)
     assert out["slow"].median_ms == pytest.approx(3000 * 1.095, rel=0.01)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6])
+def test_balanced_orders_balance_first_place_and_predecessors(n: int) -> None:
+    orders = balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    firsts = Counter(order[0] for order in orders)
+    pairs = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert len(firsts) == n
+    assert len(set(firsts.values())) == 1
+    assert len(pairs) == n * (n - 1)
+    assert len(set(pairs.values())) == 1
 
 
 def test_measure_fusion_rejects_unknown_fuser() -> None:

@@ -115,7 +115,7 @@ def interleaved_timings(
     budget_s: float = 10.0,
     min_sample_s: float = 0.05,
 ) -> dict[str, VariantTiming]:
-    """Time every variant round by round, each round running all variants in a rotated order.
+    """Time every variant round by round, each round running all variants in a balanced order.
 
     The number of rounds adapts to the cost of one round: as many as fit in ``budget_s``, clamped to
     ``[min_rounds, max_rounds]``. Fast variants repeat their call within a sample so that timer
@@ -165,11 +165,10 @@ def interleaved_timings(
     rounds = min(max_rounds, max(min_rounds, int(budget_s / max(round_s, 1e-9))))
 
     samples: dict[str, list[float]] = {name: [] for name in names}
+    orders = balanced_orders(len(names))
     for r in range(rounds):
-        # Rotating the order keeps any one variant from always running right after the same neighbour
-        # (caches, turbo budget) or always first in a round.
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples[name].append(time_calls(variants[name], iters[name], device))
+        for i in orders[r % len(orders)]:
+            samples[names[i]].append(time_calls(variants[names[i]], iters[names[i]], device))
     result = {}
     for name in names:
         ratios = [s / ref for s, ref in zip(samples[name], samples[reference])]
@@ -180,6 +179,24 @@ def interleaved_timings(
             iters_per_sample=iters[name],
         )
     return result
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` variants in which each runs first equally often and right after each other equally often.
+
+    A plain rotation would keep every variant's predecessor fixed (what it leaves in caches, how much of the
+    turbo budget it used); these are the rows of a Williams Latin square, which balances both. For odd ``n``
+    the square's rows are followed by their reverses.
+
+    Example:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    first = [0]
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 def bn_to_identity(model: nn.Module) -> nn.Module:
