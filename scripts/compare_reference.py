@@ -179,9 +179,12 @@ def _totals_markdown(summary: dict[str, Any]) -> str:
     )
 
 
-def run_zoo(names: list[str]) -> list[Row]:
-    """Compare both tools on each named torchvision model, printing progress to stderr."""
-    rows = []
+def run_zoo(names: list[str], json_path: Path | None = None) -> list[Row]:
+    """Compare both tools on each named torchvision model, printing progress to stderr.
+
+    With ``json_path``, the rows so far are written there after every model, so an interrupted run keeps them.
+    """
+    rows: list[Row] = []
     for name in names:
         start = time.perf_counter()
         model = build(name)
@@ -189,7 +192,19 @@ def run_zoo(names: list[str]) -> list[Row]:
         del model
         gc.collect()
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        if json_path is not None:
+            _write_json(json_path, rows, [])
     return rows
+
+
+def _write_json(path: Path, zoo_rows: list[Row], pitfall_rows: list[Row]) -> None:
+    payload = {
+        "zoo": [asdict(r) for r in zoo_rows],
+        "totals": totals(zoo_rows),
+        "pitfalls": [asdict(r) for r in pitfall_rows],
+        "torch": torch.__version__,
+    }
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def run_pitfalls() -> list[Row]:
@@ -216,23 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--models {' '.join(unknown)}: not torchvision classification models. Choose from: {known}")
 
-    zoo_rows = run_zoo(names)
+    zoo_rows = run_zoo(names, args.json)
     pitfall_rows = run_pitfalls()
-    summary = totals(zoo_rows)
     print(markdown(zoo_rows, "torchvision classification zoo"))
     print()
     print("Totals over the zoo:")
-    print(_totals_markdown(summary))
+    print(_totals_markdown(totals(zoo_rows)))
     print()
     print(markdown(pitfall_rows, "Cases where the reference is wrong or gives up"))
     if args.json is not None:
-        payload = {
-            "zoo": [asdict(r) for r in zoo_rows],
-            "totals": summary,
-            "pitfalls": [asdict(r) for r in pitfall_rows],
-            "torch": torch.__version__,
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
+        _write_json(args.json, zoo_rows, pitfall_rows)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as reference_fuse
 
 from fx_lightning import count_kernels, fuse
 from zoo import FAST_MODELS, example_input, reference_pitfalls, relative_error, zoo_names
@@ -91,6 +92,14 @@ def test_fuse_zoo_model_matches_and_folds(name: str) -> None:
     if reason is not None:
         unexplained = [s for s in report.skipped if not reason.search(s.reason)]
         assert not unexplained, f"{name}: skipped for an unexpected reason: {unexplained[:3]}"
+
+    # Never leave a kernel that torch.fx's own fuse folds (it deep-copies; the model is in eval mode now).
+    # Where it raises, it folds nothing.
+    try:
+        reference_left = count_kernels(reference_fuse(model), x)
+    except Exception:  # noqa: BLE001 - any failure of the other tool means it folded nothing
+        reference_left = before
+    assert left <= reference_left, f"{name}: {left} kernels left, torch.fx's fuse leaves {reference_left}"
 
 
 # The Linear acts on L while BatchNorm1d normalises C: no exact fold exists, so the BatchNorm must stay.
