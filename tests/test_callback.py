@@ -74,7 +74,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm)
     fused_ckpt = root / "after_fit.ckpt"
     trainer.save_checkpoint(fused_ckpt)
-    return {"best": checkpoint.best_model_path, "fused_ckpt": fused_ckpt, "model": model, "root": root}
+    trainer.save_checkpoint(root / "after_fit_weights.ckpt", weights_only=True)
+    return {
+        "best": checkpoint.best_model_path,
+        "fused_ckpt": fused_ckpt,
+        "weights_only_ckpt": root / "after_fit_weights.ckpt",
+        "model": model,
+        "root": root,
+    }
 
 
 def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
@@ -190,6 +197,12 @@ def test_fuse_on_export_save_checkpoint_after_fit_loads_strictly_with_fused_outp
 
     checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
     assert list(checkpoint["state_dict"]) == list(DigitsCNN(channels=4).state_dict())
+    # The fused module's own state_dict has the original layout too, so weights-only saves load strictly.
+    assert list(trained["model"].state_dict()) == list(checkpoint["state_dict"])
+    weights_only = DigitsCNN.load_from_checkpoint(trained["weights_only_ckpt"])
+    with torch.no_grad():
+        torch.testing.assert_close(weights_only.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    assert UNFUSED_STATE_KEY not in torch.load(trained["weights_only_ckpt"], weights_only=True)
     assert set(checkpoint[UNFUSED_STATE_KEY]) == {k for k in checkpoint["state_dict"] if k.startswith("net.")}
 
 

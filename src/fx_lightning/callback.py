@@ -59,6 +59,8 @@ OnMismatch = Literal["revert", "raise", "warn"]
 ORIGINALS_ATTR = "_fx_lightning_originals"
 #: Checkpoint key holding the unfused weights of the swapped networks (resuming training restores them).
 UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
+#: The handle of the state-dict hook that writes fused weights in the original layout (see ``_install``).
+HOOK_ATTR = "_fx_lightning_state_dict_hook"
 REPORT_FILE = "fuse_report.json"
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -339,28 +341,17 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         restore_original(pl_module)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Runs when Lightning writes a checkpoint. Checkpoints written during training are left unchanged;
-        while a fused network is in place, its folded weights are written in the original layout (loads
-        strictly with ``MyModule.load_from_checkpoint``) and the unfused weights under a separate key."""
+        """Runs when Lightning writes a full checkpoint. Checkpoints written during training are left unchanged.
+        While a fused network is in place, ``state_dict`` already holds its folded weights in the original
+        layout (a state-dict hook on the module writes them, for ``weights_only`` saves too); the unfused
+        weights are added under a separate key so that training can resume from the original network."""
         originals = _originals(pl_module)
-        if not originals or "state_dict" not in checkpoint:
-            return
-        folded: dict[str, torch.Tensor] = {}
-        unfused: dict[str, torch.Tensor] = {}
-        for name, original in originals.items():
-            fused = _get(pl_module, name)
-            _align(original, fused)
-            folded |= {f"{name}.{k}": v for k, v in checkpoint_state_dict(original, fused).items()}
-            unfused |= {f"{name}.{k}": v.detach().clone() for k, v in original.state_dict().items()}
-        prefixes = tuple(f"{name}." for name in originals)
-        state: dict[str, Any] = {}
-        # Rebuild in the original module's key order, so the file looks like an ordinary checkpoint.
-        with _installed(pl_module, originals):
-            order = list(pl_module.state_dict().keys())
-        for key in order:
-            state[key] = folded[key] if key.startswith(prefixes) else checkpoint["state_dict"][key]
-        checkpoint["state_dict"] = state
-        checkpoint[UNFUSED_STATE_KEY] = unfused
+        if originals:
+            checkpoint[UNFUSED_STATE_KEY] = {
+                f"{name}.{k}": v.detach().clone()
+                for name, original in originals.items()
+                for k, v in original.state_dict().items()
+            }
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Runs after Lightning loaded a checkpoint's ``state_dict`` into the (original) module: when the file
@@ -658,6 +649,9 @@ def restore_original(pl_module: nn.Module) -> bool:
         Whether anything was put back.
     """
     originals = pl_module.__dict__.pop(ORIGINALS_ATTR, None)
+    handle = pl_module.__dict__.pop(HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
     if not originals:
         return False
     for name, original in originals.items():
@@ -680,6 +674,35 @@ def _install(pl_module: nn.Module, fused: dict[str, nn.Module], originals: dict[
     for name, module in fused.items():
         _set(pl_module, name, module)
     pl_module.__dict__[ORIGINALS_ATTR] = dict(originals)
+    if HOOK_ATTR not in pl_module.__dict__:
+        pl_module.__dict__[HOOK_ATTR] = pl_module.register_state_dict_post_hook(_folded_state_dict_hook)
+
+
+def _folded_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """Write a fused network's weights in its original layout, so ``state_dict()`` of the LightningModule (and so
+    every checkpoint) loads strictly into the user's own class and computes what the fused network computes."""
+    originals = _originals(module)
+    folded: dict[str, dict[str, torch.Tensor]] = {}
+    for name, original in originals.items():
+        fused = _get(module, name)
+        if fused is not original:
+            _align(original, fused)
+            values = checkpoint_state_dict(original, fused)
+            folded[f"{prefix}{name}."] = {f"{prefix}{name}.{k}": values[k] for k in original.state_dict()}
+    if not folded:
+        return
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        owner = next((p for p in folded if key.startswith(p)), None)
+        if owner is None:
+            state_dict[key] = value
+        elif folded[owner]:
+            # The first key of a fused network: emit its whole folded state in the original order.
+            state_dict.update(folded[owner])
+            folded[owner] = {}
+    for rest in folded.values():  # a fused network without any state of its own
+        state_dict.update(rest)
 
 
 @contextlib.contextmanager
