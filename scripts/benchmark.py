@@ -51,6 +51,7 @@ from fx_lightning.benchmarking import (
     load_average,
     markdown_table,
     measure_fusion,
+    time_fusers,
 )
 from fx_lightning.testing import randomize_batch_norm
 
@@ -306,6 +307,21 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
     return results
 
 
+def fusion_costs(name: str, opts: Options, notes: list[str]) -> list[FusionCost]:
+    """Time both fusers on one model here, then measure their memory in fresh processes."""
+    log(f"fusion time of {name} ({opts.fusion_repeats} interleaved repeats) ...")
+    seconds = time_fusers(_build(name, torch.float32, torch.device("cpu")), FUSERS, opts.fusion_repeats)
+    costs = []
+    for fuser in FUSERS:
+        log(f"fusion memory of {fuser} on {name} (fresh process) ...")
+        cost = measure_fusion(name, fuser, threads=opts.threads)
+        cost.seconds = seconds[fuser]
+        if cost.error:
+            notes.append(f"{name}: fusion memory of {fuser} not measured: {cost.error}")
+        costs.append(cost)
+    return costs
+
+
 def _onnx_available(opts: Options, dtype: torch.dtype, notes: list[str]) -> bool:
     if importlib.util.find_spec("onnxruntime") is None:
         _note_once(notes, 'ONNX Runtime not installed: skipped (pip install "fx-lightning[onnx]")')
@@ -351,7 +367,7 @@ def fusion_table(costs: Sequence[FusionCost]) -> str:
     rows = []
     for cost in costs:
         if cost.error:
-            rows.append([cost.model, cost.fuser, f"failed: {cost.error}", "", "", "", ""])
+            rows.append([cost.model, cost.fuser, f"{cost.median_seconds:.2f}", f"failed: {cost.error}", "", "", ""])
             continue
         rows.append([
             cost.model, cost.fuser, f"{cost.median_seconds:.2f}", mib(cost.peak_extra_bytes),
@@ -459,11 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     costs: list[FusionCost] = []
     if opts.fusion_cost:
         for name in opts.models:
-            for fuser in FUSERS:
-                log(f"fusion cost of {fuser} on {name} (fresh process) ...")
-                costs.append(measure_fusion(name, fuser, repeats=opts.fusion_repeats, threads=opts.threads))
-                if costs[-1].error:
-                    notes.append(f"{name}: fusion cost of {fuser} not measured: {costs[-1].error}")
+            costs += fusion_costs(name, opts, notes)
         notes.append("fusion cost measured on CPU in float32, whatever --device and --dtypes say")
 
     result: dict[str, Any] = {

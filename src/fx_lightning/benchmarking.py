@@ -8,8 +8,9 @@ inference variant (eager, fused, compiled, ONNX Runtime) the same way:
   round and their median reported.
 * :func:`bn_to_identity` builds the speed limit of folding: the same network with every BatchNorm
   replaced by ``nn.Identity`` (what a perfect fold would cost, minus nothing).
-* :func:`measure_fusion` runs one fuser on one torchvision model in a fresh Python process and reports
-  its wall time and its peak and retained extra memory from ``/proc/self/status``.
+* :func:`time_fusers` times the fusers on one model, interleaved; :func:`measure_fusion` runs one fuser
+  on one torchvision model in a fresh Python process and reports its peak and retained extra memory
+  from ``/proc/self/status``.
 
 The module is also the entry point of that fresh process: ``python -m fx_lightning.benchmarking probe ...``.
 """
@@ -40,14 +41,16 @@ FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
 """Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""
 
 MEMORY_METHOD = (
-    "Fusion cost is measured in a fresh Python process per (model, fuser): the model is built and its "
-    "BatchNorm statistics randomised, both fusers are warmed up on a tiny conv+BN net (so code loading is not "
-    "counted), freed heap is returned to the OS (gc + malloc_trim, and MALLOC_MMAP_THRESHOLD_=65536 so every "
-    "tensor above 64 KiB is its own mapping), then VmRSS is read as the baseline, the peak-RSS counter is reset "
-    "(echo 5 > /proc/self/clear_refs) and the fuser runs once. peak extra = VmHWM - baseline; retained RSS = "
-    "VmRSS after fusing (fused model alive) - baseline; retained tensors = bytes of the fused model's parameters "
-    "and buffers whose storage is not shared with the original model. Fusion time is the median wall time "
-    "of the repeats in that process (the first run included)."
+    "Fusion time is the median wall time of repeated fusions in the benchmark process, the fusers interleaved "
+    "(after one untimed warm-up each). Fusion memory is measured in a fresh Python process per (model, fuser): "
+    "the model is built and its BatchNorm statistics randomised, both fusers are warmed up on a tiny conv+BN "
+    "net (so code loading is not counted), freed heap is returned to the OS (gc + malloc_trim, and "
+    "MALLOC_MMAP_THRESHOLD_=65536 so that every block above 64 KiB is its own mapping, given back when freed), "
+    "then VmRSS is read as the baseline, the peak-RSS counter is reset (echo 5 > /proc/self/clear_refs) and the "
+    "fuser runs once. peak extra = VmHWM - baseline; retained RSS = VmRSS after fusing (fused model alive) - "
+    "baseline; retained tensors = bytes of the fused model's parameters and buffers whose storage is not shared "
+    "with the original model. (That malloc setting makes every large temporary a fresh mapping, which slows "
+    "fusion down, so the time is not taken in that process.)"
 )
 
 
@@ -278,9 +281,10 @@ def _release_free_memory() -> None:
 
 @dataclass
 class FusionCost:
-    """Wall time and memory of one fuser on one model, measured in a fresh process (see ``MEMORY_METHOD``).
+    """Wall time and memory of one fuser on one model (see ``MEMORY_METHOD``).
 
-    Byte counts are ``None`` where the platform does not expose them (no ``/proc``, or no peak reset).
+    ``seconds`` come from :func:`time_fusers`, the byte counts from :func:`measure_fusion`; byte counts are
+    ``None`` where the platform does not expose them (no ``/proc``, or no peak reset).
     """
 
     model: str
@@ -301,7 +305,8 @@ class FusionCost:
         return {**asdict(self), "median_seconds": self.median_seconds}
 
 
-def _run_fuser(fuser: str, model: nn.Module) -> nn.Module:
+def run_fuser(fuser: str, model: nn.Module) -> nn.Module:
+    """Fuse an eval-mode ``model`` with the named fuser (one of :data:`FUSERS`)."""
     if fuser == "fx_lightning.fuse":
         from fx_lightning import fuse
 
@@ -311,8 +316,8 @@ def _run_fuser(fuser: str, model: nn.Module) -> nn.Module:
     return fx_fuse(model)
 
 
-def probe_fusion(model_name: str, fuser: str, repeats: int = 3, threads: int = 2) -> FusionCost:
-    """Build ``model_name`` in this process and measure ``fuser`` on it; meant to run in a fresh process.
+def probe_fusion(model_name: str, fuser: str, threads: int = 2) -> FusionCost:
+    """Build ``model_name`` in this process and measure the memory ``fuser`` uses on it, in a fresh process.
 
     Use :func:`measure_fusion`, which starts that process, rather than calling this directly.
     """
@@ -327,66 +332,84 @@ def probe_fusion(model_name: str, fuser: str, repeats: int = 3, threads: int = 2
     randomize_batch_norm(model)
     tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     for name in FUSERS:
-        _run_fuser(name, tiny)
+        run_fuser(name, tiny)
     _release_free_memory()
 
     base = proc_status_kib("VmRSS").get("VmRSS")
     can_reset = reset_peak_rss()
-    begin = time.perf_counter()
-    fused = _run_fuser(fuser, model)
-    seconds = [time.perf_counter() - begin]
+    fused = run_fuser(fuser, model)
     peak = proc_status_kib("VmHWM").get("VmHWM")
     _release_free_memory()
     after = proc_status_kib("VmRSS").get("VmRSS")
-    retained_tensors = retained_extra_bytes(fused, model)
-    del fused
-    for _ in range(repeats - 1):
-        _release_free_memory()
-        begin = time.perf_counter()
-        again = _run_fuser(fuser, model)
-        seconds.append(time.perf_counter() - begin)
-        del again
     measured = base is not None and peak is not None and can_reset
     return FusionCost(
         model=model_name,
         fuser=fuser,
-        seconds=seconds,
+        seconds=[],
         model_bytes=tensor_bytes(model),
-        retained_tensor_bytes=retained_tensors,
+        retained_tensor_bytes=retained_extra_bytes(fused, model),
         peak_extra_bytes=(peak - base) * 1024 if measured else None,
         retained_rss_bytes=(after - base) * 1024 if base is not None and after is not None else None,
     )
 
 
-def measure_fusion(
-    model_name: str, fuser: str, *, repeats: int = 3, threads: int = 2, timeout_s: float = 600.0
-) -> FusionCost:
-    """Measure ``fuser`` on the torchvision model ``model_name`` (``weights=None``) in a fresh Python process.
+def time_fusers(model: nn.Module, fusers: Sequence[str] = FUSERS, repeats: int = 3) -> dict[str, list[float]]:
+    """Wall time in seconds of each fuser on ``model``, ``repeats`` times, interleaved in balanced orders.
+
+    Each fuser runs once untimed first, so that one-off costs (imports, first-call caches) are not counted.
+
+    Raises:
+        ValueError: if a fuser is unknown or ``repeats`` is below 1.
+
+    Example:
+        >>> times = time_fusers(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval(), repeats=2)
+        >>> {name: len(seconds) for name, seconds in times.items()}
+        {'fx_lightning.fuse': 2, 'torch.fx fuse': 2}
+    """
+    unknown = [f for f in fusers if f not in FUSERS]
+    if unknown or repeats < 1:
+        raise ValueError(
+            f"time_fusers(fusers={list(fusers)}, repeats={repeats}) expects fusers from {list(FUSERS)} "
+            "and repeats >= 1."
+        )
+    for fuser in fusers:
+        run_fuser(fuser, model)
+    seconds: dict[str, list[float]] = {fuser: [] for fuser in fusers}
+    orders = balanced_orders(len(fusers))
+    for r in range(repeats):
+        for i in orders[r % len(orders)]:
+            gc.collect()
+            begin = time.perf_counter()
+            fused = run_fuser(fusers[i], model)
+            seconds[fusers[i]].append(time.perf_counter() - begin)
+            del fused
+    return seconds
+
+
+def measure_fusion(model_name: str, fuser: str, *, threads: int = 2, timeout_s: float = 600.0) -> FusionCost:
+    """Measure the memory ``fuser`` uses on the torchvision model ``model_name`` (``weights=None``) in a fresh process.
 
     A fresh process per measurement keeps the memory figures free of what earlier work left in the heap.
 
     Args:
         model_name: a torchvision classification model name, e.g. ``"resnet50"``.
         fuser: one of :data:`FUSERS`.
-        repeats: number of timed fusions (the first one also measures memory).
         threads: ``torch.set_num_threads`` in the child process.
         timeout_s: give up on the child after this many seconds.
 
     Returns:
-        A :class:`FusionCost`; on failure its ``error`` holds the child's message and the figures are empty.
+        A :class:`FusionCost` without times; on failure its ``error`` holds the child's message.
 
     Raises:
-        ValueError: if ``fuser`` is not one of :data:`FUSERS` or ``repeats`` is below 1.
+        ValueError: if ``fuser`` is not one of :data:`FUSERS`.
     """
     if fuser not in FUSERS:
         raise ValueError(f"measure_fusion(fuser={fuser!r}) is not a known fuser; choose one of {list(FUSERS)}.")
-    if repeats < 1:
-        raise ValueError(f"measure_fusion(repeats={repeats}) must be at least 1.")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "fx_lightning.benchmarking", "probe", model_name, fuser]
-    cmd += ["--repeats", str(repeats), "--threads", str(threads)]
+    cmd += ["--threads", str(threads)]
     empty = FusionCost(model_name, fuser, [], 0, 0, None, None)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
@@ -431,10 +454,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
     probe = sub.add_parser("probe")
     probe.add_argument("model")
     probe.add_argument("fuser", choices=FUSERS)
-    probe.add_argument("--repeats", type=int, default=3)
     probe.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    cost = probe_fusion(args.model, args.fuser, args.repeats, args.threads)
+    cost = probe_fusion(args.model, args.fuser, args.threads)
     print(json.dumps(cost.to_dict()))
 
 
