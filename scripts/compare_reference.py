@@ -223,7 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None, help="torchvision model names; default: the whole zoo")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and totals to this JSON file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the small inputs make many tiny ops, which extra threads "
+        "slow down on a busy machine)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected a positive number of threads, e.g. --threads 1")
+    torch.set_num_threads(args.threads)
 
     known = zoo_names()
     names = known if not args.models else args.models

@@ -8,6 +8,7 @@ The default run covers a few small, representative models; the rest of the zoo i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ _DENSENET_BLOCKS = {
 EXPECTED_LEFT: dict[str, tuple[int, re.Pattern[str]]] = {
     name: (sum(blocks) + len(blocks), _DENSENET_REASON) for name, blocks in _DENSENET_BLOCKS.items()
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Small inputs make these models many tiny ops: on a shared 2-core machine, two OpenMP threads per
+    # process oversubscribe the cores and run the zoo about ten times slower than one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _zoo_params() -> list[object]:
