@@ -428,6 +428,20 @@ def test_fuse_on_export_engine_error_warns_or_raises_when_strict(
         make_trainer(callbacks=[FuseOnExport(strict=True, export_formats=[])]).fit(tiny_cnn(), datamodule=digits)
 
 
+def test_fuse_on_export_verification_error_warns_and_keeps_original(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_update(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("outputs differ in shape")
+
+    monkeypatch.setattr("fx_lightning.callback.Verifier.update", broken_update)
+    model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
+    with pytest.warns(UserWarning, match=r"the verification pass failed on \['net'\] \(ValueError: outputs differ"):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
+    assert callback.last_result.outcome == "failed"
+    assert_original(model, sample(digits))
+
+
 def test_fuse_on_export_validate_stage_only_when_asked(trained: dict[str, Any], digits: Any, make_trainer: Any) -> None:
     class ValProbe(pl.Callback):
         seen: list[bool] = []

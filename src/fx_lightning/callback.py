@@ -402,18 +402,23 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             for name, original in originals.items():
                 fused[name] = fuse(original, example_inputs=child_inputs.get(name), passes=self.passes)
                 result.reports[name] = fused[name].fusion_report
+            if child_inputs:
+                result.kernels_before, result.kernels_after = _count(trainer, originals, fused, child_inputs)
         except Exception as err:
             result.seconds["fuse"] = time.perf_counter() - start
             self._engine_failed(trainer, result, err)
             return
         result.seconds["fuse"] = time.perf_counter() - start
-        if child_inputs:
-            result.kernels_before, result.kernels_after = _count(trainer, originals, fused, child_inputs)
 
         passed = True
         if self.verify and batches is not None:
             start = time.perf_counter()
-            result.verification = self._run_verification(trainer, pl_module, originals, fused, batches)
+            try:
+                result.verification = self._run_verification(trainer, pl_module, originals, fused, batches)
+            except Exception as err:  # e.g. the fused network returns another shape: never crash the run for it
+                result.seconds["verify"] = time.perf_counter() - start
+                self._engine_failed(trainer, result, err, what="the verification pass")
+                return
             result.verify_source = source
             result.seconds["verify"] = time.perf_counter() - start
             # Every rank sees the same synchronised metric; the explicit vote also covers a rank that failed.
@@ -535,20 +540,20 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             path.write_text(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
         _info(trainer, str(result))
 
-    def _engine_failed(self, trainer: Any, result: FuseResult, err: Exception) -> None:
+    def _engine_failed(self, trainer: Any, result: FuseResult, err: Exception, what: str = "fx_lightning.fuse") -> None:
         result.outcome = "failed"
         result.error = f"{type(err).__name__}: {err}"
         if self.strict:
             raise RuntimeError(
-                f"FuseOnExport(strict=True): fx_lightning.fuse failed on {result.attributes} before "
-                f"{result.stage}: {result.error}. The original network is in place. Set strict=False to continue "
-                "with a warning, or name other attributes."
+                f"FuseOnExport(strict=True): {what} failed on {result.attributes} before {result.stage}: "
+                f"{result.error}. The original network is in place. Set strict=False to continue with a warning, "
+                "or name other attributes."
             ) from err
         self._report(trainer, result)
         _warn(
             trainer,
-            f"FuseOnExport: fx_lightning.fuse failed on {result.attributes} ({result.error}); continuing with the "
-            "original network. Set strict=True to raise instead.",
+            f"FuseOnExport: {what} failed on {result.attributes} ({result.error}); continuing with the original "
+            "network. Set strict=True to raise instead.",
         )
 
     def _mismatch_outcome(self) -> str:
