@@ -436,7 +436,7 @@ def write_plot(cases: Sequence[CaseResult], path: Path) -> None:
     variants = [v for v in (OURS, FX, LIMIT, COMPILED, ORT) if any(v in c.timings for c in cases)]
     labels = [f"{c.model}\nb{c.batch} {c.dtype}" for c in cases]
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cases)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cases)), 5.0))
     for i, variant in enumerate(variants):
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
         ys = [c.timings[variant].ratio if variant in c.timings else 0.0 for c in cases]
@@ -445,7 +445,7 @@ def write_plot(cases: Sequence[CaseResult], path: Path) -> None:
     ax.set_xticks(range(len(cases)), labels, fontsize=8)
     ax.set_ylabel("latency / unfused eval model")
     ax.set_title("Inference latency relative to the unfused eval model (lower is faster)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(variants), loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
