@@ -260,18 +260,18 @@ def test_fuse_on_export_training_again_after_fusion_starts_from_original(
 ) -> None:
     class TrainProbe(pl.Callback):
         def __init__(self) -> None:
-            self.kernels: list[int] = []
+            self.batch_norms: list[int] = []
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self.kernels.append(sum(isinstance(m, nn.BatchNorm2d) for m in pl_module.net.modules()))
+            self.batch_norms.append(sum(isinstance(m, nn.BatchNorm2d) for m in pl_module.net.modules()))
 
     model = tiny_cnn()
     make_trainer(callbacks=[FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
     assert is_fused(model)
     probe = TrainProbe()
     make_trainer(max_epochs=2, callbacks=[probe, FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
-    assert probe.kernels == [3] * len(probe.kernels)  # every training step had the three original BatchNorms
-    assert len(probe.kernels) == 6
+    assert probe.batch_norms == [3] * len(probe.batch_norms)  # every training step had the three original BatchNorms
+    assert len(probe.batch_norms) == 6
     assert is_fused(model)
 
 
