@@ -39,7 +39,7 @@ def tiny_cnn() -> Callable[..., Any]:
 
     def make(seed: int = 0, **kwargs: Any) -> Any:
         pl.seed_everything(seed, verbose=False)
-        return DigitsCNN(**({"channels": 4, "lr": 0.05} | kwargs))
+        return DigitsCNN(**({"width": 4, "lr": 0.05} | kwargs))
 
     return make
 

@@ -42,7 +42,7 @@ def assert_original(model: DigitsCNN, x: torch.Tensor) -> None:
     assert not is_fused(model)
     assert type(model.net) is nn.Sequential
     assert count_kernels(model.net.eval(), x) == 3
-    assert set(model.state_dict()) == set(DigitsCNN(channels=4).state_dict())
+    assert set(model.state_dict()) == set(DigitsCNN(width=4).state_dict())
 
 
 def sample(digits: Any, n: int = 32) -> torch.Tensor:
@@ -63,7 +63,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("trained")
     pl.seed_everything(0, verbose=False)
-    model = DigitsCNN(channels=4, lr=0.05)
+    model = DigitsCNN(width=4, lr=0.05)
     checkpoint = ModelCheckpoint(dirpath=root / "ckpts", monitor="val_acc", mode="max", save_top_k=1)
     callback = FuseOnExport(export_formats=[])
     trainer = pl.Trainer(
@@ -91,12 +91,10 @@ def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
     probe, checkpoint = FusedProbe(), ModelCheckpoint(monitor="val_acc", mode="max")
     callback = FuseOnExport(export_formats=[])
     logger = CSVLogger(tmp_path, name="logs")
-    # DigitsCNN and DigitsDataModule both have a differing `channels` hparam: Lightning cannot merge them.
     trainer = make_trainer(
         max_epochs=2,
         enable_checkpointing=True,
         logger=logger,
-        enable_autolog_hparams=False,
         callbacks=[probe, checkpoint, callback],
     )
     trainer.fit(model, datamodule=digits)
@@ -196,7 +194,7 @@ def test_fuse_on_export_save_checkpoint_after_fit_loads_strictly_with_fused_outp
         torch.testing.assert_close(loaded.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
     checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
-    assert list(checkpoint["state_dict"]) == list(DigitsCNN(channels=4).state_dict())
+    assert list(checkpoint["state_dict"]) == list(DigitsCNN(width=4).state_dict())
     # The fused module's own state_dict has the original layout too, so weights-only saves load strictly.
     assert list(trained["model"].state_dict()) == list(checkpoint["state_dict"])
     weights_only = DigitsCNN.load_from_checkpoint(trained["weights_only_ckpt"])
@@ -208,7 +206,7 @@ def test_fuse_on_export_save_checkpoint_after_fit_loads_strictly_with_fused_outp
 
 def test_fuse_on_export_resume_from_fused_checkpoint_restores_unfused_weights(trained: dict[str, Any]) -> None:
     checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
-    model = DigitsCNN(channels=4)
+    model = DigitsCNN(width=4)
     model.load_state_dict(checkpoint["state_dict"])  # what Lightning's restore does first: folded weights
     FuseOnExport().on_load_checkpoint(None, model, checkpoint)
     for key, value in checkpoint[UNFUSED_STATE_KEY].items():
@@ -320,7 +318,7 @@ class SignFlip(nn.Module):
 
 class SignFlipModule(DigitsCNN):
     def __init__(self) -> None:
-        super().__init__(channels=4)
+        super().__init__(width=4)
         self.net = SignFlip()
 
 
@@ -484,7 +482,7 @@ def test_fuse_on_export_progress_bar_shown_when_enabled(
 def test_fuse_on_export_no_batch_norm_warns_and_does_nothing(digits: Any, make_trainer: Any) -> None:
     class NoBN(DigitsCNN):
         def __init__(self) -> None:
-            super().__init__(channels=4)
+            super().__init__(width=4)
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
     model = NoBN()

@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
 
     callback_module.export_artifacts = counted_export
     pl.seed_everything(0, verbose=False)
-    model = DigitsCNN(channels=4, lr=0.05)
+    model = DigitsCNN(width=4, lr=0.05)
     callback = FuseOnExport(export_dir=str(out / "fused"), export_formats=["weights"])
     pl_trainer = pl.Trainer(
         accelerator="cpu",
@@ -91,7 +91,7 @@ def test_fuse_on_export_ddp_two_processes_agree_and_export_once(tmp_path: Path) 
     assert results[0]["verification"]["num_samples"] == 270
 
     # The synchronised metric equals a single-process verification of the same weights on the same data.
-    model = DigitsCNN(channels=4)
+    model = DigitsCNN(width=4)
     model.net.load_state_dict(ranks[0]["original"])
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")

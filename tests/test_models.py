@@ -38,8 +38,8 @@ def _trainer(**kwargs: object) -> pl.Trainer:
 
 
 def test_digits_cnn_structure_and_hparams() -> None:
-    model = DigitsCNN(channels=8, num_classes=7, lr=0.02, dropout=0.2)
-    assert model.hparams == {"channels": 8, "num_classes": 7, "lr": 0.02, "dropout": 0.2}
+    model = DigitsCNN(width=8, num_classes=7, lr=0.02, dropout=0.2)
+    assert model.hparams == {"width": 8, "num_classes": 7, "lr": 0.02, "dropout": 0.2}
     convs = [m for m in model.net.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(convs) == len(bns) == 3
@@ -54,7 +54,7 @@ def test_digits_cnn_structure_and_hparams() -> None:
 
 
 def test_digits_cnn_fuses_every_batch_norm() -> None:
-    model = DigitsCNN(channels=4)
+    model = DigitsCNN(width=4)
     randomize_batch_norm(model.net)
     fused = fx_lightning.fuse(model.net)
     assert fused.fusion_report.num_folded == 3
@@ -84,7 +84,7 @@ def test_digits_cnn_trains_to_90_percent_validation_accuracy(one_thread: None) -
 
 
 def test_digits_cnn_predict_step_accepts_bare_tensor() -> None:
-    model = DigitsCNN(channels=4).eval()
+    model = DigitsCNN(width=4).eval()
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(model.predict_step(x, 0), model.predict_step((x, torch.zeros(2)), 0), rtol=0, atol=0)
 
@@ -92,7 +92,7 @@ def test_digits_cnn_predict_step_accepts_bare_tensor() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"channels": 0}, r"DigitsCNN\(channels=0\) expects a positive integer"),
+        ({"width": 0}, r"DigitsCNN\(width=0\) expects a positive integer"),
         ({"num_classes": 1.5}, r"DigitsCNN\(num_classes=1.5\) expects a positive integer"),
         ({"lr": 0.0}, r"DigitsCNN\(lr=0.0\) expects a positive learning rate"),
         ({"dropout": 1.0}, r"DigitsCNN\(dropout=1.0\) expects a probability in \[0, 1\)"),

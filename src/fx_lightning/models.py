@@ -71,16 +71,16 @@ class DigitsCNN(_Classifier):
     first two, global average pooling, dropout and a linear head.
 
     Example:
-        >>> model = DigitsCNN(channels=8)
+        >>> model = DigitsCNN(width=8)
         >>> model(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
 
-    def __init__(self, channels: int = 16, num_classes: int = 10, lr: float = 0.01, dropout: float = 0.1) -> None:
+    def __init__(self, width: int = 16, num_classes: int = 10, lr: float = 0.01, dropout: float = 0.1) -> None:
         """Build the network.
 
         Args:
-            channels: width of the first convolution block; the later blocks use twice as many.
+            width: channels of the first convolution block; the later blocks use twice as many.
             num_classes: number of output logits.
             lr: Adam learning rate.
             dropout: dropout probability before the linear head, in ``[0, 1)``.
@@ -89,17 +89,17 @@ class DigitsCNN(_Classifier):
             ValueError: if an argument is out of its range.
         """
         super().__init__()
-        _check_positive("DigitsCNN", "channels", channels, "channels=16")
+        _check_positive("DigitsCNN", "width", width, "width=16")
         _check_positive("DigitsCNN", "num_classes", num_classes, "num_classes=10")
         _check_lr("DigitsCNN", lr)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"DigitsCNN(dropout={dropout!r}) expects a probability in [0, 1), e.g. dropout=0.1.")
         self.save_hyperparameters()
-        wide = 2 * channels
+        wide = 2 * width
         self.net = nn.Sequential(
-            _conv_block(1, channels),
+            _conv_block(1, width),
             nn.MaxPool2d(2),
-            _conv_block(channels, wide),
+            _conv_block(width, wide),
             nn.MaxPool2d(2),
             _conv_block(wide, wide),
             nn.AdaptiveAvgPool2d(1),
