@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import yaml
 
 from fx_lightning import FuseOnExport
 from fx_lightning.callback import is_fused
-from fx_lightning.cli import main
+from fx_lightning.cli import run
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TINY = [
@@ -40,7 +42,7 @@ FORMATS = {"resnet18_finetune.yaml": {"weights"}}
 
 def print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(args)
+        run(args)
     assert exit_info.value.code in (0, None)
     return capsys.readouterr().out
 
@@ -52,7 +54,7 @@ def test_cli_configs_exist() -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_cli_config_fits_fuses_and_tests_fused(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the configs write under runs/, relative to the working directory
-    cli: Any = main(["fit", "--config", str(config), *TINY, *FASTER.get(config.name, [])])
+    cli: Any = run(["fit", "--config", str(config), *TINY, *FASTER.get(config.name, [])])
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, FuseOnExport))
     assert [h["stage"] for h in callback.history] == ["fit", "test"]
     assert [h["outcome"] for h in callback.history] == ["fused", "fused"]
@@ -84,3 +86,17 @@ def test_cli_defaults_to_digits_example(capsys: pytest.CaptureFixture[str]) -> N
     assert printed["model"]["class_path"] == "fx_lightning.models.DigitsCNN"
     assert printed["data"]["class_path"] == "fx_lightning.data.DigitsDataModule"
     assert printed["test_after_fit"] is True
+
+
+def test_cli_console_script_exits_zero(tmp_path: Path) -> None:
+    # The installed `fx-lightning` command: a console script exits with main()'s return value.
+    script = "import sys; from fx_lightning.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "fit", "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class_path: fx_lightning.models.DigitsCNN" in done.stdout

@@ -11,8 +11,6 @@ LightningDataModule importable by Python work, ``fx_lightning.models.DigitsCNN``
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -50,14 +48,14 @@ class FxLightningCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
 
 
-def main(args: list[str] | None = None) -> Any:
-    """Run the ``fx-lightning`` command.
+def run(args: list[str] | None = None) -> FxLightningCLI:
+    """Run the ``fx-lightning`` command and return the CLI object (useful in tests and notebooks).
 
     Args:
         args: command-line arguments; ``None`` reads ``sys.argv``.
 
     Returns:
-        The :class:`FxLightningCLI` instance (useful in tests and notebooks).
+        The :class:`FxLightningCLI` instance, with its ``trainer``, ``model`` and ``datamodule``.
     """
     return FxLightningCLI(
         LightningModule,
@@ -68,6 +66,15 @@ def main(args: list[str] | None = None) -> Any:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+
+def main() -> None:
+    """The ``fx-lightning`` console script: runs :func:`run` on ``sys.argv`` and exits 0 when it succeeds.
+
+    (A console script exits with whatever ``main`` returns, so this returns nothing.)
+    """
+    run()
 
 
 if __name__ == "__main__":
