@@ -10,7 +10,6 @@ from engine_nets import batch_norm_count, rel_err
 from fx_lightning import fuse
 from fx_lightning.testing import randomize_batch_norm
 
-
 # Only the BatchNorm passes, so that branch merging does not change the structures asserted here.
 BN_PASSES = ["remove_dropout", "fold_bn_into_preceding", "fold_bn_into_following"]
 
