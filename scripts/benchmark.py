@@ -47,6 +47,8 @@ from fx_lightning.benchmarking import (
     FusionCost,
     VariantTiming,
     bn_to_identity,
+    count_aten_ops,
+    count_python_calls,
     interleaved_timings,
     load_average,
     markdown_table,
@@ -101,6 +103,7 @@ class CaseResult:
     dtype: str
     timings: dict[str, VariantTiming]
     errors: dict[str, float] = field(default_factory=dict)
+    work: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def paired_ratio(self, name: str, reference: str) -> float:
         """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
@@ -291,12 +294,15 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
                 errors[key] = _relative_error(out, reference)
                 if errors[key] > _TOLERANCE[dtype]:
                     notes.append(f"{name} batch {batch} {dtype_name}: {key} relative error {errors[key]:.1e}")
+            # Deterministic where timings are noisy: ATen ops and Python calls of one forward per variant.
+            counted = (EVAL, OURS, FX, LIMIT) if batch == opts.batch_sizes[0] else ()
+            work = {k: (count_aten_ops(variants[k]), count_python_calls(variants[k])) for k in counted}
             n_cases = len(opts.models) * len(opts.batch_sizes) * len(opts.dtypes)
             timings = interleaved_timings(
                 variants, EVAL, opts.device, warmup=opts.warmup, min_rounds=opts.min_rounds,
                 max_rounds=opts.max_rounds, budget_s=opts.budget_s / n_cases,
             )  # fmt: skip
-        case = CaseResult(name, batch, dtype_name, timings, errors)
+        case = CaseResult(name, batch, dtype_name, timings, errors, work)
         rounds = len(timings[EVAL].samples_ms)
         log(
             f"  {name} batch {batch} {dtype_name}: eval {timings[EVAL].median_ms:.2f} ms, "
@@ -354,6 +360,17 @@ def latency_table(cases: Sequence[CaseResult]) -> str:
         row.append(str(len(case.timings[EVAL].samples_ms)))
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def work_table(cases: Sequence[CaseResult]) -> str:
+    """Markdown table: ATen ops and Python calls of one forward of each torch variant, per model and dtype."""
+    variants = (EVAL, OURS, FX, LIMIT)
+    rows = [
+        [c.model, str(c.batch), c.dtype, *(f"{c.work[v][0]} / {c.work[v][1]}" for v in variants)]
+        for c in cases
+        if c.work
+    ]
+    return markdown_table(["model", "batch", "dtype", *variants], rows)
 
 
 def fusion_table(costs: Sequence[FusionCost]) -> str:
@@ -418,6 +435,15 @@ def render_markdown(result: dict[str, Any], cases: Sequence[CaseResult], costs: 
         "fx_lightning.fuse to the BN->Identity limit and to torch.fx fuse.",
         "",
         latency_table(cases),
+    ]
+    lines += [
+        "",
+        "## Work per forward",
+        "",
+        "ATen operators dispatched / Python function calls made by one forward pass (counted, not timed: "
+        "the same on a busy machine). Python calls show interpreter overhead per layer.",
+        "",
+        work_table(cases),
     ]
     if costs:
         lines += ["", "## Fusion cost", "", fusion_table(costs), "", MEMORY_METHOD]
@@ -490,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": [
             {
                 "model": c.model, "batch": c.batch, "dtype": c.dtype, "relative_error": c.errors,
+                "work": {k: {"aten_ops": ops, "python_calls": calls} for k, (ops, calls) in c.work.items()},
                 "fuse_over_limit": c.paired_ratio(OURS, LIMIT), "fuse_over_torch_fx": c.paired_ratio(OURS, FX),
                 "variants": {
                     k: {"median_ms": t.median_ms, "ratio": t.ratio, "iqr_ms": t.iqr_ms, "samples_ms": t.samples_ms,

@@ -286,7 +286,15 @@ def test_benchmark_quick_writes_markdown_and_json(tmp_path: Path) -> None:
     assert [row[:3] for row in latency[1:]] == [["resnet18", "1", "float32"]]
     assert latency[1][-1] == "3"
 
+    work = _table(markdown.split("## Work per forward", 1)[1], "model")
+    assert work[0] == ["model", "batch", "dtype", "eval", "fx_lightning.fuse", "torch.fx fuse", "BN->Identity limit"]
+    assert [row[:3] for row in work[1:]] == [["resnet18", "1", "float32"]]
+
     (case,) = data["cases"]
+    # resnet18: 20 convolutions and 20 BatchNorms in eval; folding removes exactly the 20 BatchNorm kernels.
+    ops = {k: v["aten_ops"] for k, v in case["work"].items()}
+    assert ops["eval"] - ops["fx_lightning.fuse"] == 20
+    assert ops["fx_lightning.fuse"] == ops["torch.fx fuse"] == ops["BN->Identity limit"]
     assert set(case["variants"]) == {"eval", "fx_lightning.fuse", "torch.fx fuse", "BN->Identity limit"}
     assert all(len(v["samples_ms"]) == 3 and v["median_ms"] > 0 for v in case["variants"].values())
     assert case["variants"]["eval"]["ratio"] == 1.0

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
 """Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""
@@ -200,6 +201,54 @@ def balanced_orders(n: int) -> list[list[int]]:
         first.append((k + 1) // 2 if k % 2 else n - k // 2)
     rows = [[(v + r) % n for v in first] for r in range(n)]
     return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
+def count_python_calls(fn: Callable[[], Any]) -> int:
+    """Number of Python and builtin function calls one call of ``fn`` makes (``sys.setprofile`` events).
+
+    Deterministic where wall time is not: on a busy machine it still shows per-call interpreter overhead,
+    such as the attribute lookups a generated ``forward`` makes to reach its sub-modules.
+    """
+    calls = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return calls
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(fn: Callable[[], Any]) -> int:
+    """Number of ATen operators one call of ``fn`` dispatches (every kernel, whatever Python called it).
+
+    Call it under ``torch.inference_mode()`` to count what inference runs (outside it, autograd adds ops).
+
+    Example:
+        >>> net, x = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()), torch.ones(1, 1, 2, 2)
+        >>> with torch.inference_mode():
+        ...     count_aten_ops(lambda: net(x))  # conv2d, relu
+        2
+    """
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def bn_to_identity(model: nn.Module) -> nn.Module:
