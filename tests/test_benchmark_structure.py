@@ -135,11 +135,6 @@ def test_fused_benchmark_model_keeps_channels_last_weights() -> None:
     _check_fused("resnet18", torch.channels_last)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove_dropout does not yet remove torchvision.ops.stochastic_depth(..., training=False), "
-    "a no-op call in eval (efficientnet, convnext, swin, maxvit)",
-)
 def test_fused_efficientnet_has_no_stochastic_depth_calls() -> None:
     fused = fuse(_build("efficientnet_b0"))
     left = [n.format_node() for n in fused.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]

@@ -50,3 +50,18 @@ def test_remove_dropout_keeps_hooked_module() -> None:
     model[1].register_forward_hook(lambda m, i, o: o + 1)
     gm = _graph(model)
     assert remove_dropout(gm).removed == []
+
+
+def test_remove_dropout_stochastic_depth_in_eval() -> None:
+    from torchvision.ops import StochasticDepth
+
+    model = nn.Sequential(nn.Linear(3, 3), StochasticDepth(0.2, "row")).train()
+    gm = _graph(model)
+
+    def calls() -> list[str]:
+        return [n.name for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
+
+    assert len(calls()) == 1  # torchvision wraps the function, so the eval-mode call is one node
+    result = remove_dropout(gm)
+    assert [r.kind for r in result.removed] == ["stochastic_depth"]
+    assert calls() == []

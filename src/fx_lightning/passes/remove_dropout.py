@@ -1,4 +1,4 @@
-"""Remove calls that are the identity at inference: Dropout of every kind in eval, and ``nn.Identity``."""
+"""Remove calls that are the identity at inference: Dropout of every kind in eval, stochastic depth, ``nn.Identity``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ _FUNCTIONAL_DROPOUT = {
 
 
 def remove_dropout(gm: fx.GraphModule) -> PassResult:
-    """Reroute readers of eval-mode Dropout and Identity calls to their input and erase the calls.
+    """Reroute readers of eval-mode Dropout, stochastic depth and Identity calls to their input; erase the calls.
 
     Args:
         gm: the graph module to rewrite in place.
@@ -53,4 +53,16 @@ def _no_op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
         args = bind_args(node, names, {"training": True, "train": True})
         if args.get(names[2]) is False:
             return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and _is_stochastic_depth(node.target):
+        args = bind_args(node, ("input", "p", "mode", "training"), {"training": True})
+        if args["training"] is False or args.get("p") == 0:
+            return "stochastic_depth"
     return ""
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    # torchvision.ops.stochastic_depth, matched by name so that torchvision need not be imported here.
+    return (
+        getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth"
+        and getattr(target, "__name__", None) == "stochastic_depth"
+    )
