@@ -98,3 +98,14 @@ def test_fold_bn_after_conv_rounds_once_in_low_precision() -> None:
     fw, _ = fold_bn_after_conv(w, None, stats)
     exact, _ = fold_bn_after_conv(w.double(), None, stats)
     assert torch.equal(fw, exact.to(torch.bfloat16))
+
+
+def test_fold_bn_after_conv_in_chunks_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fx_lightning.folding as folding
+
+    w = torch.randn(10, 3, 3, 3)
+    stats = _stats(10, dtype=torch.float32)
+    whole, _ = fold_bn_after_conv(w, None, stats)
+    monkeypatch.setattr(folding, "_CHUNK_ELEMENTS", 27 * 3)  # three rows per step, last step shorter
+    chunked, _ = fold_bn_after_conv(w, None, stats)
+    assert torch.equal(whole, chunked)
