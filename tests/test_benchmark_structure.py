@@ -45,7 +45,9 @@ BENCHMARK_MODELS = [
 SIZE = 64
 RTOL = 1e-5
 _NO_OP_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
-_NO_OP_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
+_NO_OP_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout, torchvision.ops.stochastic_depth
+}
 _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 
 
@@ -78,7 +80,7 @@ def _call_signature(gm: fx.GraphModule) -> list[str]:
             module = gm.get_submodule(node.target)
             if not isinstance(module, _NO_OP_MODULES):
                 calls.append(type(module).__name__)
-        elif node.op in ("call_function", "call_method"):
+        elif node.op in ("call_function", "call_method") and node.target not in _NO_OP_FUNCTIONS:
             calls.append(getattr(node.target, "__name__", str(node.target)))
     return calls
 
