@@ -31,6 +31,7 @@ from fx_lightning.benchmarking import (
     retained_extra_bytes,
 )
 from fx_lightning.testing import randomize_batch_norm
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -52,12 +53,7 @@ _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the script is being executed.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark.py")
 
 
 @pytest.fixture(scope="module")

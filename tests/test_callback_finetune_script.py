@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torchvision
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script
 
 
 def test_finetune_script_from_local_weights_exports_fused(tmp_path: Path) -> None:
@@ -29,7 +16,7 @@ def test_finetune_script_from_local_weights_exports_fused(tmp_path: Path) -> Non
     args = ["--weights", str(weights), "--freeze-backbone", "--epochs", "1", "--batch-size", "16"]
     args += ["--limit-train-batches", "2", "--limit-eval-batches", "2", "--max-verify-batches", "1"]
     args += ["--export-formats", "weights"]
-    callback = load_script().main([*args, "--out", str(tmp_path / "run")])
+    callback = load_script("finetune.py").main([*args, "--out", str(tmp_path / "run")])
     stages = [h["stage"] for h in callback.history]
     assert stages == ["fit", "test"]
     assert all(h["outcome"] == "fused" for h in callback.history)
