@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from fx_lightning.counting import count_ops
 
 FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
 """Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""
@@ -225,16 +226,6 @@ def count_python_calls(fn: Callable[[], Any]) -> int:
     return calls
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_aten_ops(fn: Callable[[], Any]) -> int:
     """Number of ATen operators one call of ``fn`` dispatches (every kernel, whatever Python called it).
 
@@ -246,9 +237,7 @@ def count_aten_ops(fn: Callable[[], Any]) -> int:
         ...     count_aten_ops(lambda: net(x))  # conv2d, relu
         2
     """
-    with _OpCounter() as counter:
-        fn()
-    return counter.count
+    return count_ops(fn)
 
 
 def bn_to_identity(model: nn.Module) -> nn.Module:

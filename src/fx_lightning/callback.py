@@ -41,7 +41,7 @@ from fx_lightning.counting import count_kernels
 from fx_lightning.export import FORMATS, MissingExtraError, checkpoint_state_dict, export_artifacts
 from fx_lightning.pipeline import fuse
 from fx_lightning.report import FusionReport
-from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target
+from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target, eval_mode
 
 try:  # the standalone package is installed next to ``lightning``; users may build either Trainer
     from pytorch_lightning.callbacks import Callback as _PLCallback
@@ -467,7 +467,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
             return run
 
-        with _eval_mode(pl_module):
+        with eval_mode(pl_module):
             for index, batch in enumerate(progress):
                 if self.max_verify_batches is not None and index >= self.max_verify_batches:
                     break
@@ -744,18 +744,6 @@ def _align(original: nn.Module, current: nn.Module) -> None:
         original.to(current_tensor.device)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the comparison; afterwards every sub-module gets its own flag back (frozen BNs stay eval)."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 # ------------------------------------------------------------------ running data
 
 
@@ -803,7 +791,7 @@ def _capture_inputs(
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        with _eval_mode(pl_module), _installed(pl_module, originals):
+        with eval_mode(pl_module), _installed(pl_module, originals):
             _forward(trainer, pl_module, example, names)
     finally:
         for handle in handles:
@@ -817,7 +805,7 @@ def _count(
     before = after = 0
     with trainer.precision_plugin.forward_context():
         for name, args in inputs.items():
-            with _eval_mode(originals[name]):
+            with eval_mode(originals[name]):
                 before += count_kernels(originals[name], *args)
             after += count_kernels(fused[name], *args)
     return before, after

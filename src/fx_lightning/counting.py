@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,16 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def count_ops(fn: Callable[[], Any], keyword: str = "") -> int:
+    """Call ``fn()`` and count the ATen kernels it dispatches whose name contains ``keyword`` (all when empty).
+
+    Call it under ``torch.inference_mode()`` to count what inference runs (outside it, autograd adds ops).
+    """
+    with _OpCounter(keyword) as counter:
+        fn()
+    return sum(counter.counts.values())
+
+
 def count_kernels(model: nn.Module, *inputs: Any, keyword: str = "batch_norm") -> int:
     """Run ``model(*inputs)`` without gradients and count the ATen kernels whose name contains ``keyword``.
 
@@ -34,6 +45,5 @@ def count_kernels(model: nn.Module, *inputs: Any, keyword: str = "batch_norm") -
         >>> count_kernels(net, torch.randn(1, 1, 4, 4))
         1
     """
-    with torch.no_grad(), _OpCounter(keyword) as counter:
-        model(*inputs)
-    return sum(counter.counts.values())
+    with torch.no_grad():
+        return count_ops(lambda: model(*inputs), keyword)

@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.common import PassResult, match_batch_norm
 from fx_lightning.report import FusionReport, Skipped, Untraced
-from fx_lightning.tracing import detached_copy, is_batch_norm_module, trace
+from fx_lightning.tracing import detached_copy, is_batch_norm_module, is_frozen_batch_norm, trace
 
 REPORT_ATTR = "fusion_report"
 _MAX_ROUNDS = 8
@@ -201,7 +201,7 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
 
 
 def _contains_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or is_batch_norm_module(m) for m in module.modules())
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or is_frozen_batch_norm(m) for m in module.modules())
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:

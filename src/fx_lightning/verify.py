@@ -420,7 +420,7 @@ def _run(net: Callable[..., Any], inputs: Any) -> Any:
     param = _first_floating_parameter(net)
     if param is not None:
         inputs = _match_inputs(inputs, param.dtype, param.device)
-    with _eval_mode(net):
+    with eval_mode(net):
         if isinstance(inputs, tuple):
             return net(*inputs)
         return net(inputs)
@@ -447,7 +447,8 @@ def _match_inputs(inputs: Any, dtype: torch.dtype, device: torch.device) -> Any:
 
 
 @contextlib.contextmanager
-def _eval_mode(net: Any) -> Iterator[None]:
+def eval_mode(net: Any) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every sub-module gets its own flag back (frozen BNs stay eval)."""
     if not isinstance(net, nn.Module):
         yield
         return
