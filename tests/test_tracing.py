@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine_nets import DataDependentBlock, LibraryStyleNet, conv_bn
-from fx_lightning.tracing import detached_copy, is_builtin_batch_norm, trace
+from fx_lightning.tracing import contains_batch_norm, detached_copy, is_builtin_batch_norm, trace
 
 
 def test_detached_copy_keeps_ties_and_shares_storage() -> None:
@@ -58,3 +58,15 @@ def test_trace_honours_leaf_types() -> None:
     gm = trace(detached_copy(model), leaf_types=(nn.Sequential,)).graph_module
     # the root itself is always traced; its Sequential children stay single calls
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+def test_contains_batch_norm_sees_every_kind() -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    class Custom(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)
+
+    for bn in (nn.BatchNorm2d(2), Custom(2), FrozenBatchNorm2d(2)):
+        assert contains_batch_norm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(bn)))
+    assert not contains_batch_norm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.LayerNorm(2)))

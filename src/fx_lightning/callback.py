@@ -34,13 +34,13 @@ import torch
 from lightning.pytorch.callbacks import Callback as _LightningCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.counting import count_kernels
 from fx_lightning.export import FORMATS, MissingExtraError, checkpoint_state_dict, export_artifacts
 from fx_lightning.pipeline import fuse
 from fx_lightning.report import FusionReport
+from fx_lightning.tracing import contains_batch_norm
 from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target, eval_mode
 
 try:  # the standalone package is installed next to ``lightning``; users may build either Trainer
@@ -587,11 +587,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _resolve_attributes(self, pl_module: nn.Module) -> list[str]:
         if self.attributes is None:
-            return [
-                name
-                for name, child in pl_module.named_children()
-                if any(isinstance(m, _BatchNorm) for m in child.modules())
-            ]
+            return [name for name, child in pl_module.named_children() if contains_batch_norm(child)]
         for name in self.attributes:
             try:
                 value = _get(pl_module, name)

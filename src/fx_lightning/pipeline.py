@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.common import PassResult, match_batch_norm
 from fx_lightning.report import FusionReport, Skipped, Untraced
-from fx_lightning.tracing import detached_copy, is_batch_norm_module, is_frozen_batch_norm, trace
+from fx_lightning.tracing import contains_batch_norm, detached_copy, is_batch_norm_module, trace
 
 REPORT_ATTR = "fusion_report"
 _MAX_ROUNDS = 8
@@ -70,7 +70,7 @@ def fuse(
     with torch.no_grad():
         root = detached_copy(model)
         fused = _fuse_tree(root, "", report, chosen, tuple(leaf_modules), example_inputs)
-    if not report.folded and not report.skipped and not report.merged and not _contains_batch_norm(fused):
+    if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
         fused = root
     report.seconds = time.perf_counter() - start
@@ -144,7 +144,7 @@ def _fuse_tree(
             child_path = _join(path, name)
             if is_batch_norm_module(child):
                 report.skipped.append(Skipped(child_path, f"its parent '{path or '<model>'}' could not be traced"))
-            elif _contains_batch_norm(child) and not _is_torch_leaf(child):
+            elif contains_batch_norm(child) and not _is_torch_leaf(child):
                 setattr(module, name, _fuse_tree(child, child_path, report, passes, leaf_types, None))
         return module
 
@@ -160,7 +160,7 @@ def _fuse_tree(
     _run_passes(gm, path, report, passes)
     for name in traced.opaque:
         sub = gm.get_submodule(name)
-        if _contains_batch_norm(sub):
+        if contains_batch_norm(sub):
             gm.add_submodule(name, _fuse_tree(sub, _join(path, name), report, passes, leaf_types, None))
         else:
             report.untraced.append(Untraced(_join(path, name), traced.opaque[name]))
@@ -198,10 +198,6 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
     gm.delete_all_unused_submodules()
     gm.recompile()
     report.merge(local, path)
-
-
-def _contains_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or is_frozen_batch_norm(m) for m in module.modules())
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:

@@ -108,6 +108,11 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     return f"{cls.__module__}.{cls.__qualname__}" in FROZEN_BATCH_NORM_CLASSES
 
 
+def contains_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` or any sub-module is a BatchNorm of any kind (subclasses and frozen ones included)."""
+    return any(isinstance(m, _BatchNorm) or is_frozen_batch_norm(m) for m in module.modules())
+
+
 def is_batch_norm_module(module: nn.Module) -> bool:
     """Whether ``module`` is called as one BatchNorm in a traced graph (a leaf the passes can fold)."""
     return is_builtin_batch_norm(module) or is_frozen_batch_norm(module)
