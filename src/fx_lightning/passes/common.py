@@ -248,6 +248,16 @@ def with_new_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor)
     return new
 
 
+def conv_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """The symmetric padding per dimension, or ``None`` for a ``'same'`` padding that pads unevenly."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
+    return tuple(conv.padding)
+
+
 def install_for_node(gm: fx.GraphModule, node: fx.Node, new_module: nn.Module) -> str:
     """Make ``node`` call ``new_module``; reuse its path when no other node calls it, else add a sibling.
 

@@ -8,6 +8,7 @@ from fx_lightning.folding import fold_bn_before_conv, fold_bn_before_linear
 from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
+    conv_padding,
     describe,
     fold_into_layer,
     foldable_batch_norms,
@@ -74,8 +75,5 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[str, fx.Node]:
 
 
 def _pads_nothing(conv: nn.Module) -> bool:
-    if conv.padding == "valid":
-        return True
-    if conv.padding == "same":
-        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
-    return all(p == 0 for p in conv.padding)
+    padding = conv_padding(conv)
+    return padding is not None and not any(padding)

@@ -21,6 +21,7 @@ from torch.nn.parameter import is_lazy
 
 from fx_lightning.passes.common import (
     PassResult,
+    conv_padding,
     has_hooks,
     install_for_node,
     match_batch_norm,
@@ -254,20 +255,10 @@ def _conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _conv_geometry(conv: nn.Module) -> _Geometry | None:
-    padding = _numeric_padding(conv)
+    padding = conv_padding(conv)
     if padding is None:
         return None
     return _geometry(tuple(conv.kernel_size), tuple(conv.stride), padding, tuple(conv.dilation))
-
-
-def _numeric_padding(conv: nn.Module) -> tuple[int, ...] | None:
-    """The symmetric padding per dimension, or ``None`` for a ``'same'`` padding that pads unevenly."""
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    if conv.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
-    return tuple(conv.padding)
 
 
 def _geometry(
