@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.common import PassResult, match_batch_norm
 from fx_lightning.report import FusionReport, Skipped, Untraced
@@ -89,9 +90,7 @@ def _validate(
         )
     wrapped = _wrapper_hint(model)
     if wrapped:
-        raise TypeError(
-            f"fuse(model=...) got a {type(model).__name__}, which fx cannot fold through. {wrapped}"
-        )
+        raise TypeError(f"fuse(model=...) got a {type(model).__name__}, which fx cannot fold through. {wrapped}")
     if example_inputs is not None and (
         isinstance(example_inputs, (torch.Tensor, str)) or not isinstance(example_inputs, Sequence)
     ):
@@ -196,7 +195,7 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
             local.skipped.append(Skipped(bn.name, why))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    install_direct_calls(gm)
     report.merge(local, path)
 
 

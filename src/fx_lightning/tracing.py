@@ -22,6 +22,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
+from fx_lightning.codegen import FusedGraphModule
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -181,5 +183,5 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
             opaque[culprit] = message
             continue
         name = type(root).__name__
-        return TraceResult(fx.GraphModule(tracer.root, graph, name), opaque)
+        return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque)
     return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")
