@@ -1,11 +1,16 @@
-"""Benchmark fused inference: the unfused eval model, ``fx_lightning.fuse``, torch.fx ``fuse`` and the folding limit.
+"""Benchmark fused inference: the unfused eval model, ``fx_lightning.fuse``, torch.fx ``fuse`` and the floor.
 
 All variants of one (model, batch size, dtype) are timed in this one process, round by round in a rotating
 order, so machine drift hits them alike; ratios are medians of per-round ratios to the unfused eval model.
-The "BN->Identity limit" is the same network with every BatchNorm replaced by ``nn.Identity``: no fold can
-be faster. Where available, ``torch.compile`` of the fused model (``--compile``) and ONNX Runtime on an
-ONNX export of the fused model are timed too. Fusion wall time and memory of each fuser are measured in a
-fresh process per model (see ``fx_lightning.benchmarking.MEMORY_METHOD``).
+The floor is what a perfect fusion would run. For a torchvision model it is the "BN->Identity limit", the
+same network with every BatchNorm replaced by ``nn.Identity``: no fold can be faster. For the
+re-parameterisable test networks (``repvgg_net``, ``mobileone_net`` in ``tests/reparam_models.py``) it is
+the architecture's "hand-written deploy" form, one convolution per block built by its own
+``reparameterize()``. ``fuse / floor`` comes with a 95% bootstrap interval over the rounds: an interval
+containing 1 means "the same latency within noise". Where available, ``torch.compile`` of the fused model
+(``--compile``) and ONNX Runtime on an ONNX export of the fused model are timed too. Fusion wall time and
+memory of each fuser are measured in a fresh process per torchvision model (see
+``fx_lightning.benchmarking.MEMORY_METHOD``).
 
     python scripts/benchmark.py --json benchmark.json --markdown benchmark.md --plot benchmark.png
 """
@@ -53,17 +58,28 @@ from fx_lightning.benchmarking import (
     load_average,
     markdown_table,
     measure_fusion,
+    paired_ratio_interval,
     time_fusers,
 )
+from fx_lightning.counting import count_ops
 from fx_lightning.testing import randomize_batch_norm
 
-DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
+# The re-parameterisable networks live with the tests, so that the tests and this benchmark time identical models.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reparam_models import mobileone_net, repvgg_net  # noqa: E402
+
+REPARAM_MODELS: dict[str, Callable[[], nn.Module]] = {"repvgg_net": repvgg_net, "mobileone_net": mobileone_net}
+
+DEFAULT_MODELS = (
+    "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "repvgg_net", "mobileone_net",
+)  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 EVAL = "eval"
 OURS = "fx_lightning.fuse"
 FX = "torch.fx fuse"
 LIMIT = "BN->Identity limit"
+DEPLOY = "hand-written deploy"
 COMPILED = "torch.compile(fused)"
 ORT = "ONNX Runtime (fused)"
 # Relative output error above which a variant is flagged (the limit computes another function: not checked).
@@ -102,13 +118,23 @@ class CaseResult:
     batch: int
     dtype: str
     timings: dict[str, VariantTiming]
+    floor: str = LIMIT
     errors: dict[str, float] = field(default_factory=dict)
-    work: dict[str, tuple[int, int]] = field(default_factory=dict)
+    work: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def paired_ratio(self, name: str, reference: str) -> float:
         """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
         a, b = self.timings[name].samples_ms, self.timings[reference].samples_ms
         return statistics.median(x / y for x, y in zip(a, b))
+
+    def floor_interval(self) -> tuple[float, float]:
+        """95% bootstrap interval of ``fx_lightning.fuse``'s time / the floor's, over the rounds."""
+        return paired_ratio_interval(self.timings[OURS].samples_ms, self.timings[self.floor].samples_ms)
+
+    def floor_verdict(self) -> str:
+        """``same within noise`` when the interval contains 1, else ``faster`` or ``slower`` than the floor."""
+        low, high = self.floor_interval()
+        return "faster" if high < 1 else "slower" if low > 1 else "same within noise"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=None, help=f"torchvision names [{' '.join(DEFAULT_MODELS)}]")
+    parser.add_argument(
+        "--models", nargs="+", default=None,
+        help=f"torchvision names or {', '.join(REPARAM_MODELS)} [{' '.join(DEFAULT_MODELS)}]",
+    )  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="batch sizes [1 8]")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], help=f"any of {list(DTYPES)}")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -147,12 +176,15 @@ def validate(args: argparse.Namespace) -> Options:
     """
     quick = bool(args.quick)
     models = args.models or (["resnet18"] if quick else list(DEFAULT_MODELS))
-    known = torchvision.models.list_models(module=torchvision.models)
+    known = [*torchvision.models.list_models(module=torchvision.models), *REPARAM_MODELS]
     for name in models:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
             hint = f"Did you mean {', '.join(close)}?" if close else f"Known models: {', '.join(sorted(known))}."
-            raise ValueError(f"--models {name}: not a torchvision classification model. {hint}")
+            raise ValueError(
+                f"--models {name}: not a torchvision classification model nor one of {', '.join(REPARAM_MODELS)}. "
+                f"{hint}"
+            )
     batch_sizes = args.batch_sizes or ([1] if quick else [1, 8])
     for label, values in (("--batch-sizes", batch_sizes), ("--threads", [args.threads])):
         bad = [v for v in values if v < 1]
@@ -164,9 +196,14 @@ def validate(args: argparse.Namespace) -> Options:
     device = _device(args.device)
     if "float16" in args.dtypes and device.type == "cpu":
         raise ValueError("--dtypes float16 is only supported with --device cuda; on CPU use bfloat16.")
-    defaults = {"size": 64 if quick else 224, "warmup": 1 if quick else 3, "min_rounds": 3 if quick else 5,
-                "max_rounds": 3 if quick else 40, "budget": 1.0 if quick else 150.0,
-                "fusion_repeats": 1 if quick else 3}
+    defaults = {
+        "size": 64 if quick else 224,
+        "warmup": 1 if quick else 3,
+        "min_rounds": 3 if quick else 5,
+        "max_rounds": 3 if quick else 40,
+        "budget": 1.0 if quick else 150.0,
+        "fusion_repeats": 1 if quick else 3,
+    }
     given = {key: getattr(args, key) for key in defaults}
     values = {key: defaults[key] if given[key] is None else given[key] for key in defaults}
     for key in ("size", "min_rounds", "max_rounds", "fusion_repeats"):
@@ -216,9 +253,18 @@ def log(message: str) -> None:
 
 def _build(name: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    builder = REPARAM_MODELS.get(name)
+    model = (builder() if builder else torchvision.models.get_model(name, weights=None)).eval()
     randomize_batch_norm(model)
     return model.to(device=device, dtype=dtype)
+
+
+def _floor(name: str, model: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[str, nn.Module]:
+    """The floor variant of ``model``: its hand-written deploy form if it has one, else the BN->Identity limit."""
+    if name in REPARAM_MODELS:
+        # The deploy form's own code folds in float32 on the CPU, as the architecture's authors run it.
+        return DEPLOY, _build(name, torch.float32, torch.device("cpu")).deploy().to(device=device, dtype=dtype)
+    return LIMIT, bn_to_identity(model)
 
 
 def _export_onnx_session(fused: nn.Module, example: torch.Tensor, threads: int) -> Any:
@@ -233,9 +279,7 @@ def _export_onnx_session(fused: nn.Module, example: torch.Tensor, threads: int) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _relative_error(out: Any, ref: torch.Tensor) -> float:
@@ -252,7 +296,8 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
     report = fused.fusion_report
     if report.skipped or report.untraced:
         notes.append(f"{name}: fx_lightning.fuse left {report.num_skipped} BatchNorm, untraced {len(report.untraced)}")
-    networks: dict[str, nn.Module] = {EVAL: model, OURS: fused, FX: fx_fuse(model), LIMIT: bn_to_identity(model)}
+    floor, floor_net = _floor(name, model, dtype, opts.device)
+    networks: dict[str, nn.Module] = {EVAL: model, OURS: fused, FX: fx_fuse(model), floor: floor_net}
     if opts.compile:
         networks[COMPILED] = torch.compile(fused)
     session = None
@@ -279,7 +324,7 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
         with torch.inference_mode():
             reference = model(x)
             for key, call in list(variants.items()):
-                if key in (EVAL, LIMIT):
+                if key in (EVAL, LIMIT):  # the limit computes another function
                     continue
                 try:
                     begin = time.perf_counter()
@@ -295,18 +340,21 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
                 if errors[key] > _TOLERANCE[dtype]:
                     notes.append(f"{name} batch {batch} {dtype_name}: {key} relative error {errors[key]:.1e}")
             # Deterministic where timings are noisy: ATen ops and Python calls of one forward per variant.
-            counted = (EVAL, OURS, FX, LIMIT) if batch == opts.batch_sizes[0] else ()
-            work = {k: (count_aten_ops(variants[k]), count_python_calls(variants[k])) for k in counted}
+            counted = (EVAL, OURS, FX, floor) if batch == opts.batch_sizes[0] else ()
+            work = {
+                k: (count_aten_ops(variants[k]), count_python_calls(variants[k]), count_ops(variants[k], "conv"))
+                for k in counted
+            }
             n_cases = len(opts.models) * len(opts.batch_sizes) * len(opts.dtypes)
             timings = interleaved_timings(
                 variants, EVAL, opts.device, warmup=opts.warmup, min_rounds=opts.min_rounds,
                 max_rounds=opts.max_rounds, budget_s=opts.budget_s / n_cases,
             )  # fmt: skip
-        case = CaseResult(name, batch, dtype_name, timings, errors, work)
+        case = CaseResult(name, batch, dtype_name, timings, floor, errors, work)
         rounds = len(timings[EVAL].samples_ms)
         log(
             f"  {name} batch {batch} {dtype_name}: eval {timings[EVAL].median_ms:.2f} ms, "
-            f"ours/limit {case.paired_ratio(OURS, LIMIT):.3f}, ours/torch.fx {case.paired_ratio(OURS, FX):.3f} "
+            f"ours/{floor} {case.paired_ratio(OURS, floor):.3f}, ours/torch.fx {case.paired_ratio(OURS, FX):.3f} "
             f"({rounds} rounds)"
         )
         results.append(case)
@@ -315,6 +363,9 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
 
 def fusion_costs(name: str, opts: Options, notes: list[str]) -> list[FusionCost]:
     """Time both fusers on one model here, then measure their memory in fresh processes."""
+    if name in REPARAM_MODELS:
+        _note_once(notes, "fusion cost is measured for torchvision models only")
+        return []
     log(f"fusion time of {name} ({opts.fusion_repeats} interleaved repeats) ...")
     seconds = time_fusers(_build(name, torch.float32, torch.device("cpu")), FUSERS, opts.fusion_repeats)
     costs = []
@@ -348,29 +399,35 @@ def _note_once(notes: list[str], text: str) -> None:
 
 def latency_table(cases: Sequence[CaseResult]) -> str:
     """Markdown table: one row per case, one column per variant as ``ratio (median ms)``."""
-    variants = [v for v in (OURS, FX, LIMIT, COMPILED, ORT) if any(v in c.timings for c in cases)]
-    header = ["model", "batch", "dtype", "eval (ms)", *variants, "fuse / limit", "fuse / torch.fx", "rounds"]
+    variants = _timed_variants(cases)
+    header = ["model", "batch", "dtype", "eval (ms)", *variants, "fuse / floor [95%]", "vs floor", "fuse / torch.fx",
+              "rounds"]  # fmt: skip
     rows = []
     for case in cases:
         row = [case.model, str(case.batch), case.dtype, f"{case.timings[EVAL].median_ms:.2f}"]
         for variant in variants:
             timing = case.timings.get(variant)
             row.append(f"{timing.ratio:.3f} ({timing.median_ms:.2f} ms)" if timing else "n/a")
-        row += [f"{case.paired_ratio(OURS, LIMIT):.3f}", f"{case.paired_ratio(OURS, FX):.3f}"]
+        low, high = case.floor_interval()
+        row += [f"{case.paired_ratio(OURS, case.floor):.3f} [{low:.3f}, {high:.3f}]", case.floor_verdict()]
+        row.append(f"{case.paired_ratio(OURS, FX):.3f}")
         row.append(str(len(case.timings[EVAL].samples_ms)))
         rows.append(row)
     return markdown_table(header, rows)
 
 
+def _timed_variants(cases: Sequence[CaseResult]) -> list[str]:
+    return [v for v in (OURS, FX, LIMIT, DEPLOY, COMPILED, ORT) if any(v in c.timings for c in cases)]
+
+
 def work_table(cases: Sequence[CaseResult]) -> str:
-    """Markdown table: ATen ops and Python calls of one forward of each torch variant, per model and dtype."""
-    variants = (EVAL, OURS, FX, LIMIT)
+    """Markdown table: ATen ops, Python calls and convolutions of one forward of each torch variant."""
     rows = [
-        [c.model, str(c.batch), c.dtype, *(f"{c.work[v][0]} / {c.work[v][1]}" for v in variants)]
+        [c.model, str(c.batch), c.dtype, *(" / ".join(map(str, c.work[v])) for v in (EVAL, OURS, FX, c.floor)), c.floor]
         for c in cases
         if c.work
     ]
-    return markdown_table(["model", "batch", "dtype", *variants], rows)
+    return markdown_table(["model", "batch", "dtype", EVAL, OURS, FX, "floor", "floor is"], rows)
 
 
 def fusion_table(costs: Sequence[FusionCost]) -> str:
@@ -431,8 +488,11 @@ def render_markdown(result: dict[str, Any], cases: Sequence[CaseResult], costs: 
         f"{_load_text(meta['load_after'])}.",
         "",
         "Each cell: median over interleaved rounds of the per-round time ratio to the unfused eval model "
-        "(lower is faster), and the median latency. `fuse / limit` and `fuse / torch.fx` are paired ratios of "
-        "fx_lightning.fuse to the BN->Identity limit and to torch.fx fuse.",
+        "(lower is faster), and the median latency. `fuse / floor` and `fuse / torch.fx` are paired ratios of "
+        "fx_lightning.fuse to the floor (the BN->Identity limit, or the hand-written deploy form of a "
+        "re-parameterisable network) and to torch.fx fuse; the brackets hold a 95% bootstrap interval over the "
+        "rounds, and `vs floor` says whether it contains 1 (same within noise) or lies below (faster) or above "
+        "(slower) it.",
         "",
         latency_table(cases),
     ]
@@ -440,8 +500,8 @@ def render_markdown(result: dict[str, Any], cases: Sequence[CaseResult], costs: 
         "",
         "## Work per forward",
         "",
-        "ATen operators dispatched / Python function calls made by one forward pass (counted, not timed: "
-        "the same on a busy machine). Python calls show interpreter overhead per layer.",
+        "ATen operators dispatched / Python function calls made / convolutions run by one forward pass "
+        "(counted, not timed: the same on a busy machine). Python calls show interpreter overhead per layer.",
         "",
         work_table(cases),
     ]
@@ -459,7 +519,7 @@ def write_plot(cases: Sequence[CaseResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in (OURS, FX, LIMIT, COMPILED, ORT) if any(v in c.timings for c in cases)]
+    variants = _timed_variants(cases)
     labels = [f"{c.model}\nb{c.batch} {c.dtype}" for c in cases]
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cases)), 5.0))
@@ -508,19 +568,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": {
             "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": str(opts.device), "threads": opts.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-            "size": opts.size, "machine": _machine(),
-            "load_before": load_before, "load_after": load_average(),
-            "wall_seconds": time.perf_counter() - started, "memory_method": MEMORY_METHOD,
+            "device": str(opts.device),
+            "threads": opts.threads,
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+            "size": opts.size,
+            "machine": _machine(),
+            "load_before": load_before,
+            "load_after": load_average(),
+            "wall_seconds": time.perf_counter() - started,
+            "memory_method": MEMORY_METHOD,
         },  # fmt: skip
         "cases": [
             {
-                "model": c.model, "batch": c.batch, "dtype": c.dtype, "relative_error": c.errors,
-                "work": {k: {"aten_ops": ops, "python_calls": calls} for k, (ops, calls) in c.work.items()},
-                "fuse_over_limit": c.paired_ratio(OURS, LIMIT), "fuse_over_torch_fx": c.paired_ratio(OURS, FX),
+                "model": c.model,
+                "batch": c.batch,
+                "dtype": c.dtype,
+                "relative_error": c.errors,
+                "work": {
+                    k: {"aten_ops": ops, "python_calls": calls, "convolutions": convs}
+                    for k, (ops, calls, convs) in c.work.items()
+                },
+                "floor": c.floor,
+                "fuse_over_floor": c.paired_ratio(OURS, c.floor),
+                "fuse_over_floor_interval": list(c.floor_interval()),
+                "floor_verdict": c.floor_verdict(),
+                "fuse_over_torch_fx": c.paired_ratio(OURS, FX),
                 "variants": {
-                    k: {"median_ms": t.median_ms, "ratio": t.ratio, "iqr_ms": t.iqr_ms, "samples_ms": t.samples_ms,
-                        "iters_per_sample": t.iters_per_sample}
+                    k: {
+                        "median_ms": t.median_ms,
+                        "ratio": t.ratio,
+                        "iqr_ms": t.iqr_ms,
+                        "samples_ms": t.samples_ms,
+                        "iters_per_sample": t.iters_per_sample,
+                    }
                     for k, t in c.timings.items()
                 },
             }  # fmt: skip

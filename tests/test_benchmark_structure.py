@@ -28,6 +28,7 @@ from fx_lightning.benchmarking import (
     interleaved_timings,
     markdown_table,
     measure_fusion,
+    paired_ratio_interval,
     retained_extra_bytes,
 )
 from fx_lightning.testing import randomize_batch_norm
@@ -47,7 +48,13 @@ SIZE = 64
 RTOL = 1e-5
 _NO_OP_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
 _NO_OP_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout, torchvision.ops.stochastic_depth
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.dropout,
+    torchvision.ops.stochastic_depth,
 }
 _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 
@@ -204,6 +211,29 @@ def test_balanced_orders_balance_first_place_and_predecessors(n: int) -> None:
     assert len(set(pairs.values())) == 1
 
 
+def test_paired_ratio_interval_brackets_the_median_ratio() -> None:
+    reference = [1.0, 2.0, 4.0, 8.0, 16.0] * 4
+    noisy = [r * f for r, f in zip(reference, [0.9, 1.1, 1.0, 0.95, 1.05] * 4)]
+    low, high = paired_ratio_interval(noisy, reference)
+    assert 0.9 <= low <= 1.0 <= high <= 1.1  # median ratio 1.0, spread 0.9-1.1
+    assert paired_ratio_interval([x * 1.5 for x in reference], reference) == (1.5, 1.5)
+    assert paired_ratio_interval(noisy, reference) == (low, high)  # fixed seed: reproducible
+
+
+@pytest.mark.parametrize(
+    ("samples", "reference", "kwargs", "message"),
+    [
+        ([], [], {}, r"got 0 samples and 0 reference samples"),
+        ([1.0, 2.0], [1.0], {}, r"got 2 samples and 1 reference samples"),
+        ([1.0, 0.0], [1.0, 1.0], {}, r"needs positive times"),
+        ([1.0], [1.0], {"confidence": 1.0}, r"confidence=1\.0\) must lie strictly between 0 and 1"),
+    ],
+)
+def test_paired_ratio_interval_rejects_bad_samples(samples, reference, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        paired_ratio_interval(samples, reference, **kwargs)
+
+
 def test_measure_fusion_rejects_unknown_fuser() -> None:
     with pytest.raises(ValueError, match=r"measure_fusion\(fuser='tvm'\) is not a known fuser"):
         measure_fusion("resnet18", "tvm")
@@ -221,7 +251,11 @@ def test_markdown_table_has_one_line_per_row() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--models", "resnet181"], r"--models resnet181: not a torchvision classification model\. Did you mean res"),
+        (
+            ["--models", "resnet181"],
+            r"--models resnet181: not a torchvision classification model nor one of repvgg_net, mobileone_net\. "
+            r"Did you mean res",
+        ),
         (["--batch-sizes", "0", "8"], r"--batch-sizes 0 8: expected positive integers, got \[0\]"),
         (["--dtypes", "float8"], r"--dtypes float8: unknown dtype; choose from float32, bfloat16, float16"),
         (["--device", "cpu", "--dtypes", "float16"], r"--dtypes float16 is only supported with --device cuda"),
@@ -246,9 +280,9 @@ def test_benchmark_options_require_matplotlib_for_plot(benchmark_script, monkeyp
         benchmark_script.validate(args)
 
 
-def _run_quick(tmp_path: Path, *extra: str) -> tuple[str, dict, str]:
+def _run_quick(tmp_path: Path, *extra: str, models: tuple[str, ...] = ("resnet18",)) -> tuple[str, dict, str]:
     md_path, json_path = tmp_path / "bench.md", tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--models", "resnet18", "--batch-sizes", "1", "--size", "32"]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--models", *models, "--batch-sizes", "1", "--size", "32"]
     cmd += ["--markdown", str(md_path), "--json", str(json_path), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -274,20 +308,25 @@ def test_benchmark_quick_writes_markdown_and_json(tmp_path: Path) -> None:
     latency = _table(markdown, "model")
     assert latency[0] == [
         "model", "batch", "dtype", "eval (ms)", "fx_lightning.fuse", "torch.fx fuse", "BN->Identity limit",
-        "fuse / limit", "fuse / torch.fx", "rounds",
+        "fuse / floor [95%]", "vs floor", "fuse / torch.fx", "rounds",
     ]  # fmt: skip
     assert [row[:3] for row in latency[1:]] == [["resnet18", "1", "float32"]]
     assert latency[1][-1] == "3"
 
     work = _table(markdown.split("## Work per forward", 1)[1], "model")
-    assert work[0] == ["model", "batch", "dtype", "eval", "fx_lightning.fuse", "torch.fx fuse", "BN->Identity limit"]
-    assert [row[:3] for row in work[1:]] == [["resnet18", "1", "float32"]]
+    assert work[0] == ["model", "batch", "dtype", "eval", "fx_lightning.fuse", "torch.fx fuse", "floor", "floor is"]
+    assert [row[:3] + row[-1:] for row in work[1:]] == [["resnet18", "1", "float32", "BN->Identity limit"]]
 
     (case,) = data["cases"]
     # resnet18: 20 convolutions and 20 BatchNorms in eval; folding removes exactly the 20 BatchNorm kernels.
     ops = {k: v["aten_ops"] for k, v in case["work"].items()}
     assert ops["eval"] - ops["fx_lightning.fuse"] == 20
     assert ops["fx_lightning.fuse"] == ops["torch.fx fuse"] == ops["BN->Identity limit"]
+    assert {v["convolutions"] for v in case["work"].values()} == {20}
+    assert case["floor"] == "BN->Identity limit"
+    low, high = case["fuse_over_floor_interval"]
+    assert low <= case["fuse_over_floor"] <= high
+    assert case["floor_verdict"] == ("faster" if high < 1 else "slower" if low > 1 else "same within noise")
     assert set(case["variants"]) == {"eval", "fx_lightning.fuse", "torch.fx fuse", "BN->Identity limit"}
     assert all(len(v["samples_ms"]) == 3 and v["median_ms"] > 0 for v in case["variants"].values())
     assert case["variants"]["eval"]["ratio"] == 1.0
@@ -320,3 +359,27 @@ def test_benchmark_quick_times_onnx_runtime_and_plots(tmp_path: Path) -> None:
     assert data["cases"][0]["relative_error"]["ONNX Runtime (fused)"] < 1e-5
     assert data["fusion"] == []
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_quick_compares_reparam_nets_with_their_hand_written_deploy_form(tmp_path: Path) -> None:
+    markdown, data, _ = _run_quick(tmp_path, "--no-onnx", models=("repvgg_net", "mobileone_net"))
+    latency = _table(markdown, "model")
+    assert "hand-written deploy" in latency[0]
+    assert "BN->Identity limit" not in latency[0]
+    convs = {}
+    for case in data["cases"]:
+        assert case["floor"] == "hand-written deploy"
+        assert set(case["variants"]) == {"eval", "fx_lightning.fuse", "torch.fx fuse", "hand-written deploy"}
+        assert case["relative_error"]["fx_lightning.fuse"] < 1e-5
+        assert case["relative_error"]["hand-written deploy"] < 1e-5
+        work = case["work"]
+        convs[case["model"]] = {k: v["convolutions"] for k, v in work.items()}
+        # Same operators as the deploy form; fewer Python calls (no per-block container call).
+        assert work["fx_lightning.fuse"]["aten_ops"] == work["hand-written deploy"]["aten_ops"]
+        assert work["fx_lightning.fuse"]["python_calls"] <= work["hand-written deploy"]["python_calls"]
+    assert convs == {
+        "repvgg_net": {"eval": 10, "fx_lightning.fuse": 5, "torch.fx fuse": 10, "hand-written deploy": 5},
+        "mobileone_net": {"eval": 23, "fx_lightning.fuse": 7, "torch.fx fuse": 23, "hand-written deploy": 7},
+    }
+    assert data["fusion"] == []
+    assert "fusion cost is measured for torchvision models only" in data["notes"]

@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,53 @@ def interleaved_timings(
             iters_per_sample=iters[name],
         )
     return result
+
+
+def paired_ratio_interval(
+    samples: Sequence[float],
+    reference: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap confidence interval of the median per-round ratio ``samples[i] / reference[i]``.
+
+    Rounds are resampled with replacement (percentile bootstrap, fixed seed, so a report is reproducible from
+    its samples). An interval that contains 1 means the two variants' latencies are equal within the noise of
+    this run; one wholly below 1 means ``samples`` was faster in this run.
+
+    Args:
+        samples: one time per round of the variant of interest.
+        reference: the time of the variant compared against, in the same rounds.
+        confidence: probability mass of the interval, in (0, 1).
+        resamples: number of bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(low, high)``.
+
+    Raises:
+        ValueError: for empty or unequal-length samples, a non-positive time, or a confidence outside (0, 1).
+
+    Example:
+        >>> paired_ratio_interval([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+        (2.0, 2.0)
+    """
+    if not samples or len(samples) != len(reference):
+        raise ValueError(
+            f"paired_ratio_interval got {len(samples)} samples and {len(reference)} reference samples; "
+            "pass one time per round for each, from the same rounds."
+        )
+    if min(*samples, *reference) <= 0:
+        raise ValueError("paired_ratio_interval needs positive times; got a zero or negative one.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"paired_ratio_interval(confidence={confidence}) must lie strictly between 0 and 1.")
+    ratios = [a / b for a, b in zip(samples, reference)]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return medians[int(tail * (resamples - 1))], medians[math.ceil((1 - tail) * (resamples - 1))]
 
 
 def balanced_orders(n: int) -> list[list[int]]:
