@@ -114,3 +114,12 @@ def test_direct_calls_leave_other_fragments_alone() -> None:
     rewrite = DirectSubmoduleCalls(frozenset({"conv"}))
     body = ["# COUNTER: 0\n", "y = torch.relu(x)", "w = self.conv.weight", "z = self.conv(x)", ";  x = None\n"]
     assert rewrite(body) == [body[0], body[1], body[2], "z = self._modules['conv'](x)", body[4]]
+
+
+def test_fused_forward_retraces_to_the_same_module_calls() -> None:
+    _, fused, x = _fused_pair()
+    retraced = fx.symbolic_trace(fused)
+    assert [n.target for n in retraced.graph.nodes if n.op == "call_module"] == [
+        n.target for n in fused.graph.nodes if n.op == "call_module"
+    ]
+    torch.testing.assert_close(retraced(x), fused(x), rtol=0, atol=0)
