@@ -380,9 +380,7 @@ def test_fuse_on_export_bf16_precision_fuses_and_tests(
     # bf16 rounds differently before and after folding: allow a few of the 270 predictions to move.
     # bf16 convolutions are slow on CPUs without native bf16: one batch each for validation, test and verification.
     callback = FuseOnExport(tolerance=0.02, max_verify_batches=1, export_formats=[])
-    trainer = make_trainer(
-        precision=precision, limit_val_batches=1, limit_test_batches=1, callbacks=[probe, callback]
-    )
+    trainer = make_trainer(precision=precision, limit_val_batches=1, limit_test_batches=1, callbacks=[probe, callback])
     trainer.fit(model, datamodule=digits)
     assert callback.last_result.outcome == "fused"
     expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32

@@ -242,8 +242,10 @@ def test_checkpoint_state_dict_tiny_net_matches_fused() -> None:
 def test_checkpoint_state_dict_non_affine_bn_uses_layer_bias() -> None:
     def net() -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(1, 3, 3, bias=True), nn.BatchNorm2d(3, affine=False),
-            nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3, affine=False),
+            nn.Conv2d(1, 3, 3, bias=True),
+            nn.BatchNorm2d(3, affine=False),
+            nn.Conv2d(3, 3, 1, bias=False),
+            nn.BatchNorm2d(3, affine=False),
         )
 
     model = prepared(net())
@@ -344,8 +346,12 @@ def test_checkpoint_state_dict_resnet18() -> None:
     x = torch.randn(2, 3, 32, 32)
     state, fused = assert_checkpoint_reproduces_fused(model, torchvision.models.resnet18(num_classes=10), x)
     assert fused.fusion_report.num_folded == 20
-    torch.testing.assert_close(state["layer2.0.downsample.0.weight"], fused.layer2.get_submodule("0").downsample
-                               .get_submodule("0").weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        state["layer2.0.downsample.0.weight"],
+        fused.layer2.get_submodule("0").downsample.get_submodule("0").weight,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_checkpoint_state_dict_invalid_arguments_raise() -> None:
@@ -381,9 +387,7 @@ class BatchBranch(FixedBatch):
 
 def test_export_artifacts_dynamic_batch_accepts_other_batch_sizes(tmp_path: Path) -> None:
     fused = fx_lightning.fuse(prepared(TinyNet()))
-    paths = export_artifacts(
-        fused, (torch.randn(2, 1, 6, 6),), tmp_path, formats=["onnx", "pt2"], dynamic_batch=True
-    )
+    paths = export_artifacts(fused, (torch.randn(2, 1, 6, 6),), tmp_path, formats=["onnx", "pt2"], dynamic_batch=True)
     x = torch.randn(5, 1, 6, 6)
     assert rel_err(torch.export.load(paths["pt2"]).module()(x), fused(x)) < 1e-5
     import onnxruntime

@@ -193,8 +193,14 @@ def test_verify_regression_metric_on_non_logit_outputs() -> None:
     fused = fx_lightning.fuse(net)
     x = torch.randn(2, 1, 5, 5)
     target = torch.randn(2, 2, 3, 3)
-    result = verify(net, fused, [(x.flatten(1), target.flatten())], metric=MeanSquaredError(),
-                    get_input=lambda b: b[0].reshape(2, 1, 5, 5), get_target=lambda b: b[1].reshape(2, 2, 3, 3))
+    result = verify(
+        net,
+        fused,
+        [(x.flatten(1), target.flatten())],
+        metric=MeanSquaredError(),
+        get_input=lambda b: b[0].reshape(2, 1, 5, 5),
+        get_target=lambda b: b[1].reshape(2, 2, 3, 3),
+    )
     with torch.no_grad():
         expected = float(((net.eval()(x) - target) ** 2).mean())
     assert result.metric_original["MeanSquaredError"] == pytest.approx(expected, rel=1e-5)
@@ -302,8 +308,15 @@ def test_verification_result_to_dict_and_str() -> None:
     result = verify(net, fx_lightning.fuse(net), make_batches())
     data = result.to_dict()
     assert json.loads(json.dumps(data)) == data
-    assert set(data) >= {"metric_original", "metric_fused", "max_abs_diff", "top1_agreement", "num_samples",
-                         "tolerance", "passed"}
+    assert set(data) >= {
+        "metric_original",
+        "metric_fused",
+        "max_abs_diff",
+        "top1_agreement",
+        "num_samples",
+        "tolerance",
+        "passed",
+    }
     text = str(result)
     assert text.startswith("verification PASSED on 24 samples")
     assert "MulticlassAccuracy" in text

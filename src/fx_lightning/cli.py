@@ -68,7 +68,6 @@ def run(args: list[str] | None = None) -> FxLightningCLI:
     )
 
 
-
 def main() -> None:
     """The ``fx-lightning`` console script: runs :func:`run` on ``sys.argv`` and exits 0 when it succeeds.
 

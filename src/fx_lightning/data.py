@@ -190,12 +190,13 @@ def _check_arguments(
             "sizes are upsampled), e.g. image_size=32 for ResNet-18."
         )
     if channels not in (1, 3):
-        raise ValueError(
-            f"DigitsDataModule(channels={channels!r}) expects 1 (grey) or 3 (grey repeated as RGB)."
-        )
+        raise ValueError(f"DigitsDataModule(channels={channels!r}) expects 1 (grey) or 3 (grey repeated as RGB).")
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not (
-            0 <= value < 1
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not (0 <= value < 1)
         ):
             raise ValueError(f"DigitsDataModule({name}={value!r}) expects a fraction in [0, 1), e.g. {name}=0.15.")
     if val_fraction + test_fraction >= 1:

@@ -151,9 +151,7 @@ def _batch_dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
 
 
-def _validate_export(
-    module: Any, example_inputs: Any, formats: Any, rtol: Any, atol: Any, name: Any
-) -> list[str]:
+def _validate_export(module: Any, example_inputs: Any, formats: Any, rtol: Any, atol: Any, name: Any) -> list[str]:
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"export_artifacts(module=...) expects a torch.nn.Module, got {type(module).__name__}. "

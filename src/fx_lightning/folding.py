@@ -127,9 +127,9 @@ def fold_bn_after_linear(weight: Tensor, bias: Tensor | None, bn: BatchNormStats
     return _scale_rows(weight, scale), _cast_like(folded_b, like_b)
 
 
-def fold_bn_before_conv(weight: Tensor, bias: Tensor | None, bn: BatchNormStats, *, groups: int = 1) -> tuple[
-    Tensor, Tensor
-]:
+def fold_bn_before_conv(
+    weight: Tensor, bias: Tensor | None, bn: BatchNormStats, *, groups: int = 1
+) -> tuple[Tensor, Tensor]:
     """Fold ``conv(BN(x))`` into one convolution; exact only when the convolution pads nothing.
 
     With padding, the convolution would see zeros where ``BN`` would have produced ``shift``, so callers

@@ -14,8 +14,22 @@ from fx_lightning.testing import randomize_batch_norm
 
 RTOL = 1e-5
 _ARITHMETIC = {
-    operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub,
-    "mul", "div", "add", "sub", "mul_", "div_", "add_", "sub_",
+    operator.mul,
+    operator.truediv,
+    operator.add,
+    operator.sub,
+    torch.mul,
+    torch.div,
+    torch.add,
+    torch.sub,
+    "mul",
+    "div",
+    "add",
+    "sub",
+    "mul_",
+    "div_",
+    "add_",
+    "sub_",
 }
 
 

@@ -25,8 +25,15 @@ def _graph(model: nn.Module):
 
 
 def test_remove_dropout_every_module_kind() -> None:
-    layers = [nn.Dropout(), nn.Dropout1d(), nn.Dropout2d(), nn.Dropout3d(), nn.AlphaDropout(),
-              nn.FeatureAlphaDropout(), nn.Identity()]
+    layers = [
+        nn.Dropout(),
+        nn.Dropout1d(),
+        nn.Dropout2d(),
+        nn.Dropout3d(),
+        nn.AlphaDropout(),
+        nn.FeatureAlphaDropout(),
+        nn.Identity(),
+    ]
     model = nn.Sequential(nn.Linear(3, 3), *layers).train()
     gm = _graph(model)
     result = remove_dropout(gm)

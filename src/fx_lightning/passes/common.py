@@ -35,7 +35,15 @@ class PassResult:
 _FUNCTIONAL_BN: dict[Callable[..., Any], tuple[str, ...]] = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     torch.batch_norm: (
-        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
     ),
 }
 _FUNCTIONAL_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
@@ -176,12 +184,37 @@ def _first_node(node: fx.Node) -> fx.Node | None:
 
 
 _RANK_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-    nn.ELU, nn.Mish, nn.PReLU, nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.PReLU,
+    nn.Linear,
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
 )
 _RANK_PRESERVING_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid, torch.tanh,
-    F.leaky_relu, F.elu, F.mish, F.linear, F.dropout,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    torch.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.linear,
+    F.dropout,
 }
 
 

@@ -32,14 +32,30 @@ from fx_lightning.report import Merged
 RULE = "fold_constant_scale"
 
 _FUNCTIONS: dict[Any, str] = {
-    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
-    operator.truediv: "div", operator.itruediv: "div", torch.div: "div", torch.true_divide: "div",
-    operator.add: "add", operator.iadd: "add", torch.add: "add",
-    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+    torch.true_divide: "div",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
 }
 _METHODS: dict[str, str] = {
-    "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "true_divide": "div",
-    "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
+    "mul": "mul",
+    "mul_": "mul",
+    "div": "div",
+    "div_": "div",
+    "true_divide": "div",
+    "add": "add",
+    "add_": "add",
+    "sub": "sub",
+    "sub_": "sub",
 }
 _IN_PLACE = {operator.imul, operator.itruediv, operator.iadd, operator.isub, "mul_", "div_", "add_", "sub_"}
 # Pure reshaping of a stored constant, e.g. ``self.gamma.view(1, -1, 1, 1)`` or ``self.gamma[:, None, None]``.

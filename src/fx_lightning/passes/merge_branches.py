@@ -44,7 +44,12 @@ RULE = "merge_branches"
 
 # Sign of the second operand of each tensor sum/difference; in-place forms are checked separately.
 _SUM_FUNCTIONS: dict[Any, float] = {
-    operator.add: 1.0, operator.iadd: 1.0, torch.add: 1.0, operator.sub: -1.0, operator.isub: -1.0, torch.sub: -1.0,
+    operator.add: 1.0,
+    operator.iadd: 1.0,
+    torch.add: 1.0,
+    operator.sub: -1.0,
+    operator.isub: -1.0,
+    torch.sub: -1.0,
 }
 _SUM_METHODS: dict[str, float] = {"add": 1.0, "sub": -1.0, "add_": 1.0, "sub_": -1.0}
 _IN_PLACE = {operator.iadd, operator.isub, "add_", "sub_"}
@@ -158,11 +163,7 @@ def _is_number(value: Any) -> bool:
 def _expand(node: fx.Node, coefficient: float, inner: list[fx.Node], leaves: list[tuple[Any, float]]) -> None:
     """Flatten a tree of sums read only by each other into ``(summand, coefficient)`` leaves."""
     for operand, sign in _sum_operands(node) or []:
-        if (
-            isinstance(operand, fx.Node)
-            and _sum_operands(operand) is not None
-            and list(operand.users) == [node]
-        ):
+        if isinstance(operand, fx.Node) and _sum_operands(operand) is not None and list(operand.users) == [node]:
             inner.append(operand)
             _expand(operand, coefficient * sign, inner, leaves)
         else:
@@ -222,8 +223,15 @@ def _branch(gm: fx.GraphModule, leaf: fx.Node, coefficient: float, sums: set[fx.
     geometry = _conv_geometry(conv) if conv is not None else None
     if conv is not None and geometry is not None:
         return _Branch(
-            "conv", coefficient, leaf.args[0], str(leaf.target), [leaf], conv, geometry,
-            tuple(conv.kernel_size), conv.out_channels,
+            "conv",
+            coefficient,
+            leaf.args[0],
+            str(leaf.target),
+            [leaf],
+            conv,
+            geometry,
+            tuple(conv.kernel_size),
+            conv.out_channels,
         )
     bn = match_batch_norm(gm, leaf) if only_summed else None
     if bn is not None and bn.stats is not None and bn.input is not None:
@@ -286,8 +294,9 @@ def _pool_branch(gm: fx.GraphModule, node: fx.Node, coefficient: float, sums: se
     if not isinstance(node.args[0], fx.Node):
         return None
     geometry = _geometry(kernel, stride, padding, (1,) * dims)
-    return _Branch("pool", coefficient, node.args[0], str(node.target), [node], geometry=geometry,
-                   kernel_size=kernel, pool=pool)
+    return _Branch(
+        "pool", coefficient, node.args[0], str(node.target), [node], geometry=geometry, kernel_size=kernel, pool=pool
+    )
 
 
 def _tuple(value: Any, dims: int) -> tuple[int, ...]:
@@ -302,8 +311,14 @@ def _group(gm: fx.GraphModule, branches: list[_Branch]) -> list[_Group]:
             continue
         conv = branch.module
         key = (
-            branch.input, branch.geometry, conv.groups, conv.in_channels, conv.out_channels,
-            conv.weight.dtype, conv.weight.device, conv.weight.dim(),
+            branch.input,
+            branch.geometry,
+            conv.groups,
+            conv.in_channels,
+            conv.out_channels,
+            conv.weight.dtype,
+            conv.weight.device,
+            conv.weight.dim(),
         )
         groups.setdefault(key, _Group([])).convs.append(branch)
     for branch in branches:
@@ -381,8 +396,9 @@ def _merged_conv(group: _Group) -> nn.Module:
     """A new convolution computing the sum of ``group``'s branches, built in float64 and cast back."""
     template = group.template
     dims = template.weight.dim() - 2
-    kernel_size = tuple(max(b.kernel_size[i] if b.kernel_size else 1 for b in (*group.convs, *group.others))
-                        for i in range(dims))
+    kernel_size = tuple(
+        max(b.kernel_size[i] if b.kernel_size else 1 for b in (*group.convs, *group.others)) for i in range(dims)
+    )
     geometry = group.convs[0].geometry
     padding = tuple((o + d * (k - 1)) // 2 for o, d, k in zip(geometry.offset, geometry.dilation, kernel_size))
     terms: list[tuple[float, Tensor, Tensor | None]] = []
