@@ -297,3 +297,125 @@ def test_fold_bn_into_preceding_torchvision_frozen_batch_norm() -> None:
         assert rel_err(fused(x), model(x)) <= 1e-5
     assert fused.fusion_report.num_folded == 1
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
+
+
+class FunctionalConv(nn.Module):
+    """A convolution written with ``F.conv*``/``F.conv_transpose*`` on its own parameters."""
+
+    def __init__(self, dims: int, cin: int, cout: int, *, bias: bool, groups: int, transposed: bool) -> None:
+        super().__init__()
+        shape = (cin, cout // groups) if transposed else (cout, cin // groups)
+        self.weight = nn.Parameter(torch.randn(*shape, *([3] * dims)) * 0.3)
+        self.bias = nn.Parameter(torch.randn(cout)) if bias else None
+        self.groups = groups
+        self.fn = getattr(torch.nn.functional, f"conv_transpose{dims}d" if transposed else f"conv{dims}d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:  # bias passed by keyword, groups by keyword
+            return self.fn(x, self.weight, padding=1, groups=self.groups)
+        return self.fn(x, self.weight, self.bias, 1, 1, groups=self.groups)
+
+
+def _norm(dims: int, channels: int) -> nn.Module:
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](channels)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize(("bias", "groups"), [(True, 1), (False, 1), (True, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_bn_into_preceding_functional_conv(dims: int, bias: bool, groups: int, transposed: bool) -> None:
+    model = nn.Sequential(FunctionalConv(dims, 4, 6, bias=bias, groups=groups, transposed=transposed), _norm(dims, 6))
+    before = {k: v.clone() for k, v in model[0].state_dict().items()}
+    fused, err = _fused_and_error(model, torch.randn(2, 4, *([5] * dims)))
+    assert err <= 1e-5
+    assert batch_norm_count(fused) == 0
+    assert [(r.bn, r.into) for r in fused.fusion_report.folded] == [("1", "0.weight_folded1")]
+    # The call's old parameters are read by nothing else, so the fused module drops them.
+    assert sorted(fused.state_dict()) == ["0.weight_folded1", "0.weight_folded1_bias"]
+    after = model[0].state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the caller's layer is untouched
+
+
+class FunctionalHead(nn.Module):
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.w = nn.Parameter(torch.randn(5, 8))
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            x = torch.flatten(x, 1)
+        return self.bn(torch.nn.functional.linear(x, self.w))
+
+
+def test_fold_bn_into_preceding_functional_linear() -> None:
+    fused, err = _fused_and_error(FunctionalHead(flatten=True), torch.randn(4, 8))
+    assert err <= 1e-5
+    assert [r.into for r in fused.fusion_report.folded] == ["w_folded1"]
+    fused, err = _fused_and_error(FunctionalHead(flatten=False), torch.randn(4, 8))
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert "'linear' output rank is unknown" in skipped.reason
+
+
+class SharedFunctionalWeight(nn.Module):
+    """One weight convolved twice; only the first call is followed by BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(torch.nn.functional.conv2d(x, self.weight, padding=1))
+        return torch.nn.functional.conv2d(y, self.weight, padding=1)
+
+
+def test_fold_bn_into_preceding_functional_shared_weight_kept_for_other_call() -> None:
+    model = SharedFunctionalWeight()
+    fused, err = _fused_and_error(model, torch.randn(2, 4, 6, 6))
+    assert err <= 1e-5
+    assert fused.fusion_report.num_folded == 1
+    assert sorted(fused.state_dict()) == ["weight", "weight_folded1", "weight_folded1_bias"]
+    assert fused.weight.data_ptr() == model.weight.data_ptr()  # still shared with the caller, untouched
+
+
+class StandardisedConv(nn.Module):
+    """Weight standardisation: the weight the convolution uses is computed in the graph, so it cannot be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self.bn(torch.nn.functional.conv2d(x, w))
+
+
+def test_fold_bn_into_preceding_skips_functional_conv_on_computed_weight() -> None:
+    fused, err = _fused_and_error(StandardisedConv(), torch.randn(2, 3, 6, 6))
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert skipped.bn == "bn"
+    assert "the weight or bias of 'conv2d' is computed in the graph (%sub" in skipped.reason
+
+
+class FunctionalConvReadTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 1, 1))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.conv2d(x, self.weight)
+        return self.bn(y) + y
+
+
+def test_fold_bn_into_preceding_skips_functional_conv_read_elsewhere() -> None:
+    fused, err = _fused_and_error(FunctionalConvReadTwice(), torch.randn(2, 4, 3, 3))
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert "the output of 'conv2d' is also read by add" in skipped.reason

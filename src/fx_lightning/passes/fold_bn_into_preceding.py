@@ -1,7 +1,17 @@
-"""Fold a BatchNorm into the convolution, transposed convolution or linear layer that produces its input."""
+"""Fold a BatchNorm into the convolution, transposed convolution or linear layer that produces its input.
+
+The layer is a module (``nn.Conv2d`` and friends, with torch's own forward) or a functional call
+(``F.conv2d``, ``F.conv_transpose2d``, ``F.linear``, ...) on stored parameters.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.parameter import is_lazy
 
@@ -10,18 +20,61 @@ from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
     base_class,
+    bind_args,
     describe,
     fold_into_layer,
     foldable_batch_norms,
     has_hooks,
+    replace_with_input,
     tensor_rank,
     users_text,
     value_users,
 )
+from fx_lightning.report import Folded
 
 RULE = "fold_bn_into_preceding"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# Functional layers: their positional argument names and their kind.
+_FUNCTIONAL: dict[Callable[..., Any], tuple[tuple[str, ...], str]] = {
+    **{fn: (_CONV_ARGS, "conv") for fn in (F.conv1d, F.conv2d, F.conv3d)},
+    **{fn: (_CONV_T_ARGS, "conv_transpose") for fn in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+    F.linear: (("input", "weight", "bias"), "linear"),
+}
+
+
+@dataclass
+class Layer:
+    """The layer a BatchNorm follows, whichever form calls it.
+
+    Attributes:
+        name: module path, or for a functional call the node name (used in messages and the report).
+        kind: ``"conv"``, ``"conv_transpose"`` or ``"linear"``.
+        weight: the stored weight.
+        bias: the stored bias, or ``None``.
+        groups: convolution groups (1 for linear).
+        hooked: whether forward hooks could observe the layer's output.
+        module: the module, for the module form.
+        weight_node: the ``get_attr`` node of the weight, for the functional form.
+    """
+
+    name: str
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+    hooked: bool = False
+    module: nn.Module | None = None
+    weight_node: fx.Node | None = None
+
+    @property
+    def out_features(self) -> int:
+        if self.kind == "conv_transpose":
+            return self.weight.shape[1] * self.groups
+        return self.weight.shape[0]
 
 
 def producer_layer(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
@@ -40,7 +93,8 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
     """Fold every inference BatchNorm whose input is the sole output of a conv/conv-transpose/linear call.
 
     The folded layer gets new weight and bias tensors; a layer called at several sites gets a new
-    sibling module for the folded site, so the other sites keep computing what they did.
+    sibling module for the folded site, so the other sites keep computing what they did. A functional
+    call gets new parameters beside its old ones, which stay for any other reader.
 
     Args:
         gm: the graph module to rewrite in place.
@@ -50,44 +104,132 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
     """
     result = PassResult()
     for bn in foldable_batch_norms(gm, result):
-        layer = producer_layer(gm, bn.input)
-        why = _why_not(gm, bn, layer)
+        layer, why = _layer(gm, bn.input)
+        why = why or _why_not(gm, bn, layer)
         if why:
             result.reasons[bn.node.name] = why
             continue
         assert bn.input is not None
         assert layer is not None
-        if isinstance(layer, nn.Linear):
+        if layer.kind == "linear":
             folded = fold_bn_after_linear(layer.weight, layer.bias, bn.stats)
         else:
-            transposed = isinstance(layer, _CONV_T)
+            transposed = layer.kind == "conv_transpose"
             folded = fold_bn_after_conv(layer.weight, layer.bias, bn.stats, transposed=transposed, groups=layer.groups)
-        fold_into_layer(gm, bn, bn.input, folded, RULE, result)
+        if layer.module is not None:
+            fold_into_layer(gm, bn, bn.input, folded, RULE, result)
+        else:
+            _fold_into_call(gm, bn, layer, folded, result)
     return result
 
 
-def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: nn.Module | None) -> str:
+def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]:
+    """The layer ``node`` calls, or ``(None, reason)`` when it is a layer call that cannot be folded into."""
+    module = producer_layer(gm, node)
+    if module is not None:
+        assert node is not None
+        kind = "conv_transpose" if isinstance(module, _CONV_T) else "conv"
+        kind = "linear" if isinstance(module, nn.Linear) else kind
+        groups = getattr(module, "groups", 1)
+        return Layer(str(node.target), kind, module.weight, module.bias, groups, has_hooks(module), module=module), ""
+    if node is None or node.op != "call_function" or node.target not in _FUNCTIONAL:
+        return None, ""
+    names, kind = _FUNCTIONAL[node.target]
+    args = bind_args(node, names, {"bias": None, "groups": 1})
+    weight_node, bias_node = args.get("weight"), args["bias"]
+    stored = [a for a in (weight_node, bias_node) if a is not None]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in stored):
+        computed = next(a for a in stored if not (isinstance(a, fx.Node) and a.op == "get_attr"))
+        what = computed.format_node() if isinstance(computed, fx.Node) else repr(computed)
+        return None, f"the weight or bias of '{node.name}' is computed in the graph ({what}), not a stored tensor"
+    if not isinstance(args["groups"], int):
+        return None, f"'{node.name}' has non-constant groups ({args['groups']})"
+    weight = _attribute(gm, weight_node)
+    bias = _attribute(gm, bias_node) if bias_node is not None else None
+    return Layer(node.name, kind, weight, bias, args["groups"], weight_node=weight_node), ""
+
+
+def _attribute(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    owner, _, name = str(node.target).rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     source = bn.input
     if layer is None or source is None:
         what = describe(source) if source is not None else "a non-tensor argument"
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
     if is_lazy(layer.weight):
-        return f"the preceding layer '{source.target}' is lazy and not materialised yet"
+        return f"the preceding layer '{layer.name}' is lazy and not materialised yet"
     if len(value_users(source)) > 1:
-        return f"the output of '{source.target}' is also read by {users_text(source, besides=bn.node)}"
-    if has_hooks(layer):
-        return f"the preceding layer '{source.target}' has forward hooks, which would see folded outputs"
-    out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if bn.num_features != out_features:
-        return f"it normalises {bn.num_features} features but '{source.target}' produces {out_features}"
+        return f"the output of '{layer.name}' is also read by {users_text(source, besides=bn.node)}"
+    if layer.hooked:
+        return f"the preceding layer '{layer.name}' has forward hooks, which would see folded outputs"
+    if bn.num_features != layer.out_features:
+        return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
     rank = tensor_rank(gm, source)
-    if isinstance(layer, nn.Linear):
+    if layer.kind == "linear":
         if rank != 2:
             shown = "unknown" if rank is None else f"{rank}-D"
             return (
-                f"'{source.target}' output rank is {shown}: BatchNorm normalises dim 1, which is the Linear's "
+                f"'{layer.name}' output rank is {shown}: BatchNorm normalises dim 1, which is the Linear's "
                 "features only for 2-D input (pass example_inputs to fuse() if it is 2-D)"
             )
     elif rank is not None and rank != layer.weight.dim():
-        return f"'{source.target}' runs on unbatched input ({rank}-D output), where BatchNorm dim 1 is not channels"
+        return f"'{layer.name}' runs on unbatched input ({rank}-D output), where BatchNorm dim 1 is not channels"
     return ""
+
+
+def _fold_into_call(
+    gm: fx.GraphModule, bn: BatchNormCall, layer: Layer, folded: tuple[torch.Tensor, torch.Tensor], result: PassResult
+) -> None:
+    """Point a functional layer call at new ``folded`` parameters stored beside its weight, and drop ``bn``."""
+    call, weight_node = bn.input, layer.weight_node
+    assert call is not None
+    assert weight_node is not None
+    owner_path, _, attr = str(weight_node.target).rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    suffix = 1
+    while hasattr(owner, f"{attr}_folded{suffix}") or hasattr(owner, f"{attr}_folded{suffix}_bias"):
+        suffix += 1
+    requires_grad = bool(layer.weight.requires_grad)
+    nodes = []
+    for name, tensor in ((f"{attr}_folded{suffix}", folded[0]), (f"{attr}_folded{suffix}_bias", folded[1])):
+        owner.register_parameter(name, nn.Parameter(tensor, requires_grad=requires_grad))
+        with gm.graph.inserting_before(call):
+            nodes.append(gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name))
+    args, kwargs = list(call.args), dict(call.kwargs)
+    for index, key, value in ((1, "weight", nodes[0]), (2, "bias", nodes[1])):
+        if len(args) > index:
+            args[index] = value
+        else:
+            kwargs[key] = value
+    old = [a for a in call.all_input_nodes if a.op == "get_attr" and a not in nodes]
+    call.args, call.kwargs = tuple(args), kwargs
+    for node in old:
+        _drop_if_unread(gm, node)
+    replace_with_input(bn.node, call)
+    result.folded.append(Folded(bn.name, str(nodes[0].target), RULE))
+
+
+def _drop_if_unread(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase a ``get_attr`` node nothing reads any more, and its tensor when no other node fetches it.
+
+    The tensor stays while any node of the graph names its owner module, whose own code may read it.
+    """
+    if node.users:
+        return
+    target = str(node.target)
+    gm.graph.erase_node(node)
+    owner_path, _, attr = target.rpartition(".")
+    for other in gm.graph.nodes:
+        if other.op == "get_attr" and other.target == target:
+            return
+        if other.op == "call_module" and owner_path and str(other.target) in (owner_path, *_parents(owner_path)):
+            return
+    delattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
