@@ -123,3 +123,23 @@ def test_fused_forward_retraces_to_the_same_module_calls() -> None:
         n.target for n in fused.graph.nodes if n.op == "call_module"
     ]
     torch.testing.assert_close(retraced(x), fused(x), rtol=0, atol=0)
+
+
+class _FunctionalConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, self.weight, padding=1)
+
+
+def test_fused_forward_fetches_tensors_through_module_lookups() -> None:
+    model = nn.Sequential(nn.Sequential(_FunctionalConv(3, 4), nn.BatchNorm2d(4)), _FunctionalConv(4, 2)).eval()
+    randomize_batch_norm(model)
+    fused, x = fuse(model), torch.randn(2, 3, 5, 5)
+    assert "= self._modules['1'].weight\n" in fused.code
+    assert "= self._modules['0']._modules['0'].weight_folded1\n" in fused.code
+    torch.testing.assert_close(fused(x), fused.__prepare_scriptable__()(x), rtol=0, atol=0)
+    fused.get_submodule("1").weight = nn.Parameter(torch.zeros(2, 4, 3, 3))  # read at every call
+    assert torch.count_nonzero(fused(x)) == 0

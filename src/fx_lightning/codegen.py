@@ -43,18 +43,40 @@ class DirectSubmoduleCalls:
         targets: qualified names of the sub-modules the graph calls (``call_module`` targets).
         previous: the transformer that was registered before this one, applied first.
         root: the name the generated code uses for the module itself.
+        attributes: qualified names of the tensors the graph fetches (``get_attr`` targets); the modules on
+            their path are reached the same way, the tensor itself by plain attribute access.
     """
 
-    def __init__(self, targets: frozenset[str], previous: BodyTransformer | None = None, root: str = "self") -> None:
+    def __init__(
+        self,
+        targets: frozenset[str],
+        previous: BodyTransformer | None = None,
+        root: str = "self",
+        attributes: frozenset[str] = frozenset(),
+    ) -> None:
         self.targets = targets
         self.previous = previous
         self.root = root
+        self.attributes = attributes
 
     def __call__(self, body: list[str]) -> list[str]:
         if self.previous is not None:
             body = self.previous(body)
         calls = {f" = {attribute_chain(self.root, t)}(": f" = {modules_lookup(self.root, t)}(" for t in self.targets}
-        return [_rewrite_call(fragment, calls) for fragment in body]
+        fetches = {}
+        for target in self.attributes:
+            owner, _, name = target.rpartition(".")
+            fetches[f" = {attribute_chain(self.root, target)}"] = (
+                f" = {attribute_chain(modules_lookup(self.root, owner), name)}"
+            )
+        return [_rewrite_fetch(_rewrite_call(fragment, calls), fetches) for fragment in body]
+
+
+def _rewrite_fetch(fragment: str, fetches: dict[str, str]) -> str:
+    # A get_attr fragment reads "name = <chain>" with nothing after the chain.
+    start = fragment.find(" = ")
+    new = fetches.get(fragment[start:]) if start >= 0 else None
+    return fragment if new is None else fragment[:start] + new
 
 
 def _rewrite_call(fragment: str, calls: dict[str, str]) -> str:
@@ -75,7 +97,10 @@ def _rewrite_call(fragment: str, calls: dict[str, str]) -> str:
 def install_direct_calls(gm: fx.GraphModule) -> None:
     """Make ``gm``'s generated forward call its sub-modules through ``_modules`` lookups, then recompile."""
     targets = frozenset(str(node.target) for node in gm.graph.nodes if node.op == "call_module")
-    gm.graph.on_generate_code(lambda current: DirectSubmoduleCalls(targets, _without_direct_calls(current)))
+    attributes = frozenset(str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and "." in str(n.target))
+    gm.graph.on_generate_code(
+        lambda current: DirectSubmoduleCalls(targets, _without_direct_calls(current), attributes=attributes)
+    )
     gm.recompile()
 
 
