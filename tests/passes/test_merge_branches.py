@@ -346,3 +346,34 @@ def test_merge_branches_skips_merge_that_overflows_dtype() -> None:
         fused = fuse(block)
     assert [set(m.consumed) for m in fused.fusion_report.merged] == []
     assert count_kernels(fused, torch.randn(1, 4, 5, 5).half(), keyword="convolution") == 2
+
+
+class _AssertedBranches(nn.Module):
+    """Branches whose outputs are also checked for rank, as timm's ``BatchNormAct2d`` does before normalising."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.pointwise = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.identity = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.dense[0](x)
+        torch._assert(a.ndim == 4, "expected 4-D")
+        b = self.pointwise[0](x)
+        torch._assert(b.shape[1] == 4, "expected 4 channels")
+        return torch.relu(self.dense[1](a) + self.pointwise[1](b) + self.identity(x))
+
+
+def test_merge_branches_moves_shape_checks_to_the_merged_conv() -> None:
+    fused = _check(_AssertedBranches(), torch.randn(2, 4, 6, 6), convs_left=1)
+    (merged,) = fused.fusion_report.merged
+    assert set(merged.consumed) == {"dense.0", "pointwise.0", "identity"}
+    fused.graph.lint()
+    (conv,) = [n for n in fused.graph.nodes if n.op == "call_module"]
+    # Both checks now read the merged convolution, which runs before them; nothing else is left.
+    assert sorted((u.target.__name__, u.args[1:]) for u in conv.users) == [
+        ("getattr", ("ndim",)),
+        ("getattr", ("shape",)),
+        ("relu", ()),
+    ]

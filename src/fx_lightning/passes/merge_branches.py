@@ -26,6 +26,7 @@ from fx_lightning.passes.common import (
     install_for_node,
     match_batch_norm,
     tensor_rank,
+    value_users,
     with_new_params,
 )
 from fx_lightning.passes.fold_bn_into_preceding import producer_layer
@@ -218,7 +219,9 @@ def _branch_value(branch: _Branch) -> fx.Node:
 
 def _branch(gm: fx.GraphModule, leaf: fx.Node, coefficient: float, sums: set[fx.Node]) -> _Branch:
     """Recognise a summand as a convolution, BatchNorm or average pool of some input, else as that input itself."""
-    only_summed = len(leaf.users) == 1 and set(leaf.users) <= sums
+    # Readers of the branch's shape only (timm's `_assert(x.ndim == 4)`) are moved to the merged conv.
+    readers = value_users(leaf)
+    only_summed = len(readers) == 1 and set(readers) <= sums
     conv = _conv_module(gm, leaf) if only_summed else None
     geometry = _conv_geometry(conv) if conv is not None else None
     if conv is not None and geometry is not None:
@@ -278,7 +281,8 @@ def _geometry(
 
 def _pool_branch(gm: fx.GraphModule, node: fx.Node, coefficient: float, sums: set[fx.Node]) -> _Branch | None:
     """Recognise ``node`` as an exact average pool of an input node read only by ``sums``."""
-    if node.op != "call_module" or set(node.users) - sums or len(node.users) != 1:
+    readers = value_users(node)
+    if node.op != "call_module" or set(readers) - sums or len(readers) != 1:
         return None
     pool = gm.get_submodule(str(node.target))
     cls = type(pool)
@@ -358,14 +362,22 @@ def _rewrite(
 ) -> None:
     graph = gm.graph
     built: list[tuple[fx.Node, nn.Module, _Group]] = []
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for group, _module in groups:
+        consumed = [n for b in (*group.convs, *group.others) for n in b.consumed]
+        conv_node = group.largest.consumed[0]
+        # Placed before the first branch it replaces, so that readers of a branch's shape can read it instead.
+        with graph.inserting_before(min(consumed, key=order.__getitem__)):
+            node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
+        if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
+            node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
+        for branch_node in consumed:
+            for reader in [u for u in branch_node.users if u not in value_users(branch_node)]:
+                reader.replace_input_with(branch_node, node)
+        built.append((node, _module, group))
     with graph.inserting_before(root):
         value: Any = None
-        for group, module in groups:
-            conv_node = group.largest.consumed[0]
-            node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
-            if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
-                node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
-            built.append((node, module, group))
+        for node, _, _ in built:
             value = node if value is None else graph.call_function(operator.add, (value, node))
         for leaf, coefficient in rest:
             value = graph.call_function(operator.add if coefficient > 0 else operator.sub, (value, leaf))
