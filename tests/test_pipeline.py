@@ -200,3 +200,34 @@ def test_fuse_rejects_example_inputs_the_model_cannot_run() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match=r"could not run the model on inputs of shapes \[\(1, 5, 8, 8\)\]"):
         fuse(model, example_inputs=(torch.randn(1, 5, 8, 8),))
+
+
+class _InPlaceStatements(nn.Module):
+    """In-place updates written as statements whose result is unused, as timm's NFNet blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gain = nn.Parameter(torch.full((1, 4, 1, 1), 3.0))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(x))
+        out.mul_(self.gain)  # result unused: torch.fx's dead-code elimination would drop it
+        out.add_(1.0)
+        torch.nn.functional.relu(out - 2.0, True)  # a pure-looking call with an inplace flag, result unused
+        y = out - 2.5
+        self.act(y)  # in-place module call, result unused
+        return out + y
+
+
+def test_fuse_keeps_in_place_statements_whose_result_is_unused() -> None:
+    model = _InPlaceStatements().eval()
+    randomize_batch_norm(model)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        fused = fuse(model)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert fused.fusion_report.num_folded == 1
+    assert [n.target for n in fused.graph.nodes if n.op == "call_method"] == ["mul_", "add_"]

@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
-from fx_lightning.passes.common import PassResult, match_batch_norm
+from fx_lightning.passes.common import PassResult, erase_dead_code, match_batch_norm
 from fx_lightning.report import FusionReport, Skipped, Untraced
 from fx_lightning.tracing import contains_batch_norm, detached_copy, is_batch_norm_module, trace
 
@@ -184,7 +184,7 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
                 if reason not in reasons.setdefault(node_name, []):
                     reasons[node_name].append(reason)
             if result.modified:
-                gm.graph.eliminate_dead_code()
+                erase_dead_code(gm)
                 changed = True
         if not changed:
             break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -349,3 +350,43 @@ def _reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_function" and user.target is getattr:
         return user.args[0] is node and user.args[1] in _SHAPE_ATTRS
     return user.op == "call_method" and user.target in _SHAPE_METHODS and user.args[0] is node
+
+
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem, operator.delitem,
+})  # fmt: skip
+
+
+def erase_dead_code(gm: fx.GraphModule) -> int:
+    """Erase the nodes nothing reads that surely have no side effect; returns how many were erased.
+
+    torch.fx's ``Graph.eliminate_dead_code`` also erases an in-place call whose result is unused, such as
+    timm NFNet's ``out.mul_(self.skipinit_gain)`` written as a statement, which changes what the model
+    computes. Here a node goes only when it is a ``get_attr``, a built-in ``torch.nn`` module call without
+    ``inplace=True``, or a function or method call that is not in place (no trailing ``_``, no augmented
+    assignment, no ``True`` argument that could be an ``inplace`` flag) and not otherwise impure.
+    """
+    erased = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and _surely_pure(gm, node):
+            gm.graph.erase_node(node)
+            erased += 1
+    return erased
+
+
+def _surely_pure(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method", "call_module") or node.is_impure():
+        return False
+    if any(a is True for a in (*node.args, *node.kwargs.values())):
+        return False  # possibly inplace=True
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return type(module).__module__.startswith("torch.nn.modules") and not getattr(module, "inplace", False)
+    if node.op == "call_method":
+        return not str(node.target).endswith("_")
+    name = getattr(node.target, "__name__", "")
+    return node.target not in _IN_PLACE_OPERATORS and not (name.endswith("_") and not name.endswith("__"))
