@@ -148,3 +148,25 @@ def test_timm_nfnet_keeps_its_in_place_gains() -> None:
     assert fused.fusion_report.removed  # Identity calls went, so the graph was rewritten and cleaned
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_timm_levit_folds_linear_norms_given_example_inputs() -> None:
+    # LeViT's LinearNorm normalises linear(x).flatten(0, 1): foldable once the 3-D shape is known, and its
+    # attention-bias cache, filled during tracing, must stay empty in the caller's model.
+    model = _build("levit_128s")
+    x = torch.randn(2, 3, 224, 224)
+    assert count_kernels(model, x) == 52
+    for module in model.modules():
+        if hasattr(module, "attention_bias_cache"):
+            module.attention_bias_cache.clear()
+    fused = fuse(model, example_inputs=(x,))
+    assert count_kernels(fused, x) == 0
+    assert all(not m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache"))
+    _check_outputs(model, fused, x)
+    without_shapes = fuse(model).fusion_report
+    assert without_shapes.num_skipped == 35
+    # Without shapes, ranks are unknown: 33 LinearNorms and the two heads' BatchNorm1d before a Linear stay.
+    reasons = [s.reason for s in without_shapes.skipped]
+    assert sum("flatten(0, 1) puts the Linear's features" in r for r in reasons) == 33
+    assert sum("may not see 2-D input" in r for r in reasons) == 2

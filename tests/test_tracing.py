@@ -70,3 +70,32 @@ def test_contains_batch_norm_sees_every_kind() -> None:
     for bn in (nn.BatchNorm2d(2), Custom(2), FrozenBatchNorm2d(2)):
         assert contains_batch_norm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(bn)))
     assert not contains_batch_norm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.LayerNorm(2)))
+
+
+class _Caching(nn.Module):
+    """Caches a tensor per device key in a dict attribute, as timm's LeViT attention does in eval."""
+
+    def __init__(self, shared: dict[str, object]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.cache = shared
+        self.keys: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        self.keys.append(key)
+        if key not in self.cache:
+            self.cache[key] = self.conv.weight * 2
+        return self.conv(x) * self.cache[key].sum()
+
+
+def test_detached_copy_copies_attribute_containers_so_tracing_cannot_write_into_the_caller() -> None:
+    shared: dict[str, object] = {}
+    model = nn.Sequential(_Caching(shared), nn.BatchNorm2d(2), _Caching(shared)).eval()
+    result = trace(detached_copy(model))
+    assert result.graph_module is not None
+    assert shared == {}  # the trace filled the copy's cache with a Proxy, not the caller's
+    assert model[0].keys == []
+    copy = detached_copy(model)
+    assert copy[0].cache is copy[2].cache  # one shared dict stays one dict in the copy
+    assert copy[0].cache is not shared

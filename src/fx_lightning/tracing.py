@@ -13,6 +13,7 @@ Two pieces:
 from __future__ import annotations
 
 import collections
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +40,14 @@ _HOOK_DICTS = (
 )
 
 
+_INTERNAL_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *_HOOK_DICTS})
+
+
 def detached_copy(module: nn.Module) -> nn.Module:
     """Return an eval-mode copy of ``module`` that shares parameter storage but no Python objects with it.
 
-    Tied parameters and sub-modules used at several places stay tied in the copy. Changing the copy's
+    Tied parameters and sub-modules used at several places stay tied in the copy. Dicts, lists and sets held
+    as attributes are copied one level deep (caches a forward fills while traced stay in the copy). Changing the copy's
     modules, ``training`` flags, dtype or device (``.to()`` rebinds ``.data`` of the copy's own
     ``Parameter`` objects) leaves the original as it was; writing *in place* into a shared parameter's
     storage would not, so treat the copy's parameters as read-only.
@@ -86,6 +91,13 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     for name in _HOOK_DICTS:
         if name in module.__dict__:
             new.__dict__[name] = collections.OrderedDict(module.__dict__[name])
+    for name, value in module.__dict__.items():
+        # Containers a forward may write into while being traced (timm LeViT's attention-bias cache stores a
+        # Proxy keyed by device): one level copied, so those writes land in the copy, not the caller's model.
+        if name not in _INTERNAL_ATTRIBUTES and isinstance(value, (dict, list, set)):
+            if id(value) not in memo:
+                memo[id(value)] = copy.copy(value)
+            new.__dict__[name] = memo[id(value)]
     new.training = False
     return new
 

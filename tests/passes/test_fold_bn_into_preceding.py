@@ -419,3 +419,39 @@ def test_fold_bn_into_preceding_skips_functional_conv_read_elsewhere() -> None:
     assert err <= 1e-5
     [skipped] = fused.fusion_report.skipped
     assert "the output of 'conv2d' is also read by add" in skipped.reason
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: BatchNorm1d over the rows of a flattened (batch, tokens, features) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_fold_bn_into_preceding_linear_through_flattened_rows_with_example_inputs() -> None:
+    x = torch.randn(2, 5, 6)
+    fused, err = _fused_and_error(LinearNorm(), x, example_inputs=(x,))
+    assert err <= 1e-5
+    assert [(r.bn, r.into) for r in fused.fusion_report.folded] == [("bn", "linear")]
+    assert batch_norm_count(fused) == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "why"), [((2, 5, 6), "output rank is unknown"), ((2, 3, 8, 6), "output rank is 4-D")]
+)
+def test_fold_bn_into_preceding_skips_flattened_rows_of_unknown_or_other_rank(shape: tuple[int, ...], why: str) -> None:
+    x = torch.randn(*shape)
+    # (2, 3, 8, 6) -> Linear -> (2, 3, 8, 8) -> flatten(0, 1) -> (6, 8, 8): BatchNorm1d(8) would normalise the
+    # 8 rows of dim 1, not the features, though the sizes match. Folding it per feature would be wrong.
+    model = LinearNorm()
+    kwargs = {"example_inputs": (x,)} if len(shape) == 4 else {}
+    fused, err = _fused_and_error(model, x, **kwargs)
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert why in skipped.reason

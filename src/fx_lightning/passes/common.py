@@ -336,6 +336,7 @@ def describe(node: fx.Node) -> str:
 
 _SHAPE_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:
@@ -349,6 +350,9 @@ def value_users(node: fx.Node) -> list[fx.Node]:
 def _reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_function" and user.target is getattr:
         return user.args[0] is node and user.args[1] in _SHAPE_ATTRS
+    if user.op == "call_method" and user.target in _LIKE_METHODS:
+        # y.reshape_as(x) reads only x's shape (LeViT's LinearNorm: bn(x.flatten(0, 1)).reshape_as(x)).
+        return len(user.args) == 2 and not user.kwargs and user.args[0] is not node and user.args[1] is node
     return user.op == "call_method" and user.target in _SHAPE_METHODS and user.args[0] is node
 
 

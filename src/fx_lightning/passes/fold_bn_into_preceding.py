@@ -59,6 +59,8 @@ class Layer:
         hooked: whether forward hooks could observe the layer's output.
         module: the module, for the module form.
         weight_node: the ``get_attr`` node of the weight, for the functional form.
+        node: the node calling the layer.
+        rows: a ``flatten(y, 0, 1)`` between a Linear and the BatchNorm (LeViT), or ``None``.
     """
 
     name: str
@@ -69,6 +71,8 @@ class Layer:
     hooked: bool = False
     module: nn.Module | None = None
     weight_node: fx.Node | None = None
+    node: fx.Node | None = None
+    rows: fx.Node | None = None
 
     @property
     def out_features(self) -> int:
@@ -117,7 +121,8 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
             transposed = layer.kind == "conv_transpose"
             folded = fold_bn_after_conv(layer.weight, layer.bias, bn.stats, transposed=transposed, groups=layer.groups)
         if layer.module is not None:
-            fold_into_layer(gm, bn, bn.input, folded, RULE, result)
+            assert layer.node is not None
+            fold_into_layer(gm, bn, layer.node, folded, RULE, result)
         else:
             _fold_into_call(gm, bn, layer, folded, result)
     return result
@@ -125,13 +130,21 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
 
 def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]:
     """The layer ``node`` calls, or ``(None, reason)`` when it is a layer call that cannot be folded into."""
+    inner = _flattened_rows(node)
+    if inner is not None:
+        layer, why = _layer(gm, inner)
+        if layer is None or layer.kind != "linear":
+            return None, why
+        layer.rows = node
+        return layer, ""
     module = producer_layer(gm, node)
     if module is not None:
         assert node is not None
         kind = "conv_transpose" if isinstance(module, _CONV_T) else "conv"
         kind = "linear" if isinstance(module, nn.Linear) else kind
         groups = getattr(module, "groups", 1)
-        return Layer(str(node.target), kind, module.weight, module.bias, groups, has_hooks(module), module=module), ""
+        hooked = has_hooks(module)
+        return Layer(str(node.target), kind, module.weight, module.bias, groups, hooked, module=module, node=node), ""
     if node is None or node.op != "call_function" or node.target not in _FUNCTIONAL:
         return None, ""
     names, kind = _FUNCTIONAL[node.target]
@@ -146,7 +159,19 @@ def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]
         return None, f"'{node.name}' has non-constant groups ({args['groups']})"
     weight = _attribute(gm, weight_node)
     bias = _attribute(gm, bias_node) if bias_node is not None else None
-    return Layer(node.name, kind, weight, bias, args["groups"], weight_node=weight_node), ""
+    return Layer(node.name, kind, weight, bias, args["groups"], weight_node=weight_node, node=node), ""
+
+
+def _flattened_rows(node: fx.Node | None) -> fx.Node | None:
+    """``y`` when ``node`` is ``y.flatten(0, 1)`` or ``torch.flatten(y, 0, 1)``, else ``None``."""
+    if node is None or not (
+        (node.op == "call_method" and node.target == "flatten")
+        or (node.op == "call_function" and node.target is torch.flatten)
+    ):
+        return None
+    args = bind_args(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+    inner = args["input"]
+    return inner if isinstance(inner, fx.Node) and args["start_dim"] == 0 and args["end_dim"] == 1 else None
 
 
 def _attribute(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -168,7 +193,18 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     if bn.num_features != layer.out_features:
         return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
     rank = tensor_rank(gm, source)
-    if layer.kind == "linear":
+    if layer.rows is not None:
+        assert layer.node is not None
+        if len(value_users(layer.node)) > 1:
+            return f"the output of '{layer.name}' is also read by {users_text(layer.node, besides=layer.rows)}"
+        inner = tensor_rank(gm, layer.node)
+        if inner != 3:
+            shown = "unknown" if inner is None else f"{inner}-D"
+            return (
+                f"'{layer.name}' output rank is {shown}: flatten(0, 1) puts the Linear's features in BatchNorm's "
+                "dim 1 only for 3-D output (pass example_inputs to fuse() if it is 3-D)"
+            )
+    elif layer.kind == "linear":
         if rank != 2:
             shown = "unknown" if rank is None else f"{rank}-D"
             return (
@@ -184,7 +220,7 @@ def _fold_into_call(
     gm: fx.GraphModule, bn: BatchNormCall, layer: Layer, folded: tuple[torch.Tensor, torch.Tensor], result: PassResult
 ) -> None:
     """Point a functional layer call at new ``folded`` parameters stored beside its weight, and drop ``bn``."""
-    call, weight_node = bn.input, layer.weight_node
+    call, weight_node = layer.node, layer.weight_node
     assert call is not None
     assert weight_node is not None
     owner_path, _, attr = str(weight_node.target).rpartition(".")
