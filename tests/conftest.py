@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +53,18 @@ def make_trainer(tmp_path: Path) -> Callable[..., Any]:
         return pl.Trainer(**(TRAINER_DEFAULTS | {"default_root_dir": tmp_path} | kwargs))
 
     return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test on one torch thread, then restore the count.
+
+    Small inputs make zoo models many tiny ops: on a shared 2-core machine, two OpenMP threads per process
+    oversubscribe the cores and run the zoo about ten times slower than one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

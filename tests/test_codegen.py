@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from fx_lightning import fuse
+from fx_lightning.benchmarking import count_python_calls
 from fx_lightning.codegen import DirectSubmoduleCalls, attribute_chain, install_direct_calls, modules_lookup
 from fx_lightning.testing import randomize_batch_norm
 from reparam_models import mobileone_net
@@ -20,20 +20,7 @@ from reparam_models import mobileone_net
 
 def _module_getattr_calls(fn: Callable[[], Any]) -> int:
     """How many times one call of ``fn`` enters ``nn.Module.__getattr__`` (the slow attribute fallback)."""
-    target, calls = nn.Module.__getattr__.__code__, 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event == "call" and frame.f_code is target:
-            calls += 1
-
-    previous = sys.getprofile()
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(previous)
-    return calls
+    return count_python_calls(fn, into=nn.Module.__getattr__)
 
 
 def _fused_pair() -> tuple[nn.Module, fx.GraphModule, torch.Tensor]:

@@ -11,7 +11,6 @@ the original float32 model is (deep nets with random BatchNorm statistics amplif
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -23,14 +22,8 @@ from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
 
 SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small inputs make these models many tiny ops: one thread each (see the one_thread fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str) -> nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ from zoo import FAST_MODELS, example_input, reference_pitfalls, relative_error, 
 from zoo import build as build_zoo_model
 
 RTOL = 1e-5
+# Small inputs make these models many tiny ops: one thread each (see the one_thread fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # BatchNorm calls that cannot be folded exactly, per model family, with the reason the report must give.
 # DenseNet normalises the concatenation of earlier layers' outputs (no single layer produces it) and feeds
@@ -36,16 +37,6 @@ _DENSENET_BLOCKS = {
 EXPECTED_LEFT: dict[str, tuple[int, re.Pattern[str]]] = {
     name: (sum(blocks) + len(blocks), _DENSENET_REASON) for name, blocks in _DENSENET_BLOCKS.items()
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small inputs make these models many tiny ops: on a shared 2-core machine, two OpenMP threads per
-    # process oversubscribe the cores and run the zoo about ten times slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _zoo_params() -> list[object]:

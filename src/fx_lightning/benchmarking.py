@@ -252,17 +252,19 @@ def balanced_orders(n: int) -> list[list[int]]:
     return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
-def count_python_calls(fn: Callable[[], Any]) -> int:
+def count_python_calls(fn: Callable[[], Any], into: Callable[..., Any] | None = None) -> int:
     """Number of Python and builtin function calls one call of ``fn`` makes (``sys.setprofile`` events).
 
     Deterministic where wall time is not: on a busy machine it still shows per-call interpreter overhead,
-    such as the attribute lookups a generated ``forward`` makes to reach its sub-modules.
+    such as the attribute lookups a generated ``forward`` makes to reach its sub-modules. With ``into``,
+    only calls of that Python function count (e.g. ``nn.Module.__getattr__``).
     """
     calls = 0
+    code = into.__code__ if into is not None else None
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         nonlocal calls
-        if event in ("call", "c_call"):
+        if (code is None and event in ("call", "c_call")) or (event == "call" and frame.f_code is code):
             calls += 1
 
     previous = sys.getprofile()
