@@ -455,3 +455,49 @@ def test_fold_bn_into_preceding_skips_flattened_rows_of_unknown_or_other_rank(sh
     assert err <= 1e-5
     [skipped] = fused.fusion_report.skipped
     assert why in skipped.reason
+
+
+class MixedConv(nn.Module):
+    """timm MixNet's ``MixedConv2d``: channel groups convolved with different kernels, concatenated, normalised."""
+
+    def __init__(self, parts: str = "convs", dim: int = 1) -> None:
+        super().__init__()
+        self.parts, self.dim = parts, dim
+        self.convs = nn.ModuleList(nn.Conv2d(2, c, k, padding=k // 2) for c, k in ((3, 3), (2, 5), (1, 1)))
+        self.bn = nn.BatchNorm2d(6 if dim == 1 else 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = torch.split(x, 2, dim=1)
+        outs = [self.convs[i](xs[i]) for i in range(3)]
+        if self.parts == "with_input":
+            outs[2] = xs[2][:, :1]  # not a layer output: cannot carry its share of the BatchNorm
+        elif self.parts == "repeated":
+            outs = [outs[0], outs[0]]
+        if self.dim != 1:
+            outs = [outs[0], outs[0] * 2]
+        return self.bn(torch.cat(outs, self.dim))
+
+
+def test_fold_bn_into_preceding_splits_batch_norm_over_concatenated_convs() -> None:
+    fused, err = _fused_and_error(MixedConv(), torch.randn(2, 6, 7, 7))
+    assert err <= 1e-5
+    assert batch_norm_count(fused) == 0
+    assert [(r.bn, r.into) for r in fused.fusion_report.folded] == [("bn", "convs.0, convs.1, convs.2")]
+
+
+@pytest.mark.parametrize(
+    ("parts", "dim", "why"),
+    [
+        ("with_input", 1, "its input is a concatenation ('cat') whose part 'getitem_4' is not a Conv"),
+        ("repeated", 1, "its input is a concatenation ('cat') of repeated or non-tensor parts"),
+        ("convs", 2, "its input is not a Conv/ConvTranspose/Linear layer call ('cat': call_function cat)"),
+    ],
+)
+def test_fold_bn_into_preceding_skips_other_concatenations(parts: str, dim: int, why: str) -> None:
+    model = MixedConv(parts, dim)
+    if parts == "repeated":
+        model.bn = nn.BatchNorm2d(6)
+    fused, err = _fused_and_error(model, torch.randn(2, 6, 7, 7))
+    assert err <= 1e-5
+    [skipped] = fused.fusion_report.skipped
+    assert why in skipped.reason

@@ -15,20 +15,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.parameter import is_lazy
 
-from fx_lightning.folding import fold_bn_after_conv, fold_bn_after_linear
+from fx_lightning.folding import BatchNormStats, fold_bn_after_conv, fold_bn_after_linear
 from fx_lightning.passes.common import (
     BatchNormCall,
     PassResult,
     base_class,
     bind_args,
     describe,
-    fold_into_layer,
     foldable_batch_norms,
     has_hooks,
+    install_for_node,
     replace_with_input,
     tensor_rank,
     users_text,
     value_users,
+    with_new_params,
 )
 from fx_lightning.report import Folded
 
@@ -108,24 +109,81 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
     """
     result = PassResult()
     for bn in foldable_batch_norms(gm, result):
-        layer, why = _layer(gm, bn.input)
-        why = why or _why_not(gm, bn, layer)
+        if _concatenation(bn.input) is not None:
+            parts, why = _concatenated_parts(gm, bn)
+        else:
+            layer, why = _layer(gm, bn.input)
+            why = why or _why_not(gm, bn, layer)
+            parts = [] if why or layer is None or bn.stats is None else [(layer, bn.stats)]
         if why:
             result.reasons[bn.node.name] = why
             continue
         assert bn.input is not None
-        assert layer is not None
-        if layer.kind == "linear":
-            folded = fold_bn_after_linear(layer.weight, layer.bias, bn.stats)
-        else:
-            transposed = layer.kind == "conv_transpose"
-            folded = fold_bn_after_conv(layer.weight, layer.bias, bn.stats, transposed=transposed, groups=layer.groups)
-        if layer.module is not None:
-            assert layer.node is not None
-            fold_into_layer(gm, bn, layer.node, folded, RULE, result)
-        else:
-            _fold_into_call(gm, bn, layer, folded, result)
+        targets = [_fold_part(gm, layer, stats) for layer, stats in parts]
+        replace_with_input(bn.node, bn.input)
+        result.folded.append(Folded(bn.name, ", ".join(targets), RULE))
     return result
+
+
+def _fold_part(gm: fx.GraphModule, layer: Layer, stats: BatchNormStats) -> str:
+    """Give ``layer``'s call new parameters with ``stats`` folded in; returns what the call now uses."""
+    if layer.kind == "linear":
+        folded = fold_bn_after_linear(layer.weight, layer.bias, stats)
+    else:
+        transposed = layer.kind == "conv_transpose"
+        folded = fold_bn_after_conv(layer.weight, layer.bias, stats, transposed=transposed, groups=layer.groups)
+    assert layer.node is not None
+    if layer.module is not None:
+        return install_for_node(gm, layer.node, with_new_params(layer.module, *folded))
+    return _point_call_at(gm, layer, folded)
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _concatenation(node: fx.Node | None) -> list[Any] | None:
+    """The concatenated values when ``node`` is ``torch.cat(values, dim=1)``, else ``None``."""
+    if node is None or node.op != "call_function" or node.target not in _CONCATENATIONS:
+        return None
+    args = bind_args(node, ("tensors", "dim"), {"dim": 0})
+    values = args.get("tensors")
+    return list(values) if args["dim"] == 1 and isinstance(values, (list, tuple)) else None
+
+
+def _concatenated_parts(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[list[tuple[Layer, BatchNormStats]], str]:
+    """Split ``bn`` over the convolutions whose outputs ``torch.cat(..., dim=1)`` joins (MixNet's MixedConv2d)."""
+    cat = bn.input
+    assert cat is not None
+    assert bn.stats is not None
+    values = _concatenation(cat) or []
+    where = f"its input is a concatenation ('{cat.name}')"
+    if len(value_users(cat)) > 1:
+        return [], f"{where} also read by {users_text(cat, besides=bn.node)}"
+    if len(set(values)) != len(values) or not all(isinstance(v, fx.Node) for v in values):
+        return [], f"{where} of repeated or non-tensor parts"
+    parts: list[tuple[Layer, BatchNormStats]] = []
+    start = 0
+    for value in values:
+        layer, _ = _layer(gm, value)
+        if layer is None or layer.kind == "linear" or layer.rows is not None:
+            return [], f"{where} whose part '{value.name}' is not a Conv/ConvTranspose layer call"
+        why = _layer_problem(gm, layer, value, reader=cat)
+        if why:
+            return [], f"{where}: {why}"
+        end = start + layer.out_features
+        parts.append((layer, _channels(bn.stats, start, end)))
+        start = end
+    if start != bn.num_features:
+        return [], f"{where} of {start} channels, but it normalises {bn.num_features}"
+    return parts, ""
+
+
+def _channels(stats: BatchNormStats, start: int, end: int) -> BatchNormStats:
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[start:end]
+
+    return BatchNormStats(stats.running_mean[start:end], stats.running_var[start:end], stats.eps,
+                          part(stats.weight), part(stats.bias))  # fmt: skip
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]:
@@ -184,12 +242,9 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     if layer is None or source is None:
         what = describe(source) if source is not None else "a non-tensor argument"
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
-    if is_lazy(layer.weight):
-        return f"the preceding layer '{layer.name}' is lazy and not materialised yet"
-    if len(value_users(source)) > 1:
-        return f"the output of '{layer.name}' is also read by {users_text(source, besides=bn.node)}"
-    if layer.hooked:
-        return f"the preceding layer '{layer.name}' has forward hooks, which would see folded outputs"
+    why = _layer_problem(gm, layer, source, reader=bn.node)
+    if why:
+        return why
     if bn.num_features != layer.out_features:
         return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
     rank = tensor_rank(gm, source)
@@ -204,22 +259,31 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
                 f"'{layer.name}' output rank is {shown}: flatten(0, 1) puts the Linear's features in BatchNorm's "
                 "dim 1 only for 3-D output (pass example_inputs to fuse() if it is 3-D)"
             )
-    elif layer.kind == "linear":
-        if rank != 2:
-            shown = "unknown" if rank is None else f"{rank}-D"
-            return (
-                f"'{layer.name}' output rank is {shown}: BatchNorm normalises dim 1, which is the Linear's "
-                "features only for 2-D input (pass example_inputs to fuse() if it is 2-D)"
-            )
-    elif rank is not None and rank != layer.weight.dim():
+    elif layer.kind == "linear" and rank != 2:
+        shown = "unknown" if rank is None else f"{rank}-D"
+        return (
+            f"'{layer.name}' output rank is {shown}: BatchNorm normalises dim 1, which is the Linear's "
+            "features only for 2-D input (pass example_inputs to fuse() if it is 2-D)"
+        )
+    return ""
+
+
+def _layer_problem(gm: fx.GraphModule, layer: Layer, source: fx.Node, reader: fx.Node) -> str:
+    """Why ``layer``'s output ``source``, read by ``reader``, cannot absorb a per-channel affine map, or ``""``."""
+    if is_lazy(layer.weight):
+        return f"the preceding layer '{layer.name}' is lazy and not materialised yet"
+    if len(value_users(source)) > 1:
+        return f"the output of '{layer.name}' is also read by {users_text(source, besides=reader)}"
+    if layer.hooked:
+        return f"the preceding layer '{layer.name}' has forward hooks, which would see folded outputs"
+    rank = tensor_rank(gm, source)
+    if layer.kind != "linear" and rank is not None and rank != layer.weight.dim():
         return f"'{layer.name}' runs on unbatched input ({rank}-D output), where BatchNorm dim 1 is not channels"
     return ""
 
 
-def _fold_into_call(
-    gm: fx.GraphModule, bn: BatchNormCall, layer: Layer, folded: tuple[torch.Tensor, torch.Tensor], result: PassResult
-) -> None:
-    """Point a functional layer call at new ``folded`` parameters stored beside its weight, and drop ``bn``."""
+def _point_call_at(gm: fx.GraphModule, layer: Layer, folded: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """Point a functional layer call at new ``folded`` parameters stored beside its weight; returns their path."""
     call, weight_node = layer.node, layer.weight_node
     assert call is not None
     assert weight_node is not None
@@ -244,8 +308,7 @@ def _fold_into_call(
     call.args, call.kwargs = tuple(args), kwargs
     for node in old:
         _drop_if_unread(gm, node)
-    replace_with_input(bn.node, call)
-    result.folded.append(Folded(bn.name, str(nodes[0].target), RULE))
+    return str(nodes[0].target)
 
 
 def _drop_if_unread(gm: fx.GraphModule, node: fx.Node) -> None:
