@@ -363,7 +363,7 @@ def _rewrite(
     graph = gm.graph
     built: list[tuple[fx.Node, nn.Module, _Group]] = []
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for group, _module in groups:
+    for group, module in groups:
         consumed = [n for b in (*group.convs, *group.others) for n in b.consumed]
         conv_node = group.largest.consumed[0]
         # Placed before the first branch it replaces, so that readers of a branch's shape can read it instead.
@@ -374,7 +374,7 @@ def _rewrite(
         for branch_node in consumed:
             for reader in [u for u in branch_node.users if u not in value_users(branch_node)]:
                 reader.replace_input_with(branch_node, node)
-        built.append((node, _module, group))
+        built.append((node, module, group))
     with graph.inserting_before(root):
         value: Any = None
         for node, _, _ in built:
