@@ -27,7 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # DenseNet normalises the concatenation of earlier layers' outputs (no single layer produces it) and feeds
 # the result to a ReLU (so no layer reads it directly either): norm1 of every dense layer, the norm of
 # every transition and the final norm5, i.e. sum(block_config) + len(block_config) calls.
-_DENSENET_REASON = re.compile(r"its input is not a .*layer call \('cat(_\d+)?'.*; the layer after it is not a .*relu")
+_DENSENET_REASON = re.compile(
+    r"its input is a concatenation \('cat(_\d+)?'\) whose part '\w+' is not a Conv/ConvTranspose layer call; "
+    r"the layer after it is not a .*relu"
+)
 _DENSENET_BLOCKS = {
     "densenet121": (6, 12, 24, 16),
     "densenet161": (6, 12, 36, 24),
