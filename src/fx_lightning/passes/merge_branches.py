@@ -372,7 +372,8 @@ def _rewrite(
         if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
             node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
         for branch_node in consumed:
-            for reader in [u for u in branch_node.users if u not in value_users(branch_node)]:
+            values = value_users(branch_node)
+            for reader in [u for u in branch_node.users if u not in values]:
                 reader.replace_input_with(branch_node, node)
         built.append((node, module, group))
     with graph.inserting_before(root):
