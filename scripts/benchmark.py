@@ -10,7 +10,7 @@ the architecture's "hand-written deploy" form, one convolution per block built b
 containing 1 means "the same latency within noise". Where available, ``torch.compile`` of the fused model
 (``--compile``) and ONNX Runtime on an ONNX export of the fused model are timed too. Fusion wall time and
 memory of each fuser are measured in a fresh process per torchvision model (see
-``fx_lightning.benchmarking.MEMORY_METHOD``).
+``scripts/benchmarking.py``'s ``MEMORY_METHOD``).
 
     python scripts/benchmark.py --json benchmark.json --markdown benchmark.md --plot benchmark.png
 """
@@ -45,8 +45,7 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
-from fx_lightning import fuse
-from fx_lightning.benchmarking import (
+from benchmarking import (
     FUSERS,
     MEMORY_METHOD,
     FusionCost,
@@ -61,6 +60,7 @@ from fx_lightning.benchmarking import (
     paired_ratio_interval,
     time_fusers,
 )
+from fx_lightning import fuse
 from fx_lightning.counting import count_ops
 from fx_lightning.testing import randomize_batch_norm
 

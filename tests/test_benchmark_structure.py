@@ -21,8 +21,8 @@ import torchvision
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fx_lightning import benchmarking, count_kernels, fuse
-from fx_lightning.benchmarking import (
+import benchmarking
+from benchmarking import (
     balanced_orders,
     bn_to_identity,
     interleaved_timings,
@@ -31,6 +31,7 @@ from fx_lightning.benchmarking import (
     paired_ratio_interval,
     retained_extra_bytes,
 )
+from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
 from scripts_loader import load_script
 

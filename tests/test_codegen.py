@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from benchmarking import count_python_calls
 from fx_lightning import fuse
-from fx_lightning.benchmarking import count_python_calls
 from fx_lightning.codegen import DirectSubmoduleCalls, attribute_chain, install_direct_calls, modules_lookup
 from fx_lightning.testing import randomize_batch_norm
 from reparam_models import mobileone_net

@@ -12,7 +12,9 @@ inference variant (eager, fused, compiled, ONNX Runtime) the same way:
   on one torchvision model in a fresh Python process and reports its peak and retained extra memory
   from ``/proc/self/status``.
 
-The module is also the entry point of that fresh process: ``python -m fx_lightning.benchmarking probe ...``.
+The scripts import it as ``benchmarking`` (a script's own directory is on ``sys.path``), and so do the tests
+(``pythonpath`` in ``pyproject.toml``). The file is also the entry point of that fresh process:
+``python scripts/benchmarking.py probe ...``.
 """
 
 from __future__ import annotations
@@ -494,9 +496,10 @@ def measure_fusion(model_name: str, fuser: str, *, threads: int = 2, timeout_s: 
     if fuser not in FUSERS:
         raise ValueError(f"measure_fusion(fuser={fuser!r}) is not a known fuser; choose one of {list(FUSERS)}.")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The child runs this file; the checkout's src/ comes first so that it fuses with the code beside it.
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "fx_lightning.benchmarking", "probe", model_name, fuser]
+    cmd = [sys.executable, os.path.abspath(__file__), "probe", model_name, fuser]
     cmd += ["--threads", str(threads)]
     empty = FusionCost(model_name, fuser, [], 0, 0, None, None)
     try:
