@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from engine_nets import rel_err
 from fx_lightning.folding import (
     BatchNormStats,
+    cast_like,
+    fold_affine_after_layer,
     fold_bn_after_conv,
     fold_bn_after_linear,
     fold_bn_before_conv,
     fold_bn_before_linear,
+    scale_output_channels,
 )
 
 
@@ -109,3 +112,44 @@ def test_fold_bn_after_conv_in_chunks_matches_whole(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(folding, "_CHUNK_ELEMENTS", 27 * 3)  # three rows per step, last step shorter
     chunked, _ = fold_bn_after_conv(w, None, stats)
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize(("transposed", "groups"), [(False, 1), (True, 1), (True, 2)])
+def test_scale_output_channels_in_chunks_matches_whole(
+    monkeypatch: pytest.MonkeyPatch, transposed: bool, groups: int
+) -> None:
+    import fx_lightning.folding as folding
+
+    w = torch.randn(10, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    scale = torch.randn(6 * groups if transposed else 10, dtype=torch.float64)
+    whole = scale_output_channels(w, scale, transposed=transposed, groups=groups)
+    monkeypatch.setattr(folding, "_CHUNK_ELEMENTS", 54 * 3)  # three rows per step, last step shorter
+    chunked = scale_output_channels(w, scale, transposed=transposed, groups=groups)
+    assert torch.equal(whole, chunked)
+    assert chunked.stride() == w.stride()
+    if transposed:
+        # Output channel o of group g is column o % (out/groups) of that group's rows.
+        expected = w.double().reshape(groups, 10 // groups, 6, 3, 3) * scale.reshape(groups, 1, 6, 1, 1)
+    else:
+        expected = w.double() * scale.reshape(-1, 1, 1, 1)
+    assert torch.equal(chunked, expected.reshape(w.shape).float())
+
+
+def test_scale_output_channels_rejects_wrong_count() -> None:
+    with pytest.raises(ValueError, match=r"transposed=True, groups=2\) needs one scale per output channel, 6\."):
+        scale_output_channels(torch.ones(4, 3, 1, 1), torch.ones(3), transposed=True, groups=2)
+
+
+def test_fold_affine_after_layer_rejects_unknown_layout() -> None:
+    with pytest.raises(ValueError, match=r"fold_affine_after_layer\(layout='conv1d'\) expects one of 'conv', "):
+        fold_affine_after_layer(torch.ones(2, 1, 1), None, torch.ones(2), torch.zeros(2), layout="conv1d")
+
+
+def test_cast_like_keeps_strides_of_same_shape_and_format_of_another() -> None:
+    like = torch.zeros(4, 3, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    same = cast_like(torch.randn(4, 3, 3, 3, dtype=torch.float64), like)
+    assert (same.dtype, same.stride()) == (torch.float16, like.stride())
+    larger = cast_like(torch.randn(4, 3, 5, 5, dtype=torch.float64), like)
+    assert larger.dtype == torch.float16
+    assert larger.is_contiguous(memory_format=torch.channels_last)
+    assert cast_like(torch.randn(4, 3, 5, 5, dtype=torch.float64), like.contiguous()).is_contiguous()

@@ -1,4 +1,5 @@
-"""reparam_math: kernels of parallel branches and constant affine folds, against direct float64 computation."""
+"""The re-parameterisation maths (kernels of parallel branches, constant affine folds) against direct float64
+computation, and the names fx_lightning.reparam_math keeps importable for it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fx_lightning.reparam_math import (
+from fx_lightning import folding, reparam_math
+from fx_lightning.folding import (
     average_kernel,
     centred_kernel,
     constant_affine,
@@ -14,6 +16,12 @@ from fx_lightning.reparam_math import (
     identity_kernel,
     sum_branches,
 )
+
+
+def test_reparam_math_names_are_the_folding_functions() -> None:
+    for name in reparam_math.__all__:
+        expected = folding.cast_like if name == "cast_weight" else getattr(folding, name)
+        assert getattr(reparam_math, name) is expected, name
 
 
 def test_centred_kernel_conv_equals_smaller_kernel_with_less_padding() -> None:
