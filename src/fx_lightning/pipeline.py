@@ -1,23 +1,48 @@
-"""``fuse``: trace, run the registered passes in order, recompile, and collect the report."""
+"""``fuse``: trace, run the registered passes, write the rewrites back into the user's module tree, self-check.
+
+The default form keeps the user's network: each rewrite that amounts to replacing modules at their own paths
+(a layer by its folded twin, a BatchNorm by ``nn.Identity``) is written into a copy of the user's module tree,
+so every method of the user's classes keeps working. A rewrite that needs generated code (merged branches,
+folds into functional calls, a layer folded at one of several call sites) replaces the smallest module whose
+forward holds it by that module's fused ``GraphModule``. ``form="graph"`` returns one ``GraphModule`` for the
+whole traced model instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
-from fx_lightning.passes.common import PassResult, erase_dead_code, match_batch_norm
-from fx_lightning.report import FusionReport, Skipped, Untraced
-from fx_lightning.tracing import contains_batch_norm, detached_copy, is_batch_norm_module, trace
+from fx_lightning.passes.matching import match_batch_norm, value_users
+from fx_lightning.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
+from fx_lightning.report import Folded, FusionReport, Merged, Skipped, Untraced
+from fx_lightning.tracing import (
+    contains_batch_norm,
+    detached_copy,
+    has_forward_hooks,
+    is_batch_norm_module,
+    trace,
+)
 
 REPORT_ATTR = "fusion_report"
-_MAX_ROUNDS = 8
+MAX_ROUNDS = 8
+Form = Literal["modules", "graph"]
+_FORMS = ("modules", "graph")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Above this many bytes of parameters, the self-check compares in the model's own dtype instead of float64.
+_FLOAT64_CHECK_BYTES = 1 << 30
 
 
 def fuse(
@@ -26,6 +51,7 @@ def fuse(
     *,
     passes: Sequence[str] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    form: Form = "modules",
 ) -> nn.Module:
     """Return an eval-mode copy of ``model`` with every BatchNorm that can be folded exactly folded.
 
@@ -34,46 +60,56 @@ def fuse(
     parameters are shared with ``model`` (new ``Parameter`` objects over the same storage, so no
     weight memory is duplicated): treat them as read-only. Buffers are copied.
 
+    With ``form="modules"`` (the default) the result is a copy of ``model`` of the same class: each folded
+    layer sits at its own path, each folded BatchNorm is an ``nn.Identity``, Dropout stays, and every method of
+    the model (``forward_features``, ``.features``, your own) runs as written. Only a module whose rewrite needs
+    generated code (merged RepVGG-style branches, folds into functional calls) becomes a ``GraphModule``; the
+    report lists those in ``graphs``. With ``form="graph"`` the whole traced model is one ``GraphModule``
+    (Dropout and Identity calls removed, every layer called directly), as for export or benchmarks.
+
     When the whole model cannot be traced by torch.fx, the largest sub-modules that can be are traced
     and fused, and the parts left untraced are named in the report with the tracer's error.
 
     Args:
         model: the network to fuse, in train or eval mode.
         example_inputs: optional positional inputs for one forward call. With them, tensor shapes are
-            propagated, which lets ``Linear`` + ``BatchNorm1d`` fold wherever the input is 2-D and
-            checks that convolutions see batched input. Without them, convolutions are assumed to be
-            called on batched input (as ``BatchNorm2d``/``3d`` require anyway).
+            propagated (which settles ranks the graph alone leaves open, e.g. ``Linear`` + ``BatchNorm1d``), and
+            the fused copy is checked against the original on them before it is returned: a rewrite that changes
+            the output beyond rounding is reverted and listed in the report's ``reverted``.
         passes: names of the registered passes to run, in registry order; all by default
             (see :func:`fx_lightning.passes.registered_passes`).
         leaf_modules: module classes to keep as single calls instead of tracing through them.
+        form: ``"modules"`` (the user's module tree with fused layers in place) or ``"graph"`` (one
+            ``GraphModule``).
 
     Returns:
-        An ``nn.Module`` (a ``torch.fx.GraphModule`` when the whole model was traced) in eval mode,
-        with the :class:`FusionReport` at ``result.fusion_report``.
+        An ``nn.Module`` in eval mode, with the :class:`FusionReport` at ``result.fusion_report``.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, is wrapped (TorchScript, ``DataParallel``,
             ``DistributedDataParallel``, ``torch.compile``), or ``example_inputs`` is not a sequence.
-        ValueError: if ``passes`` names a pass that is not registered, or the model cannot run on
-            ``example_inputs``.
+        ValueError: if ``passes`` names a pass that is not registered, ``form`` is unknown, or the model cannot
+            run on ``example_inputs``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         >>> fused = fuse(net)
-        >>> [type(m).__name__ for m in fused.children()]
-        ['Conv2d', 'ReLU']
+        >>> type(fused) is nn.Sequential, [type(m).__name__ for m in fused]
+        (True, ['Conv2d', 'Identity', 'ReLU'])
         >>> fused.fusion_report.num_folded
         1
     """
-    chosen = _validate(model, example_inputs, passes, leaf_modules)
+    chosen = _validate(model, example_inputs, passes, leaf_modules, form)
     start = time.perf_counter()
     report = FusionReport(model=type(model).__name__)
     with torch.no_grad():
         root = detached_copy(model)
-        fused = _fuse_tree(root, "", report, chosen, tuple(leaf_modules), example_inputs)
+        engine = _Engine(chosen, tuple(leaf_modules), form, report)
+        fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
+        if example_inputs is not None and engine.units:
+            fused = _SelfCheck(model, tuple(example_inputs)).run(fused, engine)
     if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
-        fused = root
     report.seconds = time.perf_counter() - start
     fused.eval()
     object.__setattr__(fused, REPORT_ATTR, report)
@@ -81,7 +117,7 @@ def fuse(
 
 
 def _validate(
-    model: Any, example_inputs: Any, passes: Sequence[str] | None, leaf_modules: Sequence[Any]
+    model: Any, example_inputs: Any, passes: Sequence[str] | None, leaf_modules: Sequence[Any], form: Any
 ) -> dict[str, Any]:
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -103,6 +139,11 @@ def _validate(
         raise TypeError(
             f"fuse(leaf_modules={list(leaf_modules)!r}) expects nn.Module subclasses, got {bad_leaves!r}. "
             "Pass classes, e.g. leaf_modules=[MyBlock]."
+        )
+    if form not in _FORMS:
+        raise ValueError(
+            f"fuse(form={form!r}) expects one of {list(_FORMS)}: 'modules' keeps your module tree with fused "
+            "layers in place, 'graph' returns one GraphModule."
         )
     registry = registered_passes()
     if passes is None:
@@ -126,60 +167,285 @@ def _wrapper_hint(model: nn.Module) -> str:
     return ""
 
 
-def _fuse_tree(
-    module: nn.Module,
-    path: str,
-    report: FusionReport,
-    passes: dict[str, Any],
-    leaf_types: tuple[type, ...],
-    example_inputs: Sequence[Any] | None,
-) -> nn.Module:
-    """Fuse ``module`` as one graph if it traces, else fuse its children one by one."""
-    traced = trace(module, leaf_types)
-    gm = traced.graph_module
-    if gm is None:
-        report.untraced.append(Untraced(path or "<model>", traced.error))
-        for name, child in list(module.named_children()):
-            child_path = _join(path, name)
-            if is_batch_norm_module(child):
-                report.skipped.append(Skipped(child_path, f"its parent '{path or '<model>'}' could not be traced"))
-            elif contains_batch_norm(child) and not _is_torch_leaf(child):
-                setattr(module, name, _fuse_tree(child, child_path, report, passes, leaf_types, None))
-        return module
+# ----------------------------------------------------------------------------------------------- the engine
 
-    if example_inputs is not None:
-        try:
-            ShapeProp(gm).propagate(*example_inputs)
-        except Exception as err:
-            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-            raise ValueError(
-                f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
-                f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
-            ) from err
-    _run_passes(gm, path, report, passes)
-    for name in traced.opaque:
-        sub = gm.get_submodule(name)
-        if contains_batch_norm(sub):
-            gm.add_submodule(name, _fuse_tree(sub, _join(path, name), report, passes, leaf_types, None))
+
+@dataclass
+class _Unit:
+    """One module replacement made in the copy: ``container._modules[name]`` went from ``old`` to ``new``.
+
+    ``container`` is ``None`` for the model itself (the whole model replaced by a graph).
+    """
+
+    path: str
+    container: nn.Module | None
+    name: str
+    old: nn.Module
+    new: nn.Module
+
+    def set(self, applied: bool) -> None:
+        if self.container is not None:
+            self.container._modules[self.name] = self.new if applied else self.old
+
+
+class _Sites:
+    """Who reaches which module in a traced graph, taken before the passes change it."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.calls: Counter[str] = Counter()
+        self.fetches: list[tuple[str, str]] = []  # (get_attr target, scope of the fetching forward)
+        self.bn_owners: Counter[str] = Counter()  # scope of each BatchNorm call made from a module's own forward
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] += 1
+            elif node.op == "get_attr":
+                self.fetches.append((str(node.target), scope_of([node])))
+            if node.op != "call_module" and match_batch_norm(gm, node) is not None:
+                self.bn_owners[scope_of([node])] += 1
+
+    def reached_otherwise(self, path: str, own_forward: bool = False) -> bool:
+        """Whether a call of an ancestor runs ``path``, or a node fetches one of its tensors.
+
+        With ``own_forward``, fetches made inside ``path``'s own forward (a module reading its own buffers) are
+        allowed.
+        """
+        ancestors = {path.rsplit(".", i)[0] for i in range(1, path.count(".") + 1)}
+        if any(self.calls[a] for a in ancestors):
+            return True
+        for target, scope in self.fetches:
+            inside = own_forward and (scope == path or scope.startswith(path + "."))
+            if target.startswith(path + ".") and not inside:
+                return True
+        return False
+
+
+class _Engine:
+    """Fuses one module tree: traced regions, their rewrites, and every module replacement made (``units``)."""
+
+    def __init__(self, passes: dict[str, Any], leaf_types: tuple[type, ...], form: Form, report: FusionReport):
+        self.passes = passes
+        self.leaf_types = leaf_types
+        self.form = form
+        self.report = report
+        self.units: list[_Unit] = []
+
+    # -- regions
+
+    def fuse_region(
+        self, module: nn.Module, path: str, example_inputs: Sequence[Any] | None, *, below_untraced: bool
+    ) -> nn.Module:
+        """Fuse ``module`` (at ``path`` in the model); returns it, changed in place, or its replacement."""
+        traced = trace(module, self.leaf_types)
+        gm = traced.graph_module
+        if gm is None:
+            self.report.untraced.append(Untraced(path or "<model>", traced.error))
+            for name, child in list(module.named_children()):
+                child_path = _join(path, name)
+                if is_batch_norm_module(child):
+                    why = f"its parent '{path or '<model>'}' could not be traced"
+                    self.report.skipped.append(Skipped(child_path, why))
+                elif contains_batch_norm(child) and not _is_torch_leaf(child):
+                    new = self.fuse_region(child, child_path, None, below_untraced=True)
+                    self._replace(module, name, new, child_path)
+            return module
+        if example_inputs is not None:
+            _propagate_shapes(gm, example_inputs)
+        self.report.traced.append(path or "<model>")
+        if self.form == "graph" and not path:
+            changes = _run_passes(gm, self.passes)
+            result: nn.Module = _finish(gm)
+            self.report.merge(_report_of(changes), path)
+            self._replace(None, "", result, "", old=module)
         else:
-            report.untraced.append(Untraced(_join(path, name), traced.opaque[name]))
-    report.traced.append(path or "<model>")
-    return gm
+            sites = _Sites(gm)
+            originals = dict(module.named_modules(remove_duplicate=False))
+            changes = _run_passes(gm, self.passes)
+            result = self._write_back(module, path, gm, changes, sites, originals, example_inputs, below_untraced)
+        # Parts kept as single calls (untraceable, or hooked) are fused on their own.
+        for name in sorted({*traced.opaque, *traced.hooked}):
+            sub = _find(result, name)
+            opaque = name in traced.opaque
+            if sub is None or not contains_batch_norm(sub):
+                if opaque:
+                    self.report.untraced.append(Untraced(_join(path, name), traced.opaque[name]))
+                continue
+            new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
+            parent, _, last = name.rpartition(".")
+            self._replace(_find(result, parent), last, new, _join(path, name))
+        return result
+
+    def _write_back(
+        self,
+        module: nn.Module,
+        path: str,
+        gm: fx.GraphModule,
+        changes: _Changes,
+        sites: _Sites,
+        originals: dict[str, nn.Module],
+        example_inputs: Sequence[Any] | None,
+        below_untraced: bool,
+    ) -> nn.Module:
+        """Write the rewrites of ``module``'s graph into ``module``: in place where they are module swaps,
+        as generated code for the smallest enclosing module elsewhere."""
+        scoped: dict[str, list[Rewrite]] = {}
+        for rewrite in changes.rewrites:
+            pass_through = self._tree_form(rewrite, sites, originals) if rewrite.swaps is not None else None
+            if pass_through is None:
+                scoped.setdefault(rewrite.scope, []).append(rewrite)
+                continue
+            for target, new in (rewrite.swaps or {}).items():
+                replacement = pass_through.get(target) if new is PASS_THROUGH else new
+                assert replacement is not None
+                for alias in _aliases(originals, originals[target]):
+                    parent, _, last = alias.rpartition(".")
+                    self._replace(module.get_submodule(parent), last, replacement, _join(path, alias))
+            for record in rewrite.records:
+                if isinstance(record, Folded):
+                    self.report.merge(FusionReport(folded=[_in_place(record)]), path)
+            self.report.graphs += [_join(path, t) for t, m in pass_through.items() if isinstance(m, fx.GraphModule)]
+        graphs, dropped = self._graph_scopes(module, scoped, below_untraced)
+        inputs = _capture_inputs(module, graphs, example_inputs)
+        result = module
+        for scope, why in dropped.items():
+            where = _join(path, scope) or "<model>"
+            reason = f"folding it needs generated code for '{where}', which cannot replace that module: {why}"
+            records = [r for rewrite in scoped[scope] for r in rewrite.records if isinstance(r, Folded)]
+            self.report.skipped += [Skipped(_join(path, r.bn), reason) for r in records]
+        for scope in graphs:
+            sub = module.get_submodule(scope)
+            built = self._graph_of(sub, _join(path, scope), inputs.get(scope))
+            if built is None:
+                continue
+            if not scope:
+                self._replace(None, "", built, path, old=module)
+                result = built
+                continue
+            for alias in _aliases(dict(module.named_modules(remove_duplicate=False)), sub):
+                parent, _, last = alias.rpartition(".")
+                self._replace(module.get_submodule(parent), last, built, _join(path, alias))
+        left = [s for s in changes.skipped if not any(_within(scope_of([s.node]), g) for g in graphs)]
+        self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
+        return result
+
+    def _tree_form(
+        self, rewrite: Rewrite, sites: _Sites, originals: dict[str, nn.Module]
+    ) -> dict[str, nn.Module] | None:
+        """The pass-through modules the rewrite's swaps need, or ``None`` when the swaps would not be exact.
+
+        A swap is exact when the module at its path is still the one the pass rewrote, the graph calls it at
+        exactly one site, and nothing else reaches it (a call of a module that contains it, a fetch of one of
+        its tensors). The module is replaced at every path that holds it.
+        """
+        pass_through: dict[str, nn.Module] = {}
+        for target, new in (rewrite.swaps or {}).items():
+            obj = originals.get(target)
+            if obj is None or (target in rewrite.seen and rewrite.seen[target] is not obj):
+                return None
+            aliases = _aliases(originals, obj)
+            if new is PASS_THROUGH and not is_batch_norm_module(obj):
+                # a module whose own forward calls F.batch_norm: one call, rebuilt without the BatchNorm
+                if len(aliases) != 1 or sites.calls[target] or sites.bn_owners[target] != 1:
+                    return None
+                if sites.reached_otherwise(target, own_forward=True):
+                    return None
+                built = _without_batch_norm(obj, self.leaf_types)
+                if built is None:
+                    return None
+                pass_through[target] = built
+                continue
+            if sum(sites.calls[a] for a in aliases) != 1 or any(sites.reached_otherwise(a) for a in aliases):
+                return None
+            if new is PASS_THROUGH:
+                pass_through[target] = nn.Identity()
+        return pass_through
+
+    def _graph_scopes(
+        self, module: nn.Module, scoped: dict[str, list[Rewrite]], below_untraced: bool
+    ) -> tuple[list[str], dict[str, str]]:
+        """The outermost scopes that become generated code, and why each refused scope cannot."""
+        graphs: list[str] = []
+        dropped: dict[str, str] = {}
+        for scope in sorted(scoped, key=lambda s: (s.count(".") if s else -1, s)):
+            if any(_within(scope, g) for g in graphs):
+                continue
+            sub = module.get_submodule(scope)
+            why = ""
+            if has_forward_hooks(sub):
+                why = "it has forward hooks, which generated code would drop"
+            elif isinstance(sub, _CONTAINERS):
+                why = f"it is a {type(sub).__name__}, which code may index or iterate"
+            elif below_untraced and not scope:
+                why = "its parent could not be traced and may reach into it"
+            if why:
+                dropped[scope] = why
+            else:
+                graphs.append(scope)
+        return graphs, dropped
+
+    def _graph_of(self, module: nn.Module, path: str, inputs: tuple[Any, ...] | None) -> fx.GraphModule | None:
+        """``module`` traced on its own and fused, as a ``GraphModule``; ``None`` when it cannot be traced alone."""
+        traced = trace(module, self.leaf_types)
+        gm = traced.graph_module
+        if gm is None:
+            self.report.notes.append(f"'{path or '<model>'}' could not be traced on its own: {traced.error}")
+            return None
+        if inputs is not None:
+            with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
+                ShapeProp(gm).propagate(*inputs)
+        changes = _run_passes(gm, self.passes)
+        built = _finish(gm)
+        self.report.merge(_report_of(changes), path)
+        self.report.graphs.append(path)
+        return built
+
+    def _replace(
+        self, container: nn.Module | None, name: str, new: nn.Module, path: str, old: nn.Module | None = None
+    ) -> None:
+        """Put ``new`` at ``container._modules[name]`` and remember it; ``container=None`` stands for the model
+        itself (replaced by returning ``new``), recorded only for the model's own root."""
+        if container is None:
+            if not path and old is not None:
+                self.units.append(_Unit(path, None, name, old, new))
+            return
+        old = container._modules[name]
+        if old is new:
+            return
+        unit = _Unit(path, container, name, old, new)
+        unit.set(True)
+        self.units.append(unit)
 
 
-def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dict[str, Any]) -> None:
-    local = FusionReport()
+# ----------------------------------------------------------------------------------------------- passes
+
+
+@dataclass
+class _LeftBatchNorm:
+    node: fx.Node
+    name: str
+    reason: str
+
+
+@dataclass
+class _Changes:
+    rewrites: list[Rewrite]
+    skipped: list[_LeftBatchNorm]
+    capped: bool
+
+
+def _run_passes(gm: fx.GraphModule, passes: dict[str, Any] | None = None) -> _Changes:
+    """Run ``passes`` until none applies (at most :data:`MAX_ROUNDS` rounds) and list the BatchNorms left."""
+    passes = registered_passes() if passes is None else passes
+    rewrites: list[Rewrite] = []
     reasons: dict[str, list[str]] = {}
+    capped = True
     # One rewrite can enable another (a merged conv followed by BN or a constant scale): repeat until none
     # applies. The reasons kept are those of the last round, which saw the final graph.
-    for _ in range(_MAX_ROUNDS):
+    for _ in range(MAX_ROUNDS):
         changed = False
         reasons = {}
         for fn in passes.values():
-            result: PassResult = fn(gm)
-            local.folded += result.folded
-            local.removed += result.removed
-            local.merged += result.merged
+            result: PassChanges = fn(gm)
+            rewrites += result.rewrites
             for node_name, reason in result.reasons.items():
                 if reason not in reasons.setdefault(node_name, []):
                     reasons[node_name].append(reason)
@@ -187,23 +453,253 @@ def _run_passes(gm: fx.GraphModule, path: str, report: FusionReport, passes: dic
                 erase_dead_code(gm)
                 changed = True
         if not changed:
+            capped = False
             break
+    skipped = []
     for node in gm.graph.nodes:
         bn = match_batch_norm(gm, node)
         if bn is not None:
             why = "; ".join(reasons.get(node.name, [])) or "no fusion pass applies to it"
-            local.skipped.append(Skipped(bn.name, why))
+            skipped.append(_LeftBatchNorm(node, bn.name, why))
+    return _Changes(rewrites, skipped, capped)
+
+
+def _report_of(changes: _Changes) -> FusionReport:
+    """The report of a graph used as generated code: every rewrite counts, and the BatchNorms left."""
+    report = FusionReport()
+    for rewrite in changes.rewrites:
+        for record in rewrite.records:
+            if isinstance(record, Folded):
+                report.folded.append(record)
+            elif isinstance(record, Merged):
+                report.merged.append(record)
+            else:
+                report.removed.append(record)
+    report.skipped = [Skipped(s.name, s.reason) for s in changes.skipped]
+    if changes.capped:
+        report.notes.append(
+            f"the passes still found rewrites after {MAX_ROUNDS} rounds; stopped there (the result is exact, "
+            "possibly not fully fused)"
+        )
+    return report
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     install_direct_calls(gm)
-    report.merge(local, path)
+    return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    try:
+        ShapeProp(gm).propagate(*example_inputs)
+    except Exception as err:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise ValueError(
+            f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
+            f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
+        ) from err
+
+
+def _without_batch_norm(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule | None:
+    """``module``'s own forward with its one BatchNorm call, on its first input, made a pass-through.
+
+    For modules that normalise and then do more (timm's ``BatchNormAct2d``: BatchNorm, Dropout, activation):
+    after the BatchNorm is folded into the layer before, the rest must stay.
+    """
+    traced = trace(module, leaf_types)
+    gm = traced.graph_module
+    if gm is None or traced.opaque:
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    calls = [bn for n in gm.graph.nodes if (bn := match_batch_norm(gm, n)) is not None]
+    if len(calls) != 1 or not placeholders or calls[0].input is not placeholders[0]:
+        return None
+    if value_users(placeholders[0]) != [calls[0].node]:
+        return None
+    calls[0].node.replace_all_uses_with(placeholders[0])
+    gm.graph.erase_node(calls[0].node)
+    erase_dead_code(gm)
+    return _finish(gm)
+
+
+def _capture_inputs(
+    module: nn.Module, scopes: list[str], example_inputs: Sequence[Any] | None
+) -> dict[str, tuple[Any, ...]]:
+    """The positional inputs each scope's module gets when ``module`` runs on ``example_inputs``."""
+    if example_inputs is None or not scopes:
+        return {}
+    captured: dict[str, tuple[Any, ...]] = {}
+    handles = []
+    for scope in scopes:
+        sub = module.get_submodule(scope)
+
+        def hook(_: nn.Module, args: tuple[Any, ...], scope: str = scope) -> None:
+            captured.setdefault(scope, args)
+
+        handles.append(sub.register_forward_pre_hook(hook))
+    try:
+        module(*example_inputs)
+    except Exception:  # noqa: BLE001 - shapes only help; without them fewer ranks are known
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+# ----------------------------------------------------------------------------------------------- self-check
+
+
+class _SelfCheck:
+    """Compares the fused copy with the original on the example inputs, and reverts rewrites until it agrees.
+
+    The reference is the original in float64 (when it fits in memory), and the fused output must be as close to
+    it as the original's own output in its dtype, up to a few units of rounding; a float32 mismatch is looked at
+    again with a float64 copy of the fused module, so that rounding alone never reverts a rewrite.
+    """
+
+    def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.inputs = inputs
+        reference = detached_copy(model)
+        self.own = _run(reference, inputs)
+        self.exact = self.own
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if size <= _FLOAT64_CHECK_BYTES and self.dtype != torch.float64:
+            try:
+                self.exact = _run(copy.deepcopy(reference).double(), _as_double(inputs))
+            except Exception:  # noqa: BLE001 - a model that cannot run in float64 is compared in its own dtype
+                self.exact = self.own
+
+    def agrees(self, fused: nn.Module) -> bool:
+        try:
+            outputs = _run(fused, self.inputs)
+        except Exception:  # noqa: BLE001 - a fused module that fails where the original ran is wrong
+            return False
+        if _close(outputs, self.exact, self.own, self.dtype, slack=2.0):
+            return True
+        if self.exact is self.own or self.dtype == torch.float64:
+            return False
+        try:
+            outputs64 = _run(copy.deepcopy(fused).double(), _as_double(self.inputs))
+        except Exception:  # noqa: BLE001
+            return False
+        return _close(outputs64, self.exact, self.exact, self.dtype, slack=0.0)
+
+    def run(self, fused: nn.Module, engine: _Engine) -> nn.Module:
+        """``fused`` if it agrees; else the largest set of module replacements that does, the rest reverted."""
+        if self.agrees(fused):
+            return fused
+        units = engine.units
+        root_unit = next((u for u in units if u.container is None), None)
+
+        def build(chosen: list[_Unit]) -> nn.Module:
+            for unit in reversed(units):
+                unit.set(False)
+            for unit in chosen:
+                unit.set(True)
+            if root_unit is None:
+                return fused
+            return root_unit.new if root_unit in chosen else root_unit.old
+
+        accepted: list[_Unit] = []
+
+        def add(group: list[_Unit]) -> None:
+            trial = [u for u in units if u in accepted or u in group]
+            if self.agrees(build(trial)):
+                accepted.extend(group)
+            elif len(group) > 1:
+                half = len(group) // 2
+                add(group[:half])
+                add(group[half:])
+
+        add(list(units))
+        result = build([u for u in units if u in accepted])
+        report = engine.report
+        reverted = [u.path for u in units if u not in accepted]
+        report.reverted += reverted
+        kept = [r for r in report.folded if not any(_touches(p, r) for p in reverted)]
+        why = "folding it changed the output on example_inputs (the self-check reverted it)"
+        report.skipped += [Skipped(r.bn, why) for r in report.folded if r not in kept]
+        report.folded = kept
+        report.graphs = [g for g in report.graphs if not any(_within(g, p) for p in reverted)]
+        return result
+
+
+def _touches(path: str, record: Folded) -> bool:
+    return any(_within(p, path) or _within(path, p) for p in (record.bn, *record.layers))
+
+
+def _run(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return module.eval()(*inputs)
+
+
+def _as_double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
+
+
+def _close(outputs: Any, exact: Any, own: Any, dtype: torch.dtype, slack: float) -> bool:
+    """Whether each output leaf is within ``slack`` times the original's own error of the reference, plus rounding."""
+    got, want, base = tree_leaves(outputs), tree_leaves(exact), tree_leaves(own)
+    if len(got) != len(want):
+        return False
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    for out, ref, mine in zip(got, want, base):
+        if not isinstance(ref, torch.Tensor):
+            if out != ref:
+                return False
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+            return False
+        if not ref.is_floating_point():
+            if not torch.equal(out.cpu(), ref.cpu()):
+                return False
+            continue
+        ref64, out64, own64 = (t.detach().cpu().double() for t in (ref, out, mine))
+        finite = torch.isfinite(ref64)
+        if not torch.equal(finite, torch.isfinite(out64)):
+            return False
+        if not finite.any():
+            continue
+        scale = max(1.0, float(ref64[finite].abs().max()))
+        own_error = float((own64 - ref64)[finite].abs().max())
+        error = float((out64 - ref64)[finite].abs().max())
+        rounding = (16 * eps if slack else max(1e-4, 16 * eps)) * scale
+        if error > slack * own_error + rounding:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _in_place(record: Folded) -> Folded:
+    return Folded(record.bn, record.into, record.rule, record.layers or (record.into,), in_place=True)
+
+
+def _aliases(originals: dict[str, nn.Module], obj: nn.Module) -> list[str]:
+    return [p for p, m in originals.items() if m is obj and p]
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _within(path: str, scope: str) -> bool:
+    """Whether ``path`` lies inside the module at ``scope`` (``""`` holds everything)."""
+    return not scope or path == scope or path.startswith(scope + ".")
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn") and not isinstance(
-        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    )
+    return type(module).__module__.startswith("torch.nn") and not isinstance(module, _CONTAINERS)
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)

@@ -12,13 +12,20 @@ class Folded:
 
     Attributes:
         bn: qualified name of the BatchNorm (module path, or the owner of the parameters of a functional call).
-        into: qualified name of the layer that now carries the BatchNorm.
+        into: qualified name of the layer that now carries the BatchNorm (several, comma-separated, when a
+            BatchNorm after a concatenation is split over the concatenated layers).
         rule: the pass that folded it, e.g. ``"fold_bn_into_preceding"``.
+        layers: the qualified names of the layers that carry it, one per layer.
+        in_place: whether the fold is written at the user's own module paths (the layer replaced where it was,
+            the BatchNorm an ``nn.Identity``) rather than in generated code; only such folds can be written back
+            in the original layout by :func:`fx_lightning.checkpoint_state_dict`.
     """
 
     bn: str
     into: str
     rule: str
+    layers: tuple[str, ...] = ()
+    in_place: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class FusionReport:
     untraced: list[Untraced] = field(default_factory=list)
     merged: list[Merged] = field(default_factory=list)
     traced: list[str] = field(default_factory=list)
+    graphs: list[str] = field(default_factory=list)
+    reverted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -92,12 +101,16 @@ class FusionReport:
         def join(name: str) -> str:
             return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
-        self.folded += [Folded(join(r.bn), join(r.into), r.rule) for r in other.folded]
+        for r in other.folded:
+            layers = tuple(join(p) for p in r.layers)
+            self.folded.append(Folded(join(r.bn), ", ".join(layers) or join(r.into), r.rule, layers, r.in_place))
         self.skipped += [Skipped(join(r.bn), r.reason) for r in other.skipped]
         self.removed += [Removed(join(r.name), r.kind) for r in other.removed]
         self.untraced += [Untraced(join(r.path), r.error) for r in other.untraced]
         self.merged += [Merged(join(r.into), r.consumed, r.rule) for r in other.merged]
         self.traced += [join(p) for p in other.traced]
+        self.graphs += [join(p) for p in other.graphs]
+        self.reverted += [join(p) for p in other.reverted]
         self.notes += other.notes
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +123,8 @@ class FusionReport:
             "untraced": [asdict(r) for r in self.untraced],
             "merged": [{"into": r.into, "consumed": list(r.consumed), "rule": r.rule} for r in self.merged],
             "traced": list(self.traced),
+            "graphs": list(self.graphs),
+            "reverted": list(self.reverted),
             "notes": list(self.notes),
             "seconds": self.seconds,
         }
@@ -117,10 +132,12 @@ class FusionReport:
     def summary(self) -> str:
         """One line: counts of folded, skipped, removed, merged and untraced parts."""
         merged = f", {len(self.merged)} re-parameterised layer(s)" if self.merged else ""
+        graphs = f", {len(self.graphs)} module(s) as generated code" if self.graphs else ""
+        reverted = f", {len(self.reverted)} rewrite(s) reverted by the self-check" if self.reverted else ""
         return (
             f"{self.model or 'model'}: folded {len(self.folded)} BatchNorm, left {len(self.skipped)}, "
-            f"removed {len(self.removed)} no-op calls{merged}, {len(self.untraced)} untraced part(s) "
-            f"in {self.seconds:.2f}s"
+            f"removed {len(self.removed)} no-op calls{merged}{graphs}{reverted}, {len(self.untraced)} untraced "
+            f"part(s) in {self.seconds:.2f}s"
         )
 
     def __str__(self) -> str:
@@ -129,6 +146,8 @@ class FusionReport:
         rows += [(r.bn, "left", r.reason) for r in self.skipped]
         rows += [(r.path, "untraced", _first_line(r.error)) for r in self.untraced]
         rows += [(r.into, "<- merged", f"{' + '.join(r.consumed)} ({r.rule})") for r in self.merged]
+        rows += [(p or "<model>", "as graph", "replaced by generated code for the rewrites above") for p in self.graphs]
+        rows += [(p or "<model>", "reverted", "the self-check on example_inputs failed with it") for p in self.reverted]
         if rows:
             widths = [max(len(row[i]) for row in rows) for i in range(2)]
             lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,9 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
-    new = cls.__new__(cls)
+    # object.__new__, not cls.__new__: torch.fx's GraphModule.__new__ makes a fresh class without the generated
+    # forward, so a copied GraphModule (fuse(fuse(m)), fuse(symbolic_trace(m))) would lose its forward.
+    new = object.__new__(cls)
     memo[id(module)] = new
     new.__dict__ = dict(module.__dict__)
     new._parameters = {k: _copy_tensor(p, memo, clone=False) for k, p in module._parameters.items()}
@@ -132,11 +135,36 @@ def is_batch_norm_module(module: nn.Module) -> bool:
     return is_builtin_batch_norm(module) or is_frozen_batch_norm(module)
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or forward pre-hooks (which torch.fx does not trace)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class InPlaceProxy(fx.Proxy):
+    """A ``Proxy`` that records augmented assignments (``x += y``) as the in-place operators they are.
+
+    ``fx.Proxy`` defines no ``__iadd__``, so Python falls back to ``x = x + y``: the traced program then writes
+    into a new tensor, and a view taken of ``x`` before (``h = x.flatten(1); x += y; return h``) loses the write.
+    """
+
+
+def _in_place(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "imatmul"):
+    setattr(InPlaceProxy, f"__{_name}__", _in_place(getattr(operator, _name)))
+
+
 class LeafTracer(fx.Tracer):
-    """A ``torch.fx.Tracer`` with extra leaves and a record of where a failed trace was.
+    """A ``torch.fx.Tracer`` with extra leaves, faithful in-place operators, and a record of where a trace failed.
 
     Leaves are torch's own modules, BatchNorm subclasses that keep torch's forward (their
-    ``_check_input_dim`` cannot be traced), and the modules named in ``leaves``.
+    ``_check_input_dim`` cannot be traced), modules with forward hooks (tracing through them would drop the
+    hooks), and the modules named in ``leaves``. ``hooked`` collects the qualified names of the hooked leaves.
     """
 
     def __init__(self, leaves: Iterable[str] = (), leaf_types: tuple[type, ...] = ()) -> None:
@@ -145,9 +173,16 @@ class LeafTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.stack: list[str] = []
         self.failed_in: list[str] | None = None
+        self.hooked: set[str] = set()
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves or is_batch_norm_module(m):
+            return True
+        if has_forward_hooks(m) and module_qualified_name:
+            self.hooked.add(module_qualified_name)
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -173,6 +208,7 @@ class TraceResult:
     graph_module: fx.GraphModule | None
     opaque: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    hooked: set[str] = field(default_factory=set)
 
 
 def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int = 200) -> TraceResult:
@@ -195,5 +231,5 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
             opaque[culprit] = message
             continue
         name = type(root).__name__
-        return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque)
+        return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque, hooked=tracer.hooked)
     return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")

@@ -12,7 +12,7 @@ from torch import Tensor, fx, nn
 
 from fx_lightning import fuse
 from fx_lightning.counting import count_kernels
-from fx_lightning.passes import PassResult
+from fx_lightning.passes import PassChanges
 from fx_lightning.passes.merge_branches import merge_branches
 from fx_lightning.testing import randomize_batch_norm
 from reparam_models import MobileOneBlock, RepVGGBlock, mobileone_net, repvgg_net
@@ -280,7 +280,7 @@ def test_merge_branches_in_place_add_of_fresh_output() -> None:
     result = merge_branches(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    assert isinstance(result, PassResult)
+    assert isinstance(result, PassChanges)
     assert len(result.merged) == 1
     assert _convs(gm, x) == 1
     assert _rel_err(gm(x), ref) <= RTOL

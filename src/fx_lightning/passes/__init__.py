@@ -1,4 +1,4 @@
-"""Graph rewrites, one per file, each a function ``(GraphModule) -> PassResult``, run in registry order.
+"""Graph rewrites, one per file, each a function ``(GraphModule) -> PassChanges``, run in registry order.
 
 Adding a rule means adding one file and one :func:`register_pass` call; :func:`fx_lightning.fuse`
 runs whatever is registered, in order, unless told to run a subset.
@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 from torch import fx
 
-from fx_lightning.passes.common import PassResult
 from fx_lightning.passes.fold_bn_into_following import fold_bn_into_following
 from fx_lightning.passes.fold_bn_into_preceding import fold_bn_into_preceding
 from fx_lightning.passes.fold_constant_scale import fold_constant_scale
 from fx_lightning.passes.merge_branches import merge_branches
 from fx_lightning.passes.remove_dropout import remove_dropout
+from fx_lightning.passes.rewriting import PassChanges, Rewrite
 
-GraphPass = Callable[[fx.GraphModule], PassResult]
+GraphPass = Callable[[fx.GraphModule], PassChanges]
 
 _REGISTRY: dict[str, GraphPass] = {}
 
@@ -50,4 +50,4 @@ register_pass("fold_bn_into_following", fold_bn_into_following)
 register_pass("merge_branches", merge_branches)
 register_pass("fold_constant_scale", fold_constant_scale)
 
-__all__ = ["GraphPass", "PassResult", "register_pass", "registered_passes"]
+__all__ = ["GraphPass", "PassChanges", "Rewrite", "register_pass", "registered_passes"]

@@ -16,26 +16,30 @@ from torch import fx, nn
 from torch.nn.parameter import is_lazy
 
 from fx_lightning.folding import BatchNormStats, fold_bn_after_conv, fold_bn_after_linear
-from fx_lightning.passes.common import (
+from fx_lightning.passes.matching import (
     BatchNormCall,
-    PassResult,
-    base_class,
     bind_args,
     describe,
     foldable_batch_norms,
     has_hooks,
-    install_for_node,
-    replace_with_input,
+    is_transposed,
+    producer_layer,
     tensor_rank,
     users_text,
     value_users,
+)
+from fx_lightning.passes.rewriting import (
+    PASS_THROUGH,
+    PassChanges,
+    Rewrite,
+    install_for_node,
+    replace_with_input,
+    scope_of,
     with_new_params,
 )
 from fx_lightning.report import Folded
 
 RULE = "fold_bn_into_preceding"
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -82,19 +86,7 @@ class Layer:
         return self.weight.shape[0]
 
 
-def producer_layer(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
-    """The conv/conv-transpose/linear module ``node`` calls with torch's own forward, else ``None``."""
-    if node is None or node.op != "call_module":
-        return None
-    module = gm.get_submodule(node.target)
-    cls = base_class(module)
-    for family in (*_CONV, *_CONV_T, nn.Linear):
-        if issubclass(cls, family) and cls.forward is family.forward:
-            return module
-    return None
-
-
-def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
+def fold_bn_into_preceding(gm: fx.GraphModule) -> PassChanges:
     """Fold every inference BatchNorm whose input is the sole output of a conv/conv-transpose/linear call.
 
     The folded layer gets new weight and bias tensors; a layer called at several sites gets a new
@@ -105,10 +97,10 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
         gm: the graph module to rewrite in place.
 
     Returns:
-        A :class:`PassResult` with one :class:`Folded` per fold and a reason for every BatchNorm left.
+        :class:`PassChanges` with one :class:`Rewrite` per fold and a reason for every BatchNorm left.
     """
-    result = PassResult()
-    for bn in foldable_batch_norms(gm, result):
+    result = PassChanges()
+    for bn in foldable_batch_norms(gm, result.reasons):
         if _concatenation(bn.input) is not None:
             parts, why = _concatenated_parts(gm, bn)
         else:
@@ -119,10 +111,41 @@ def fold_bn_into_preceding(gm: fx.GraphModule) -> PassResult:
             result.reasons[bn.node.name] = why
             continue
         assert bn.input is not None
+        touched = [bn.node, bn.input, *(layer.node for layer, _ in parts if layer.node is not None)]
+        rewrite = Rewrite(RULE, [], scope=scope_of(touched))
         targets = [_fold_part(gm, layer, stats) for layer, stats in parts]
+        rewrite.swaps = _swaps(gm, bn, parts, targets)
+        rewrite.seen = {layer.name: layer.module for layer, _ in parts if layer.module is not None}
         replace_with_input(bn.node, bn.input)
-        result.folded.append(Folded(bn.name, ", ".join(targets), RULE))
+        rewrite.records.append(Folded(bn.name, ", ".join(targets), RULE, layers=tuple(targets)))
+        result.rewrites.append(rewrite)
     return result
+
+
+def _swaps(
+    gm: fx.GraphModule, bn: BatchNormCall, parts: list[tuple[Layer, BatchNormStats]], targets: list[str]
+) -> dict[str, nn.Module | None] | None:
+    """The fold as module replacements (each layer at its own path, the BatchNorm a pass-through), or ``None``.
+
+    ``None`` when a layer is a functional call or was renamed (another reader keeps the old one), or when the
+    BatchNorm's input reached it around a call that is a no-op only in eval (Dropout): the user's Dropout stays in
+    the module tree, and a train-mode Dropout between the layer and an identity would not be exact.
+    """
+    if any(layer.module is None or layer.name != target for (layer, _), target in zip(parts, targets)):
+        return None
+    if bn.input in bn.node.meta.get("bypassed", ()):
+        return None
+    swaps: dict[str, nn.Module | None] = {layer.name: gm.get_submodule(layer.name) for layer, _ in parts}
+    if bn.module is not None:
+        swaps[str(bn.node.target)] = PASS_THROUGH
+    else:
+        # A functional BatchNorm: the module whose own forward calls it becomes a pass-through of its input
+        # there (checked by the pipeline on that module's own trace).
+        owner = scope_of([bn.node])
+        if not owner:
+            return None
+        swaps[owner] = PASS_THROUGH
+    return swaps
 
 
 def _fold_part(gm: fx.GraphModule, layer: Layer, stats: BatchNormStats) -> str:
@@ -167,7 +190,7 @@ def _concatenated_parts(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[list[tup
         layer, _ = _layer(gm, value)
         if layer is None or layer.kind == "linear" or layer.rows is not None:
             return [], f"{where} whose part '{value.name}' is not a Conv/ConvTranspose layer call"
-        why = _layer_problem(gm, layer, value, reader=cat)
+        why = _layer_problem(gm, layer, value, reader=cat, rank=tensor_rank(gm, cat) or bn.rank)
         if why:
             return [], f"{where}: {why}"
         end = start + layer.out_features
@@ -198,7 +221,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]
     module = producer_layer(gm, node)
     if module is not None:
         assert node is not None
-        kind = "conv_transpose" if isinstance(module, _CONV_T) else "conv"
+        kind = "conv_transpose" if is_transposed(module) else "conv"
         kind = "linear" if isinstance(module, nn.Linear) else kind
         groups = getattr(module, "groups", 1)
         hooked = has_hooks(module)
@@ -242,12 +265,12 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     if layer is None or source is None:
         what = describe(source) if source is not None else "a non-tensor argument"
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
-    why = _layer_problem(gm, layer, source, reader=bn.node)
+    why = _layer_problem(gm, layer, source, reader=bn.node, rank=tensor_rank(gm, source) or bn.rank)
     if why:
         return why
     if bn.num_features != layer.out_features:
         return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
-    rank = tensor_rank(gm, source)
+    rank = tensor_rank(gm, source) or bn.rank
     if layer.rows is not None:
         assert layer.node is not None
         if len(value_users(layer.node)) > 1:
@@ -268,7 +291,7 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     return ""
 
 
-def _layer_problem(gm: fx.GraphModule, layer: Layer, source: fx.Node, reader: fx.Node) -> str:
+def _layer_problem(gm: fx.GraphModule, layer: Layer, source: fx.Node, reader: fx.Node, rank: int | None) -> str:
     """Why ``layer``'s output ``source``, read by ``reader``, cannot absorb a per-channel affine map, or ``""``."""
     if is_lazy(layer.weight):
         return f"the preceding layer '{layer.name}' is lazy and not materialised yet"
@@ -276,8 +299,12 @@ def _layer_problem(gm: fx.GraphModule, layer: Layer, source: fx.Node, reader: fx
         return f"the output of '{layer.name}' is also read by {users_text(source, besides=reader)}"
     if layer.hooked:
         return f"the preceding layer '{layer.name}' has forward hooks, which would see folded outputs"
-    rank = tensor_rank(gm, source)
-    if layer.kind != "linear" and rank is not None and rank != layer.weight.dim():
+    if layer.kind != "linear" and rank != layer.weight.dim():
+        if rank is None:
+            return (
+                f"the rank of '{layer.name}' output is unknown: on unbatched input BatchNorm's dim 1 would not be its "
+                "channels (pass example_inputs to fuse() to settle it)"
+            )
         return f"'{layer.name}' runs on unbatched input ({rank}-D output), where BatchNorm dim 1 is not channels"
     return ""
 

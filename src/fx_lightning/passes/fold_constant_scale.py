@@ -15,55 +15,33 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.parameter import is_lazy
 
-from fx_lightning.passes.common import (
-    PassResult,
-    bind_args,
+from fx_lightning.passes.matching import (
+    IN_PLACE_ARITHMETIC,
+    arithmetic_operands,
     get_attr_tensor,
     has_hooks,
+    producer_layer,
+    tensor_rank,
+)
+from fx_lightning.passes.rewriting import (
+    PassChanges,
+    Rewrite,
     install_for_node,
     replace_with_input,
-    tensor_rank,
+    scope_of,
     with_new_params,
 )
-from fx_lightning.passes.fold_bn_into_preceding import producer_layer
 from fx_lightning.reparam_math import all_finite, constant_affine, fold_affine_after_layer
 from fx_lightning.report import Merged
 
 RULE = "fold_constant_scale"
 
-_FUNCTIONS: dict[Any, str] = {
-    operator.mul: "mul",
-    operator.imul: "mul",
-    torch.mul: "mul",
-    operator.truediv: "div",
-    operator.itruediv: "div",
-    torch.div: "div",
-    torch.true_divide: "div",
-    operator.add: "add",
-    operator.iadd: "add",
-    torch.add: "add",
-    operator.sub: "sub",
-    operator.isub: "sub",
-    torch.sub: "sub",
-}
-_METHODS: dict[str, str] = {
-    "mul": "mul",
-    "mul_": "mul",
-    "div": "div",
-    "div_": "div",
-    "true_divide": "div",
-    "add": "add",
-    "add_": "add",
-    "sub": "sub",
-    "sub_": "sub",
-}
-_IN_PLACE = {operator.imul, operator.itruediv, operator.iadd, operator.isub, "mul_", "div_", "add_", "sub_"}
 # Pure reshaping of a stored constant, e.g. ``self.gamma.view(1, -1, 1, 1)`` or ``self.gamma[:, None, None]``.
 _CONSTANT_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous"}
 _CONSTANT_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten}
 
 
-def fold_constant_scale(gm: fx.GraphModule) -> PassResult:
+def fold_constant_scale(gm: fx.GraphModule) -> PassChanges:
     """Fold every ``layer(x) <op> constant`` into the layer when the layer's output has no other reader.
 
     ``<op>`` is ``*``, ``/`` (layer output first, constant without zeros), ``+`` or ``-`` (either order, with
@@ -75,9 +53,9 @@ def fold_constant_scale(gm: fx.GraphModule) -> PassResult:
         gm: the graph module to rewrite in place.
 
     Returns:
-        A :class:`PassResult` with one :class:`Merged` record per folded operation.
+        :class:`PassChanges` with one :class:`Rewrite` (one :class:`Merged` record) per folded operation.
     """
-    result = PassResult()
+    result = PassChanges()
     for node in list(gm.graph.nodes):
         match = _match(gm, node)
         if match is None:
@@ -94,22 +72,24 @@ def fold_constant_scale(gm: fx.GraphModule) -> PassResult:
         )
         if not all_finite(weight, bias):
             continue  # the folded weights overflow the layer's dtype
+        rewrite = Rewrite(RULE, [], scope=scope_of([node, layer_node]))
         target = install_for_node(gm, layer_node, with_new_params(layer, weight, bias))
         if "tensor_meta" in node.meta:
             layer_node.meta["tensor_meta"] = node.meta["tensor_meta"]
         replace_with_input(node, layer_node)
-        result.merged.append(Merged(target, (label,), RULE))
+        rewrite.records.append(Merged(target, (label,), RULE))
+        result.rewrites.append(rewrite)
     return result
 
 
 def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module, Tensor, Tensor, str] | None:
     """``(layer node, layer, scale, shift, label)`` when ``node`` is an affine constant op on a layer output."""
-    operands = _operands(node)
+    operands = arithmetic_operands(node)
     if operands is None:
         return None
     op, first, second, alpha = operands
     for layer_first, layer_node, other in ((True, first, second), (False, second, first)):
-        if not isinstance(layer_node, fx.Node) or (node.target in _IN_PLACE and not layer_first):
+        if not isinstance(layer_node, fx.Node) or (node.target in IN_PLACE_ARITHMETIC and not layer_first):
             continue
         layer = producer_layer(gm, layer_node)
         if layer is None or list(layer_node.users) != [node] or other is layer_node:
@@ -134,29 +114,6 @@ def _channels(values: Tensor, layer: nn.Module) -> Tensor:
     """Broadcast a scalar or per-channel float64 tensor to one value per output channel."""
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return values.reshape(-1).expand(channels) if values.numel() == 1 else values.reshape(-1)
-
-
-def _operands(node: fx.Node) -> tuple[str, Any, Any, float] | None:
-    """``(op, first, second, alpha)`` of a binary arithmetic node, or ``None``."""
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        op = _FUNCTIONS[node.target]
-        args = bind_args(node, ("input", "other"), {"alpha": 1})
-        allowed = {"input", "other", "alpha"} | ({"rounding_mode"} if op == "div" else set())
-    elif node.op == "call_method" and node.target in _METHODS:
-        op = _METHODS[node.target]
-        args = bind_args(node, ("self", "other"), {"alpha": 1})
-        args["input"] = args.pop("self", None)
-        allowed = {"input", "other", "alpha"} | ({"rounding_mode"} if op == "div" else set())
-    else:
-        return None
-    if len(node.args) > 2 or set(args) - allowed or args.get("rounding_mode") is not None:
-        return None
-    alpha = args.get("alpha", 1)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        return None
-    if op in ("mul", "div") and alpha != 1:
-        return None
-    return op, args.get("input"), args.get("other"), float(alpha)
 
 
 def _constant(gm: fx.GraphModule, value: Any, depth: int = 0) -> tuple[Tensor | float | None, str]:

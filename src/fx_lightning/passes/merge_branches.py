@@ -15,21 +15,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 from torch.nn.parameter import is_lazy
 
-from fx_lightning.passes.common import (
-    PassResult,
+from fx_lightning.passes.matching import (
+    IN_PLACE_ARITHMETIC,
+    arithmetic_operands,
     conv_padding,
     has_hooks,
-    install_for_node,
+    is_number,
     match_batch_norm,
+    producer_layer,
     tensor_rank,
     value_users,
+    written_between,
+)
+from fx_lightning.passes.rewriting import (
+    PassChanges,
+    Rewrite,
+    copy_scope,
+    install_for_node,
+    scope_of,
     with_new_params,
 )
-from fx_lightning.passes.fold_bn_into_preceding import producer_layer
 from fx_lightning.reparam_math import (
     all_finite,
     average_kernel,
@@ -43,17 +51,6 @@ from fx_lightning.report import Folded, Merged
 
 RULE = "merge_branches"
 
-# Sign of the second operand of each tensor sum/difference; in-place forms are checked separately.
-_SUM_FUNCTIONS: dict[Any, float] = {
-    operator.add: 1.0,
-    operator.iadd: 1.0,
-    torch.add: 1.0,
-    operator.sub: -1.0,
-    operator.isub: -1.0,
-    torch.sub: -1.0,
-}
-_SUM_METHODS: dict[str, float] = {"add": 1.0, "sub": -1.0, "add_": 1.0, "sub_": -1.0}
-_IN_PLACE = {operator.iadd, operator.isub, "add_", "sub_"}
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
@@ -104,7 +101,7 @@ class _Group:
         return max(self.convs, key=lambda b: math.prod(b.kernel_size))
 
 
-def merge_branches(gm: fx.GraphModule) -> PassResult:
+def merge_branches(gm: fx.GraphModule) -> PassChanges:
     """Replace every sum of convolution branches of one input by a single convolution, where that is exact.
 
     Branches merge when they are convolutions (``Conv1d/2d/3d`` with torch's own forward, BatchNorm already
@@ -118,10 +115,10 @@ def merge_branches(gm: fx.GraphModule) -> PassResult:
         gm: the graph module to rewrite in place.
 
     Returns:
-        A :class:`PassResult` with one :class:`Merged` per new convolution, and one :class:`Folded` per
-        BatchNorm it absorbed.
+        :class:`PassChanges` with one :class:`Rewrite` per sum, holding one :class:`Merged` per new convolution
+        and one :class:`Folded` per BatchNorm it absorbed.
     """
-    result = PassResult()
+    result = PassChanges()
     visited: set[fx.Node] = set()
     for root in reversed(list(gm.graph.nodes)):
         if root in visited or getattr(root, "_erased", False) or _sum_operands(root) is None:
@@ -138,27 +135,13 @@ def merge_branches(gm: fx.GraphModule) -> PassResult:
 
 def _sum_operands(node: fx.Node) -> list[tuple[Any, float]] | None:
     """``[(a, 1), (b, ±alpha)]`` when ``node`` computes ``a ± alpha * b`` of two values, at least one a node."""
-    if node.op == "call_function" and node.target in _SUM_FUNCTIONS:
-        sign = _SUM_FUNCTIONS[node.target]
-        names = ("input", "other")
-    elif node.op == "call_method" and node.target in _SUM_METHODS:
-        sign = _SUM_METHODS[node.target]
-        names = ("self", "other")
-    else:
+    operands = arithmetic_operands(node)
+    if operands is None or operands[0] not in ("add", "sub"):
         return None
-    args = dict(zip(names, node.args))
-    if len(node.args) > 2 or any(key not in (*names, "alpha") for key in node.kwargs):
+    op, first, second, alpha = operands
+    if not isinstance(first, fx.Node) and not isinstance(second, fx.Node):
         return None
-    args.update({k: v for k, v in node.kwargs.items() if k in names})
-    alpha = node.kwargs.get("alpha", 1)
-    if len(args) != 2 or not _is_number(alpha) or not any(isinstance(v, fx.Node) for v in args.values()):
-        return None
-    first, second = (args[name] for name in names)
-    return [(first, 1.0), (second, sign * float(alpha))]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return [(first, 1.0), (second, (1.0 if op == "add" else -1.0) * alpha)]
 
 
 def _expand(node: fx.Node, coefficient: float, inner: list[fx.Node], leaves: list[tuple[Any, float]]) -> None:
@@ -177,7 +160,7 @@ def _mutates_visible(gm: fx.GraphModule, node: fx.Node) -> bool:
     Rewriting the sum out of place is only safe when the overwritten tensor is a fresh layer output or
     sum read by nothing else; a placeholder, a buffer or a view of either would lose the write.
     """
-    if node.target not in _IN_PLACE:
+    if node.target not in IN_PLACE_ARITHMETIC:
         return False
     first = node.args[0] if node.args else None
     if not isinstance(first, fx.Node) or list(first.users) != [node]:
@@ -186,19 +169,20 @@ def _mutates_visible(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _merge_sum(
-    gm: fx.GraphModule, root: fx.Node, inner: list[fx.Node], leaves: list[tuple[Any, float]], result: PassResult
+    gm: fx.GraphModule, root: fx.Node, inner: list[fx.Node], leaves: list[tuple[Any, float]], result: PassChanges
 ) -> None:
     branches: list[_Branch] = []
     rest: list[tuple[Any, float]] = []
     constant = 0.0
     for leaf, coefficient in leaves:
-        if _is_number(leaf):
+        if is_number(leaf):
             constant += coefficient * float(leaf)
         elif isinstance(leaf, fx.Node):
             branches.append(_branch(gm, leaf, coefficient, {root, *inner}))
         else:
             return
-    groups = _group(gm, branches)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups = [g for g in _group(gm, branches) if not _input_written(gm, g, root, order)]
     if not groups:
         return
     merged_ids = {id(b) for g in groups for b in (*g.convs, *g.others)}
@@ -210,6 +194,16 @@ def _merge_sum(
     if not all(all_finite(m.weight, m.bias) for m in modules):
         return  # the merged weights overflow the layer's dtype: keep the branches
     _rewrite(gm, root, inner, list(zip(groups, modules)), rest, result)
+
+
+def _input_written(gm: fx.GraphModule, group: _Group, root: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether something writes into the group's input between its first branch's read and the sum.
+
+    The merged convolution reads the input once, where the first branch did; a later branch (or the identity
+    term, read at the sum) reading it after an in-place write (``h.relu_()``) saw another value.
+    """
+    first = min((n for b in (*group.convs, *group.others) for n in b.consumed), key=order.__getitem__)
+    return written_between(gm, group.convs[0].input, first, root) is not None
 
 
 def _branch_value(branch: _Branch) -> fx.Node:
@@ -358,9 +352,11 @@ def _rewrite(
     inner: list[fx.Node],
     groups: list[tuple[_Group, nn.Module]],
     rest: list[tuple[Any, float]],
-    result: PassResult,
+    result: PassChanges,
 ) -> None:
     graph = gm.graph
+    touched = [root, *inner, *(n for group, _ in groups for b in (*group.convs, *group.others) for n in b.consumed)]
+    rewrite = Rewrite(RULE, [], scope=scope_of(touched))
     built: list[tuple[fx.Node, nn.Module, _Group]] = []
     order = {n: i for i, n in enumerate(graph.nodes)}
     for group, module in groups:
@@ -369,6 +365,7 @@ def _rewrite(
         # Placed before the first branch it replaces, so that readers of a branch's shape can read it instead.
         with graph.inserting_before(min(consumed, key=order.__getitem__)):
             node = graph.call_module(str(conv_node.target), (conv_node.args[0],))
+        copy_scope(node, conv_node)
         if "tensor_meta" in conv_node.meta:  # same output shape: keep shape facts for later passes
             node.meta["tensor_meta"] = conv_node.meta["tensor_meta"]
         for branch_node in consumed:
@@ -380,8 +377,10 @@ def _rewrite(
         value: Any = None
         for node, _, _ in built:
             value = node if value is None else graph.call_function(operator.add, (value, node))
+            copy_scope(value, root)
         for leaf, coefficient in rest:
             value = graph.call_function(operator.add if coefficient > 0 else operator.sub, (value, leaf))
+            copy_scope(value, root)
     if "tensor_meta" in root.meta:
         value.meta["tensor_meta"] = root.meta["tensor_meta"]
     root.replace_all_uses_with(value)
@@ -396,8 +395,10 @@ def _rewrite(
         names = tuple(_describe(b) for b in branches)
         if group.constant:
             names += (f"constant {group.constant:g}",)
-        result.merged.append(Merged(target, names, RULE))
-        result.folded += [Folded(b.bn_name, target, RULE) for b in branches if b.kind == "batch_norm"]
+        rewrite.records.append(Merged(target, names, RULE))
+        folds = [Folded(b.bn_name, target, RULE, layers=(target,)) for b in branches if b.kind == "batch_norm"]
+        rewrite.records += folds
+    result.rewrites.append(rewrite)
 
 
 def _describe(branch: _Branch) -> str:

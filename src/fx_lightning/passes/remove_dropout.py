@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fx_lightning.passes.common import PassResult, bind_args, has_hooks, replace_with_input
+from fx_lightning.passes.matching import bind_args, has_hooks
+from fx_lightning.passes.rewriting import PassChanges, Rewrite, replace_with_input, scope_of
 from fx_lightning.report import Removed
+
+RULE = "remove_dropout"
 
 _NO_OP_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
 # Functional dropouts are no-ops only when called with training=False (their default is True).
@@ -24,21 +27,31 @@ _FUNCTIONAL_DROPOUT = {
 }
 
 
-def remove_dropout(gm: fx.GraphModule) -> PassResult:
+def remove_dropout(gm: fx.GraphModule) -> PassChanges:
     """Reroute readers of eval-mode Dropout, stochastic depth and Identity calls to their input; erase the calls.
+
+    The calls stay in the user's module tree (a Dropout there can be switched back on, as MC dropout does): each
+    rewrite has no module swaps. The readers of a removed Dropout *module* remember the input they now read
+    (``node.meta["bypassed"]``), so that a fold across it is written as generated code, never into the tree.
 
     Args:
         gm: the graph module to rewrite in place.
 
     Returns:
-        A :class:`PassResult` listing every removed call.
+        :class:`PassChanges` listing every removed call.
     """
-    result = PassResult()
+    result = PassChanges()
     for node in list(gm.graph.nodes):
         kind = _no_op_kind(gm, node)
         if kind and node.args and isinstance(node.args[0], fx.Node):
-            result.removed.append(Removed(str(node.target) if node.op == "call_module" else node.name, kind))
-            replace_with_input(node, node.args[0])
+            name = str(node.target) if node.op == "call_module" else node.name
+            source = node.args[0]
+            if node.op == "call_module" and isinstance(gm.get_submodule(name), nn.modules.dropout._DropoutNd):
+                for reader in node.users:
+                    reader.meta.setdefault("bypassed", set()).add(source)
+            rewrite = Rewrite(RULE, [Removed(name, kind)], scope=scope_of([node]), swaps={})
+            replace_with_input(node, source)
+            result.rewrites.append(rewrite)
     return result
 
 
