@@ -356,7 +356,7 @@ class _Engine:
             if sum(sites.calls[a] for a in aliases) != 1 or any(sites.reached_otherwise(a) for a in aliases):
                 return None
             if new is PASS_THROUGH:
-                pass_through[target] = nn.Identity()
+                pass_through[target] = nn.Identity().eval()
         return pass_through
 
     def _graph_scopes(
@@ -372,10 +372,9 @@ class _Engine:
             why = ""
             if has_forward_hooks(sub):
                 why = "it has forward hooks, which generated code would drop"
-            elif isinstance(sub, _CONTAINERS):
-                why = f"it is a {type(sub).__name__}, which code may index or iterate"
-            elif below_untraced and not scope:
-                why = "its parent could not be traced and may reach into it"
+            elif below_untraced and (not scope or isinstance(sub, _CONTAINERS)):
+                # Untraced code around it may index or iterate it (self.seq[0], len(self.seq)) or reach into it.
+                why = "an untraced module around it may index it or reach into it"
             if why:
                 dropped[scope] = why
             else:
