@@ -19,6 +19,7 @@ Print a program, or only its first blocks to shrink a failure::
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -1401,7 +1402,8 @@ def generate(seed: int, max_ops: int | None = None) -> Program:
 
 def _symbolic_traces(model: nn.Module) -> bool:
     try:
-        torch.fx.symbolic_trace(model)
+        # On a copy: tracing stores the tensors it computes eagerly as `_tensor_constant<i>` attributes of the root.
+        torch.fx.symbolic_trace(copy.deepcopy(model))
     except Exception:  # data-dependent control flow, or a BatchNorm subclass checking its input's rank
         return False
     return True
