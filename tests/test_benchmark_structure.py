@@ -33,6 +33,7 @@ from benchmarking import (
 )
 from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
+from fx_lightning.tracing import trace
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,28 +109,34 @@ def _memory_format(weight: torch.Tensor) -> torch.memory_format:
 
 def _check_fused(name: str, memory_format: torch.memory_format) -> None:
     model = _build(name, memory_format)
+    limit = bn_to_identity(model)
+    # The default form is the limit itself: the model's own classes, each BatchNorm an Identity.
     fused = fuse(model)
-    assert isinstance(fused, fx.GraphModule), f"{name} was not traced whole: {fused.fusion_report}"
+    assert type(fused) is type(model)
     assert fused.fusion_report.skipped == []
-    assert _leftovers(fused) == []
-
-    limit = fx.symbolic_trace(bn_to_identity(model))
-    assert _call_signature(fused) == _call_signature(limit)
-
-    layers = [(n, m) for n, m in fused.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert layers
-    for path, layer in layers:
-        # A folded call site of a shared layer gets a sibling named '<path>_folded<k>'.
-        original = model.get_submodule(path.split("_folded")[0])
-        expected = _memory_format(original.weight)
-        assert layer.weight.is_contiguous(memory_format=expected), f"{path}: weight strides {layer.weight.stride()}"
-        assert layer.weight.stride() == original.weight.stride(), path
+    assert fused.fusion_report.graphs == []
+    assert [type(m) for m in fused.modules()] == [type(m) for m in limit.modules()]
+    # The graph form runs the limit's calls, without the no-op ones.
+    graph = fuse(model, form="graph")
+    assert isinstance(graph, fx.GraphModule), f"{name} was not traced whole: {graph.fusion_report}"
+    assert graph.fusion_report.skipped == []
+    assert _leftovers(graph) == []
+    assert _call_signature(graph) == _call_signature(trace(limit).graph_module)  # in-place adds stay in place
 
     x = torch.randn(2, 3, SIZE, SIZE).to(memory_format=memory_format)
-    with torch.inference_mode():
-        ref, out = model(x), fused(x)
-    torch.testing.assert_close(out, ref, rtol=0, atol=RTOL * ref.abs().max().item())
-    assert count_kernels(fused, x) == 0
+    for net in (fused, graph):
+        layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert layers
+        for path, layer in layers:
+            # A folded call site of a shared layer gets a sibling named '<path>_folded<k>'.
+            original = model.get_submodule(path.split("_folded")[0])
+            expected = _memory_format(original.weight)
+            assert layer.weight.is_contiguous(memory_format=expected), f"{path}: weight strides {layer.weight.stride()}"
+            assert layer.weight.stride() == original.weight.stride(), path
+        with torch.inference_mode():
+            ref, out = model(x), net(x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=RTOL * ref.abs().max().item())
+        assert count_kernels(net, x) == 0
 
 
 @pytest.mark.parametrize("name", BENCHMARK_MODELS)
@@ -142,7 +149,7 @@ def test_fused_benchmark_model_keeps_channels_last_weights() -> None:
 
 
 def test_fused_efficientnet_has_no_stochastic_depth_calls() -> None:
-    fused = fuse(_build("efficientnet_b0"))
+    fused = fuse(_build("efficientnet_b0"), form="graph")
     left = [n.format_node() for n in fused.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
     assert left == []
 

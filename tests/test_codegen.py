@@ -27,7 +27,7 @@ def _fused_pair() -> tuple[nn.Module, fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
     model = mobileone_net().eval()
     randomize_batch_norm(model)
-    return model, fuse(model), torch.randn(2, 3, 16, 16)
+    return model, fuse(model, form="graph"), torch.randn(2, 3, 16, 16)
 
 
 def test_attribute_chain_matches_torch_fx_and_lookup_names_each_level() -> None:
@@ -76,7 +76,7 @@ def test_fused_graph_module_scripts_with_torch_fx_code() -> None:
     block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     model = nn.Sequential(nn.Sequential(block, nn.Conv2d(4, 4, 1)), nn.Flatten()).eval()
     randomize_batch_norm(model)
-    fused, x = fuse(model), torch.randn(2, 3, 8, 8)
+    fused, x = fuse(model, form="graph"), torch.randn(2, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated in recent torch
         scripted = torch.jit.script(fused)
@@ -124,7 +124,7 @@ class _FunctionalConv(nn.Module):
 def test_fused_forward_fetches_tensors_through_module_lookups() -> None:
     model = nn.Sequential(nn.Sequential(_FunctionalConv(3, 4), nn.BatchNorm2d(4)), _FunctionalConv(4, 2)).eval()
     randomize_batch_norm(model)
-    fused, x = fuse(model), torch.randn(2, 3, 5, 5)
+    fused, x = fuse(model, form="graph"), torch.randn(2, 3, 5, 5)
     assert "= self._modules['1'].weight\n" in fused.code
     assert "= self._modules['0']._modules['0'].weight_folded1\n" in fused.code
     torch.testing.assert_close(fused(x), fused.__prepare_scriptable__()(x), rtol=0, atol=0)

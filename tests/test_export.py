@@ -123,7 +123,7 @@ def test_export_artifacts_weights_fall_back_to_torch_save(tmp_path: Path, monkey
 
 def test_export_artifacts_fused_fallback_module(tmp_path: Path) -> None:
     model = prepared(ShapeBranch())
-    fused = fx_lightning.fuse(model)
+    fused = fx_lightning.fuse(model, form="graph")
     assert not isinstance(fused, torch.fx.GraphModule)
     assert isinstance(fused.body, torch.fx.GraphModule)
     x = torch.randn(3, 1, 6, 6)
