@@ -12,6 +12,7 @@ import torchvision
 from torch import Tensor, nn
 
 import fx_lightning
+from fx_lightning.checkpoint import checkpoint_plan
 from fx_lightning.export import MissingExtraError, _check_close, checkpoint_state_dict, export_artifacts
 from fx_lightning.testing import randomize_batch_norm
 
@@ -123,9 +124,9 @@ def test_export_artifacts_weights_fall_back_to_torch_save(tmp_path: Path, monkey
 
 def test_export_artifacts_fused_fallback_module(tmp_path: Path) -> None:
     model = prepared(ShapeBranch())
-    fused = fx_lightning.fuse(model, form="graph")
+    fused = fx_lightning.fuse(model)
     assert not isinstance(fused, torch.fx.GraphModule)
-    assert isinstance(fused.body, torch.fx.GraphModule)
+    assert type(fused.body) is nn.Sequential  # under an untraced parent, children keep their classes
     x = torch.randn(3, 1, 6, 6)
     paths = export_artifacts(fused, (x,), tmp_path)
     assert set(paths) == {"pt2", "weights"}
@@ -291,7 +292,7 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(x)) + self.conv(x)
 
 
-def test_checkpoint_state_dict_keeps_renamed_and_following_folds_original() -> None:
+def test_checkpoint_state_dict_keeps_renamed_folds_original_and_writes_following_folds() -> None:
     model = prepared(SharedConv())
     x = torch.randn(2, 2, 5, 5)
     state, fused = assert_checkpoint_reproduces_fused(model, SharedConv(), x)
@@ -299,12 +300,19 @@ def test_checkpoint_state_dict_keeps_renamed_and_following_folds_original() -> N
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
-    def following() -> nn.Sequential:
-        return nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1))
+    def following(bias: bool) -> nn.Sequential:
+        return nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1, bias=bias))
 
-    model = prepared(following())
-    state, fused = assert_checkpoint_reproduces_fused(model, following(), x)
+    # BN -> conv: the conv takes the folded weight and bias, the BatchNorm becomes the identity.
+    model = prepared(following(True))
+    state, fused = assert_checkpoint_reproduces_fused(model, following(True), x)
     assert [r.rule for r in fused.fusion_report.folded] == ["fold_bn_into_following"]
+    torch.testing.assert_close(state["1.weight"], fused.get_submodule("1").weight, rtol=0, atol=0)
+    torch.testing.assert_close(state["0.bias"], torch.zeros(2), rtol=0, atol=0)
+    # Without a conv bias there is nowhere to put the BatchNorm's shift: the original values stay.
+    model = prepared(following(False))
+    state, fused = assert_checkpoint_reproduces_fused(model, following(False), x)
+    assert [p.written for p in checkpoint_plan(model, fused)] == [False]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 

@@ -1,11 +1,13 @@
 """fx_lightning: exact BatchNorm folding with torch.fx, verified and exported from PyTorch Lightning."""
 
+from fx_lightning.checkpoint import CheckpointFold, checkpoint_plan, checkpoint_state_dict
 from fx_lightning.counting import count_kernels
 from fx_lightning.passes import register_pass, registered_passes
 from fx_lightning.pipeline import fuse
 from fx_lightning.report import Folded, FusionReport, Merged, Removed, Skipped, Untraced
 
 __all__ = [
+    "CheckpointFold",
     "Folded",
     "FuseOnExport",
     "FusionReport",
@@ -13,6 +15,8 @@ __all__ = [
     "Removed",
     "Skipped",
     "Untraced",
+    "checkpoint_plan",
+    "checkpoint_state_dict",
     "count_kernels",
     "fuse",
     "register_pass",

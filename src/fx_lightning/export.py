@@ -2,8 +2,8 @@
 
 * :func:`export_artifacts` writes ``torch.export`` programs (``.pt2``), ONNX files and plain weights, reloads
   each one and compares its outputs with the module's before returning the paths.
-* :func:`checkpoint_state_dict` expresses a fused network in the original architecture's state-dict keys, so
-  a checkpoint keeps loading into the user's own class and computes what the fused network computes.
+* :func:`checkpoint_state_dict` (from :mod:`fx_lightning.checkpoint`, re-exported here) expresses a fused network
+  in the original architecture's state-dict keys, so a checkpoint keeps loading into the user's own class.
 
 Nothing here imports Lightning, and onnx/onnxruntime are imported only when the ONNX format is asked for.
 """
@@ -22,14 +22,16 @@ from torch import Tensor, nn
 from torch.export import Dim
 from torch.utils._pytree import tree_leaves, tree_map
 
-from fx_lightning.report import Folded
+from fx_lightning.checkpoint import checkpoint_state_dict
 
 FORMATS = ("pt2", "onnx", "weights")
-_PRECEDING_RULE = "fold_bn_into_preceding"
 _ONNX_INLINE_LIMIT = 1 << 30  # bytes of parameters above which ONNX weights go to an external data file
 
 
 Runner = Callable[[tuple[Any, ...]], Any]
+
+
+__all__ = ["FORMATS", "MissingExtraError", "checkpoint_state_dict", "export_artifacts"]
 
 
 class MissingExtraError(ModuleNotFoundError):
@@ -317,116 +319,3 @@ def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any]
             f"{worst_abs:.3e}, max rel error {worst_rel:.3e}, tolerance rtol={rtol:g}, atol={atol:g}. "
             "Check that the module is deterministic and in eval mode, or loosen rtol/atol."
         )
-
-
-# ----------------------------------------------------------------------------------------- checkpoint form
-
-
-def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Tensor]:
-    """A state dict for ``original``'s architecture that computes what ``fused`` computes (in eval mode).
-
-    For every BatchNorm folded into the layer before it (``fold_bn_into_preceding``) whose layer has the same
-    qualified name in ``original``, the layer gets the fused weight and the BatchNorm becomes the identity
-    carrying the fused bias: weight 1, bias = fused bias, ``running_mean`` 0, ``running_var`` = 1 - eps (so
-    ``sqrt(var + eps) == 1``); a bias of the layer itself is set to 0. A BatchNorm without affine parameters
-    leaves the fused bias in the layer's own bias instead, when it has one. Everything else keeps the
-    original's values: folds of other kinds, layers renamed because they are called at several sites, and
-    layers changed by several rewrites.
-
-    Args:
-        original: the network before fusion (its current values are the starting point).
-        fused: the result of :func:`fx_lightning.fuse` on ``original`` (it carries ``fusion_report``).
-
-    Returns:
-        Exactly the keys, shapes, dtypes and devices of ``original.state_dict()``, as detached tensor copies
-        (no ``Parameter`` objects, nothing shared with either network).
-
-    Raises:
-        TypeError: if an argument is not a module, or ``fused`` has no fusion report.
-
-    Example:
-        >>> from fx_lightning import fuse
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2)).eval()
-        >>> state = checkpoint_state_dict(net, fuse(net))
-        >>> sorted(state) == sorted(net.state_dict()), state["1.weight"].tolist(), state["1.running_mean"].tolist()
-        (True, [1.0, 1.0], [0.0, 0.0])
-    """
-    for label, value in (("original", original), ("fused", fused)):
-        if not isinstance(value, nn.Module):
-            raise TypeError(
-                f"checkpoint_state_dict({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
-                "Call checkpoint_state_dict(model, fuse(model))."
-            )
-    report = getattr(fused, "fusion_report", None)
-    if report is None or not hasattr(report, "folded"):
-        raise TypeError(
-            f"checkpoint_state_dict(fused=...) expects the module returned by fx_lightning.fuse(), which carries "
-            f".fusion_report; got a {type(fused).__name__} without one. Pass fused=fuse(original)."
-        )
-    state = {k: v.detach().clone() for k, v in original.state_dict().items()}
-    fused_state = fused.state_dict()
-
-    # A layer that absorbed anything besides BatchNorms after it cannot be split back into layer + BatchNorm.
-    touched_otherwise = {r.into for r in report.folded if r.rule != _PRECEDING_RULE}
-    for merged in getattr(report, "merged", []):
-        touched_otherwise |= {merged.into, *merged.consumed}
-    by_layer: dict[str, list[Folded]] = {}
-    for record in report.folded:
-        if record.rule == _PRECEDING_RULE and record.into not in touched_otherwise:
-            by_layer.setdefault(record.into, []).append(record)
-
-    with torch.no_grad():
-        for layer, records in by_layer.items():
-            _write_fold(state, fused_state, original, layer, [r.bn for r in records])
-    return state
-
-
-def _write_fold(
-    state: dict[str, Tensor], fused_state: dict[str, Tensor], original: nn.Module, layer: str, bns: list[str]
-) -> bool:
-    """Rewrite ``layer`` and its BatchNorms in ``state``; return whether the fold could be expressed."""
-    weight_key, bias_key = f"{layer}.weight", f"{layer}.bias"
-    if weight_key not in state or weight_key not in fused_state or bias_key not in fused_state:
-        return False  # the layer does not exist under this name in the original (e.g. a "_folded" copy)
-    if state[weight_key].shape != fused_state[weight_key].shape:
-        return False
-    eps: dict[str, float] = {}
-    for bn in bns:
-        owner = _get_submodule(original, bn)
-        stats = [f"{bn}.running_mean", f"{bn}.running_var"]
-        value = getattr(owner, "eps", None) if owner is not None else None
-        if not isinstance(value, numbers.Real) or not all(k in state for k in stats):
-            return False
-        eps[bn] = float(value)
-    fused_bias = fused_state[bias_key]
-    carrier = next((bn for bn in bns if f"{bn}.bias" in state and f"{bn}.weight" in state), None)
-    if carrier is None and bias_key not in state:
-        return False  # no affine BatchNorm and no layer bias: nowhere to put the folded bias
-
-    _assign(state, weight_key, fused_state[weight_key])
-    for bn in bns:
-        state[f"{bn}.running_mean"].zero_()
-        state[f"{bn}.running_var"].fill_(1.0 - eps[bn])
-        if f"{bn}.weight" in state:
-            state[f"{bn}.weight"].fill_(1.0)
-        if f"{bn}.bias" in state:
-            state[f"{bn}.bias"].zero_()
-    if carrier is not None:
-        _assign(state, f"{carrier}.bias", fused_bias)
-        if bias_key in state:
-            state[bias_key].zero_()
-    else:
-        _assign(state, bias_key, fused_bias)
-    return True
-
-
-def _assign(state: dict[str, Tensor], key: str, value: Tensor) -> None:
-    target = state[key]
-    state[key] = value.detach().to(dtype=target.dtype, device=target.device, copy=True).reshape(target.shape)
-
-
-def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None

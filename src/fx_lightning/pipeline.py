@@ -15,7 +15,7 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -323,6 +323,12 @@ class _Engine:
             for alias in _aliases(dict(module.named_modules(remove_duplicate=False)), sub):
                 parent, _, last = alias.rpartition(".")
                 self._replace(module.get_submodule(parent), last, built, _join(path, alias))
+        built_paths = [_join(path, g) for g in graphs]
+        # A fold written in place inside a module that then became generated code is no longer at its path.
+        self.report.folded = [
+            replace(r, in_place=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
+            for r in self.report.folded
+        ]
         left = [s for s in changes.skipped if not any(_within(scope_of([s.node]), g) for g in graphs)]
         self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
         return result
