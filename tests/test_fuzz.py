@@ -125,14 +125,18 @@ def _check(program: Program, trail: _Trail) -> None:
 
     before = _snapshot(model)
     target = torch.fx.symbolic_trace(model) if program.trace_first else model
+    before_target = _snapshot(target)
     kwargs: dict[str, Any] = {"example_inputs": inputs} if program.example_inputs else {}
     once = fuse(target, **kwargs)
     trail.reports.append(str(once.fusion_report))
     fused = once
     if program.fuse_twice:
+        before_once = _snapshot(once)
         fused = fuse(once, **kwargs)
         trail.reports.append(str(fused.fusion_report))
+        _assert_unchanged(before_once, once, "fuse(fused)")
     _assert_unchanged(before, model, "fuse")
+    _assert_unchanged(before_target, target, "fuse(torch.fx.symbolic_trace(model))")
     _assert_class_kept(target, once)
     if fused is not once:
         _assert_class_kept(once, fused)
@@ -199,6 +203,7 @@ def _error(out: Any, ref: Tensor) -> float:
 class _Snapshot:
     tensors: dict[str, tuple[Tensor, Tensor, torch.dtype, tuple[int, ...], bool]]
     modules: dict[str, tuple[nn.Module, type, bool]]
+    code: dict[str, str]  # the code of every GraphModule inside
 
 
 def _snapshot(model: nn.Module) -> _Snapshot:
@@ -208,7 +213,8 @@ def _snapshot(model: nn.Module) -> _Snapshot:
     for name, t in named:
         tensors[name] = (t, t.detach().clone(), t.dtype, t.stride(), t.requires_grad)
     modules = {name: (m, type(m), m.training) for name, m in model.named_modules(remove_duplicate=False)}
-    return _Snapshot(tensors, modules)
+    code = {name: m.code for name, m in model.named_modules() if isinstance(m, torch.fx.GraphModule)}
+    return _Snapshot(tensors, modules, code)
 
 
 def _assert_unchanged(before: _Snapshot, model: nn.Module, during: str) -> None:
@@ -233,6 +239,11 @@ def _assert_unchanged(before: _Snapshot, model: nn.Module, during: str) -> None:
             problems.append(f"{name} is another object")
         elif (now[2], now[3], now[4]) != (dtype, stride, requires_grad) or not torch.equal(now[1], value):
             problems.append(f"{name} changed (dtype/stride/requires_grad/values)")
+    problems += [
+        f"the code of GraphModule {name or '<model>'}"
+        for name, code in before.code.items()
+        if code != after.code.get(name)
+    ]
     assert not problems, f"{during} modified the model: " + "; ".join(problems[:8])
 
 
