@@ -365,7 +365,7 @@ class NetSpec:
     steps: list[Step] = field(default_factory=list)
     output: str = "x"
     ties: list[tuple[str, str]] = field(default_factory=list)
-    hooks: list[Callable[..., Any]] = field(default_factory=list)
+    hooks: list[tuple[str, Callable[..., Any]]] = field(default_factory=list)  # ("forward" | "forward_pre", hook)
 
 
 class FuzzNet(nn.Module):
@@ -383,11 +383,8 @@ class FuzzNet(nn.Module):
                 self.register_buffer(name, built)
         for dst, src in spec.ties:
             self.get_submodule(dst).weight = self.get_submodule(src).weight
-        for hook in spec.hooks:
-            if hook is halve_input:
-                self.register_forward_pre_hook(hook)
-            else:
-                self.register_forward_hook(hook)
+        for kind, hook in spec.hooks:
+            getattr(self, f"register_{kind}_hook")(hook)
 
     def forward(self, x: Tensor) -> Tensor:
         env = {"x": x}
@@ -1330,7 +1327,7 @@ def generate(seed: int, max_ops: int | None = None) -> Program:
     if layout == "conv" and dims >= 2 and rng.random() < 0.25:
         memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
     train = rng.random() < 0.3
-    root_hook = rng.choice((None, double_output, halve_input)) if rng.random() < 0.1 else None
+    root_hook = rng.choice((("forward", double_output), ("forward_pre", halve_input))) if rng.random() < 0.1 else None
     example_inputs = rng.random() < 0.5
     fuse_twice = rng.random() < 0.1
     want_trace = rng.random() < 0.15
@@ -1359,8 +1356,8 @@ def generate(seed: int, max_ops: int | None = None) -> Program:
         (dtype == torch.bfloat16, "bfloat16"),
         (memory_format is not None, "channels_last"),
         (train, "train mode"),
-        (root_hook is double_output, "root hook"),
-        (root_hook is halve_input, "root pre-hook"),
+        (root_hook is not None and root_hook[0] == "forward", "root hook"),
+        (root_hook is not None and root_hook[0] == "forward_pre", "root pre-hook"),
         (example_inputs, "example_inputs"),
         (fuse_twice, "fuse twice"),
         (trace_first, "trace first"),
@@ -1438,9 +1435,7 @@ def _net_source(spec: NetSpec) -> str:
         else:
             lines.append(f"        self.{name} = {text}{comment}")
     lines += [f"        self.{dst}.weight = self.{src}.weight" for dst, src in spec.ties]
-    for hook in spec.hooks:
-        kind = "forward_pre_hook" if hook is halve_input else "forward_hook"
-        lines.append(f"        self.register_{kind}({hook.__name__})")
+    lines += [f"        self.register_{kind}_hook({hook.__name__})" for kind, hook in spec.hooks]
     lines += ["", "    def forward(self, x):"]
     lines += [f"        {step}" for step in spec.steps]
     lines.append(f"        return {spec.output}")
