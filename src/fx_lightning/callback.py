@@ -1,16 +1,19 @@
 """``FuseOnExport``: the Lightning callback that fuses, verifies and exports at the right moments.
 
 The callback decides *when* things happen and delegates *what* happens: :func:`fx_lightning.fuse` folds,
-:class:`fx_lightning.verify.Verifier` compares the original and fused networks with torchmetrics, and
-:mod:`fx_lightning.export` writes the deploy artifacts and the checkpoint form of the fused weights.
+:class:`fx_lightning.verify.Verifier` compares the original and fused networks with torchmetrics,
+:mod:`fx_lightning.export` and :mod:`fx_lightning.deploy` write the artifacts, :mod:`fx_lightning.swap` puts fused
+networks in place and back, :mod:`fx_lightning.loop_data` finds the batches, and every use of Lightning's
+internals sits in :mod:`fx_lightning.lightning_compat`.
 
-When, in one picture (``net`` is the fused child of the LightningModule)::
+When, in one picture::
 
-    fit:      setup -> [original net restored] -> Lightning restores ckpt_path -> train -> on_train_end: fuse
-              -> verify -> export -> fused net stays in place (trainer.save_checkpoint now writes folded weights)
+    fit:      setup (checks, callback moved last) -> on_fit_start (checks on the first batch: input, target,
+              forward signature) -> train -> on_train_end (after every other callback's): fuse copies -> verify
+              -> export artifacts and the deploy checkpoint; the user's networks stay in place throughout
     test/predict (and validate if asked):
-              setup -> [original net restored] -> Lightning restores ckpt_path -> on_*_start: fuse the weights
-              loaded now -> verify -> run the loop with the fused net -> on_*_end: original net put back
+              Lightning restores ckpt_path -> on_*_start: fuse the weights loaded now -> verify -> swap the fused
+              networks in -> run the loop -> on_*_end (or on_exception): the user's networks put back
 
 One class serves both ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``: it derives from the
 ``Callback`` class of each namespace that is installed.
@@ -18,15 +21,15 @@ One class serves both ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trai
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import itertools
+import inspect
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,14 +37,39 @@ import torch
 from lightning.pytorch.callbacks import Callback as _LightningCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.counting import count_kernels
-from fx_lightning.export import FORMATS, MissingExtraError, checkpoint_state_dict, export_artifacts
+from fx_lightning import lightning_compat as compat
+from fx_lightning.deploy import write_deploy_checkpoint
+from fx_lightning.export import FORMATS, MissingExtraError, export_artifacts
+from fx_lightning.loop_data import Batches, keep_one_shot, to_device, verification_batches
 from fx_lightning.pipeline import fuse
+from fx_lightning.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.report import FusionReport
-from fx_lightning.tracing import contains_batch_norm
-from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target, eval_mode
+from fx_lightning.swap import (
+    SELF,
+    Network,
+    Swap,
+    find_networks,
+    is_fused,
+    named_network,
+    replacements,
+    restore_original,
+)
+from fx_lightning.tracing import is_frozen_batch_norm
+from fx_lightning.verify import (
+    VerificationResult,
+    Verifier,
+    call_with_input,
+    check_metric,
+    check_tolerance,
+    default_get_input,
+    default_get_target,
+    eval_mode,
+    preserved_rng,
+)
 
 try:  # the standalone package is installed next to ``lightning``; users may build either Trainer
     from pytorch_lightning.callbacks import Callback as _PLCallback
@@ -50,24 +78,48 @@ try:  # the standalone package is installed next to ``lightning``; users may bui
 except ImportError:  # pragma: no cover - depends on the environment
     _CALLBACK_BASES = (_LightningCallback,)
 
+__all__ = ["SELF", "FuseOnExport", "FuseResult", "Outcome", "is_fused", "restore_original"]
+
 Stage = Literal["test", "predict", "validate"]
 ExportStage = Literal["fit", "test", "predict", "validate"]
 OnMismatch = Literal["revert", "raise", "warn"]
 
-#: Where the original networks live while a fused one is in place: a plain dict on the LightningModule,
-#: so it is neither a registered sub-module nor part of ``state_dict()``.
-ORIGINALS_ATTR = "_fx_lightning_originals"
-#: Checkpoint key holding the unfused weights of the swapped networks (resuming training restores them).
-UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
-#: The handle of the state-dict hook that writes fused weights in the original layout (see ``_install``).
-HOOK_ATTR = "_fx_lightning_state_dict_hook"
+#: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.deploy`).
+CHECKPOINT_FORMAT = "ckpt"
+EXPORT_FORMATS = (*FORMATS, CHECKPOINT_FORMAT)
+#: Checkpoints written by earlier versions after ``fit`` carried the unfused weights under this key.
+LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
 REPORT_FILE = "fuse_report.json"
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
-_SPAWN_LAUNCHERS = ("_MultiProcessingLauncher",)
 _ON_MISMATCH = ("revert", "raise", "warn")
 _STAGES = ("test", "predict", "validate")
 _EXPORT_STAGES = ("fit", "test", "predict", "validate")
+_NEEDS_BATCH = ("pt2", "onnx")
+
+
+class Outcome(str, Enum):
+    """What became of one fusion (a ``str``, so reports and logs stay plain text)."""
+
+    #: the fused networks passed verification (or were not verified); they run in the loop, and are exported
+    FUSED = "fused"
+    #: verification failed and ``on_mismatch="warn"``: the fused networks are used anyway
+    KEPT_DESPITE_MISMATCH = "kept despite mismatch"
+    #: verification failed: the user's networks are used
+    REVERTED = "reverted"
+    #: BatchNorms were found, none could be folded exactly (the report says why): nothing is used or exported
+    NOTHING_FOLDED = "nothing folded"
+    #: no network with a BatchNorm was found
+    NO_BATCH_NORM = "no BatchNorm"
+    #: something raised (the engine, the verification, the data); the user's networks are used
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the fused networks are used (in the loop) and exported."""
+        return self in (Outcome.FUSED, Outcome.KEPT_DESPITE_MISMATCH)
 
 
 @dataclass
@@ -77,25 +129,26 @@ class FuseResult:
     Attributes:
         stage: the Trainer call it ran for: ``"fit"`` (at the end of training), ``"test"``, ``"predict"``
             or ``"validate"``.
-        attributes: the LightningModule attributes that were fused.
-        reports: the :class:`~fx_lightning.FusionReport` of each attribute.
-        outcome: ``"fused"`` (fused network in place), ``"reverted"`` (verification failed, original kept),
-            ``"kept despite mismatch"`` (``on_mismatch="warn"``), or ``"failed"`` (the engine raised).
-        kernels_before: BatchNorm kernels one forward of the fused attributes ran before fusion.
+        attributes: the networks fused (attribute paths, or ``"self"`` for the LightningModule's own layers).
+        reports: the :class:`~fx_lightning.FusionReport` of each network.
+        outcome: an :class:`Outcome`.
+        kernels_before: BatchNorms one forward of the fused networks ran before fusion (ATen kernels, plus
+            frozen BatchNorm modules, which compute without one).
         kernels_after: the same count after fusion.
         verification: the comparison of original and fused outputs, ``None`` when not verified.
         verify_source: where the verification data came from (``"val"``, ``"test"``, ``"given"``, ...).
         artifacts: format name -> path of each exported, reloaded and checked artifact.
-        report_path: the JSON report written on global rank zero.
+        report_path: the JSON report, written on global rank zero for every outcome.
         seconds: time spent fusing, verifying and exporting.
         ckpt_path: the checkpoint the weights came from, when Lightning restored one.
-        error: the engine's or the exporter's error, when one was turned into a warning.
+        error: the error turned into a warning (``strict=False``), or that was raised.
+        notes: what else the user should know: networks skipped and why, why nothing folded.
     """
 
     stage: str
-    attributes: list[str]
+    attributes: list[str] = field(default_factory=list)
     reports: dict[str, FusionReport] = field(default_factory=dict)
-    outcome: str = "fused"
+    outcome: Outcome = Outcome.FUSED
     kernels_before: int | None = None
     kernels_after: int | None = None
     verification: VerificationResult | None = None
@@ -105,6 +158,7 @@ class FuseResult:
     seconds: dict[str, float] = field(default_factory=dict)
     ckpt_path: str | None = None
     error: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_folded(self) -> int:
@@ -115,7 +169,7 @@ class FuseResult:
         return {
             "stage": self.stage,
             "attributes": list(self.attributes),
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
             "num_folded": self.num_folded,
             "kernels_before": self.kernels_before,
             "kernels_after": self.kernels_after,
@@ -126,6 +180,7 @@ class FuseResult:
             "seconds": dict(self.seconds),
             "ckpt_path": self.ckpt_path,
             "error": self.error,
+            "notes": list(self.notes),
             "reports": {name: report.to_dict() for name, report in self.reports.items()},
         }
 
@@ -135,7 +190,7 @@ class FuseResult:
             "folded": float(self.num_folded),
             "skipped": float(sum(r.num_skipped for r in self.reports.values())),
             "untraced": float(sum(len(r.untraced) for r in self.reports.values())),
-            "in_place": float(self.outcome in ("fused", "kept despite mismatch")),
+            "in_place": float(self.outcome.in_place),
         }
         if self.kernels_before is not None and self.kernels_after is not None:
             metrics["kernels_removed"] = float(self.kernels_before - self.kernels_after)
@@ -151,7 +206,8 @@ class FuseResult:
 
     def __str__(self) -> str:
         where = "end of fit" if self.stage == "fit" else f"before {self.stage}"
-        lines = [f"FuseOnExport ({where}): {', '.join(self.attributes)} -> {self.outcome}"]
+        names = ", ".join(self.attributes) or "nothing"
+        lines = [f"FuseOnExport ({where}): {names} -> {self.outcome.value}"]
         if self.ckpt_path:
             lines.append(f"  weights from checkpoint: {self.ckpt_path}")
         for report in self.reports.values():
@@ -166,13 +222,14 @@ class FuseResult:
             after = v.metric_fused
             figures = ", ".join(f"{k} {x:.4f} -> {after.get(k, math.nan):.4f}" for k, x in v.metric_original.items())
             lines.append(
-                f"  verification on {v.num_samples} samples ({self.verify_source}): {figures}; "
+                f"  verification on {v.num_samples} samples ({self.verify_source}): {figures or 'outputs only'}; "
                 f"max abs diff {v.max_abs_diff:.3g}{_agreement(v)}, tolerance {v.tolerance:g} -> "
                 f"{'passed' if v.passed else 'FAILED'}"
             )
             lines += [f"  note: {note}" for note in v.notes]
         elif self.verify_source:
             lines.append(f"  verification: {self.verify_source}")
+        lines += [f"  note: {note}" for note in self.notes]
         if self.seconds:
             lines.append("  time: " + ", ".join(f"{k} {s:.2f}s" for k, s in self.seconds.items()))
         for fmt, path in self.artifacts.items():
@@ -187,52 +244,69 @@ class FuseResult:
 class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     """Fuse BatchNorm into the LightningModule's networks after training and for test/predict, verify, export.
 
-    At the end of a successful ``fit``, and before ``test``/``predict`` (and ``validate`` if asked), the
-    chosen children of the LightningModule are fused with :func:`fx_lightning.fuse` from the weights loaded at
-    that moment (so ``trainer.test(ckpt_path="best")`` tests the best weights, fused), compared with the
-    original on the validation data using torchmetrics, and swapped in. The original is put back after each
-    test/predict/validate loop and before Lightning restores any checkpoint, so Lightning always loads into
-    the original architecture. After ``fit`` the fused network stays in place: ``trainer.save_checkpoint``
-    then writes the folded weights in the original layout, which ``MyModule.load_from_checkpoint(path)``
-    loads strictly; the unfused weights travel in the same file so that training resumes exactly.
+    At the end of a successful ``fit`` (after every other callback's ``on_train_end``, so averaged or pruned
+    weights are the ones fused), the LightningModule's networks are fused into copies with
+    :func:`fx_lightning.fuse`, compared with the originals on the validation data using torchmetrics, and
+    exported. The user's networks are never replaced after ``fit``: the LightningModule holds the same objects,
+    classes and ``state_dict`` layout as without the callback, and checkpoints written during training are
+    ordinary ones that resume exactly.
+
+    Before ``test``/``predict`` (and ``validate`` if asked) the networks are fused again from the weights loaded
+    at that moment (so ``trainer.test(ckpt_path="best")`` tests the best weights, fused), verified, and swapped
+    in for that loop only; the user's networks are put back at the loop's end and on any exception. A checkpoint
+    written inside such a loop holds the user's networks' values.
+
+    The fused networks as objects: ``callback.fused`` maps each network's name to its fused copy, of the user's
+    class (``callback.fused["net"]``; ``callback.fused["self"]`` is a fused copy of the whole LightningModule
+    when its own ``forward`` wires its layers). The deploy checkpoint artifact (``deploy.ckpt``) is a Lightning
+    checkpoint of the user's class with the folded values: ``MyModule.load_from_checkpoint(path)`` loads it
+    strictly and computes what the fused networks compute; it is reloaded and checked before it is announced.
 
     Args:
-        attributes: names (dotted paths allowed) of the LightningModule's networks to fuse. ``None`` fuses
-            every direct child that contains a BatchNorm; the LightningModule itself is never traced.
+        attributes: names (dotted paths allowed) of the LightningModule's networks to fuse, or ``["self"]`` for
+            the LightningModule's own layers. ``None`` finds them: every child containing a BatchNorm (each entry
+            of ``ModuleDict``/``ModuleList`` children on its own), or the LightningModule itself when it holds
+            bare layers (a BatchNorm as a direct child). Networks behind ``torch.compile`` are fused and compiled
+            again the same way. A network that ``forward`` never calls (a teacher, an EMA copy) is skipped with
+            a note.
         stages: the Trainer calls, besides the end of ``fit``, before which the networks are fused:
             any of ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["test", "predict"]``.
         fuse_after_fit: fuse, verify and export at the end of a successful ``fit``.
-        verify: compare the original and fused networks before keeping the fused one.
+        verify: compare the original and fused networks before using the fused ones.
         metric: the torchmetrics metric (or ``MetricCollection``) computed for both networks. ``None`` infers a
             multiclass accuracy from the outputs and targets. From YAML, give it with ``class_path``.
         tolerance: verification passes when ``|metric_fused - metric_original| <= tolerance`` for each metric.
         on_mismatch: what to do when verification fails: ``"revert"`` to the original network (with a
-            warning), ``"raise"`` a ``RuntimeError``, or ``"warn"`` and keep the fused network.
-        max_verify_batches: verify on at most this many batches; ``None`` uses the whole dataloader.
-        verify_dataloader: data to verify on instead of the validation dataloader (set from Python).
+            warning), ``"raise"`` a ``RuntimeError``, or ``"warn"`` and use the fused network.
+        max_verify_batches: verify on at most this many batches; ``None`` uses every batch the Trainer's
+            ``limit_val_batches`` (or the loop's own limit) allows.
+        verify_dataloader: data to verify on instead of the validation dataloader (set from Python); a one-shot
+            iterable (a generator) is read once and kept.
         get_input: takes a batch and returns the LightningModule's forward input (a tuple is unpacked into
-            positional arguments). ``None`` takes the first element of tuple/list batches, or the
-            ``"input"``/``"x"``/``"image"`` entry of dict batches.
+            positional arguments, a dict into keyword arguments when ``forward`` takes those names). ``None``
+            takes the first element of tuple/list batches, or the ``"input"``/``"x"``/``"image"``/
+            ``"pixel_values"`` entry of dict batches.
         get_target: takes a batch and returns the targets for ``metric``; ``None`` takes the second element
-            of tuple/list batches, or the ``"target"``/``"label"``/``"y"`` entry of dict batches.
+            of tuple/list batches, or the ``"target"``/``"label"``/``"labels"``/``"y"`` entry of dict batches.
         example_input: the forward input used for shape propagation, kernel counts and export; ``None`` takes
             it from the first verification batch.
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
         export_formats: artifacts to write: ``"pt2"`` (``torch.export``), ``"weights"`` (a state dict as
             ``.safetensors``, or ``.pt`` for ``torch.load(weights_only=True)`` without safetensors), ``"onnx"``
-            (needs ``pip install "fx-lightning[onnx]"``). ``None`` means ``["pt2", "weights"]``; ``[]`` writes
-            only the report.
+            (needs ``pip install "fx-lightning[onnx]"``), ``"ckpt"`` (the deploy checkpoint). ``None`` means
+            ``["pt2", "weights", "ckpt"]``; ``[]`` writes only the report. Nothing is exported when nothing folded.
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
             ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
             ``False`` fixes the batch size of the example input.
         passes: the fusion passes to run (see :func:`fx_lightning.registered_passes`); ``None`` runs all.
-        strict: raise instead of warning when the engine or the exporter fails, and on a failed verification
-            whatever ``on_mismatch`` says.
+        strict: raise instead of warning when anything after training fails (the data, the engine, the
+            verification, the exporter), and on a failed verification whatever ``on_mismatch`` says.
 
     Raises:
         ValueError: if an argument is out of its range.
-        TypeError: if ``metric`` is not a torchmetrics ``Metric`` or ``MetricCollection``.
+        TypeError: if ``metric`` is not a torchmetrics ``Metric`` or ``MetricCollection``, or ``tolerance`` is
+            not a number.
         fx_lightning.export.MissingExtraError: if ``"onnx"`` is asked for without the ``onnx`` extra installed.
 
     Example::
@@ -240,9 +314,11 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         from lightning.pytorch import Trainer
         from fx_lightning import FuseOnExport
 
-        trainer = Trainer(max_epochs=5, callbacks=[FuseOnExport(tolerance=1e-3)])
-        trainer.fit(model, datamodule=dm)   # ends with model.net fused, verified, exported
-        trainer.test(datamodule=dm)         # best checkpoint, fused again, tested; original put back
+        fuse = FuseOnExport(tolerance=1e-3)
+        trainer = Trainer(max_epochs=5, callbacks=[fuse])
+        trainer.fit(model, datamodule=dm)   # model.net is still yours; fused, verified, exported copies
+        deployed = fuse.fused["net"]        # the fused network, of your network's class
+        trainer.test(datamodule=dm)         # best checkpoint, fused again, tested; your network put back
     """
 
     def __init__(
@@ -266,15 +342,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         passes: list[str] | None = None,
         strict: bool = False,
     ) -> None:
-        _check_arguments(
-            attributes, stages, metric, tolerance, on_mismatch, max_verify_batches, export_formats, export_stages
-        )
+        _check_arguments(attributes, stages, on_mismatch, max_verify_batches, export_formats, export_stages)
+        check_metric("FuseOnExport", metric)
         self.attributes = list(attributes) if attributes is not None else None
         self.stages: list[str] = list(stages) if stages is not None else ["test", "predict"]
         self.fuse_after_fit = fuse_after_fit
         self.verify = verify
         self.metric = metric
-        self.tolerance = float(tolerance)
+        self.tolerance = check_tolerance("FuseOnExport", "tolerance", tolerance)
         self.on_mismatch = on_mismatch
         self.max_verify_batches = max_verify_batches
         self.verify_dataloader = verify_dataloader
@@ -282,82 +357,101 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         self.get_target = get_target
         self.example_input = example_input
         self.export_dir = export_dir
-        self.export_formats: list[str] = list(export_formats) if export_formats is not None else ["pt2", "weights"]
+        self.export_formats: list[str] = (
+            list(export_formats) if export_formats is not None else ["pt2", "weights", CHECKPOINT_FORMAT]
+        )
         self.export_stages: list[str] = list(export_stages) if export_stages is not None else ["fit", "test"]
         self.dynamic_batch = dynamic_batch
         self.passes = list(passes) if passes is not None else None
         self.strict = strict
         self.last_result: FuseResult | None = None
         self.history: list[dict[str, Any]] = []
+        #: The fused copy of each network from the latest fusion that used them (name -> module).
+        self.fused: dict[str, nn.Module] = {}
+        self._swap: Swap | None = None
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Runs at the start of every Trainer call, before Lightning restores ``ckpt_path``: rejects strategies
-        that cannot work, puts the original networks back so the checkpoint loads into them, and checks the
-        attribute names early."""
-        _check_strategy(trainer)
-        if restore_original(pl_module):
+        that cannot work, puts the user's networks back if a loop left fused ones, checks the network names,
+        keeps a one-shot ``verify_dataloader``, and moves this callback last so that its ``on_train_end`` sees
+        the weights every other callback leaves (EMA, SWA, pruning)."""
+        reason = compat.unsupported_strategy(trainer)
+        if reason:
+            raise ValueError(reason)
+        if self._restore():
             _info(trainer, f"FuseOnExport: put the original network(s) back before `trainer.{_fn(trainer)}`.")
-        self._resolve_attributes(pl_module)
+        self._networks(pl_module)
+        self.verify_dataloader = keep_one_shot(self.verify_dataloader, self.max_verify_batches)
+        if stage == "fit" and self.fuse_after_fit:
+            compat.move_to_end(trainer, self)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Runs before training, with the module on its device: checks what can be checked on the first
+        verification batch (the input and target layout, the forward signature, the export's batch size), so that
+        a misconfiguration fails now rather than after training."""
+        if self.fuse_after_fit:
+            with preserved_rng():
+                self._check_inputs(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs once training finished normally, with the module still on its device: fuses, verifies and
-        exports, and leaves the fused network in place (``on_fit_end`` would see it moved to the CPU)."""
+        """Runs once training finished normally, with the module still on its device: fuses copies, verifies and
+        exports. The user's networks stay in place (``on_fit_end`` would see the module moved to the CPU)."""
         if self.fuse_after_fit:
             self._fuse(trainer, pl_module, "fit")
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs before a ``trainer.validate`` loop (not validation inside ``fit``): fuses if ``"validate"`` is
-        in ``stages``."""
+        """Runs before a ``trainer.validate`` loop (not validation inside ``fit``): fuses and swaps in if
+        ``"validate"`` is in ``stages``."""
         if _fn(trainer) == "validate" and "validate" in self.stages:
             self._fuse(trainer, pl_module, "validate")
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after a ``trainer.validate`` loop: puts the original network back."""
+        """Runs after a ``trainer.validate`` loop: puts the user's networks back."""
         if _fn(trainer) == "validate":
-            restore_original(pl_module)
+            self._restore()
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after Lightning loaded ``ckpt_path`` and before the first test batch: fuses those weights."""
+        """Runs after Lightning loaded ``ckpt_path`` and before the first test batch: fuses those weights and
+        swaps the fused networks in."""
         if "test" in self.stages:
             self._fuse(trainer, pl_module, "test")
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after the test loop: puts the original network back."""
-        restore_original(pl_module)
+        """Runs after the test loop: puts the user's networks back."""
+        self._restore()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after Lightning loaded ``ckpt_path`` and before the first predict batch: fuses those weights."""
+        """Runs after Lightning loaded ``ckpt_path`` and before the first predict batch: fuses those weights and
+        swaps the fused networks in."""
         if "predict" in self.stages:
             self._fuse(trainer, pl_module, "predict")
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after the predict loop: puts the original network back."""
-        restore_original(pl_module)
+        """Runs after the predict loop: puts the user's networks back."""
+        self._restore()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        """Runs when any Trainer call raises: puts the original network back so nothing half-fused remains."""
-        restore_original(pl_module)
+        """Runs when any Trainer call raises: puts the user's networks back so nothing fused remains."""
+        self._restore()
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Runs when Lightning writes a full checkpoint. Checkpoints written during training are left unchanged.
-        While a fused network is in place, ``state_dict`` already holds its folded weights in the original
-        layout (a state-dict hook on the module writes them, for ``weights_only`` saves too); the unfused
-        weights are added under a separate key so that training can resume from the original network."""
-        originals = _originals(pl_module)
-        if originals:
-            checkpoint[UNFUSED_STATE_KEY] = {
-                f"{name}.{k}": v.detach().clone()
-                for name, original in originals.items()
-                for k, v in original.state_dict().items()
-            }
+        """Runs when Lightning writes a full checkpoint: inside a loop that runs fused networks, writes the user's
+        networks' values instead, so that every checkpoint loads into the user's class and resumes exactly."""
+        swap = self._swap
+        if swap is None or not swap.installed:
+            return
+        swap.restore()
+        try:
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+        finally:
+            swap.install()
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Runs after Lightning loaded a checkpoint's ``state_dict`` into the (original) module: when the file
-        was written while a fused network was in place, loads the unfused weights it carries, so training
-        resumes from the original network rather than from BatchNorms set to the identity."""
-        unfused = checkpoint.get(UNFUSED_STATE_KEY)
+        """Runs after Lightning loaded a checkpoint's ``state_dict``: a checkpoint written by an earlier version
+        after ``fit`` carries the unfused weights separately; they are loaded so that training resumes from them."""
+        unfused = checkpoint.get(LEGACY_UNFUSED_STATE_KEY)
         if unfused:
             state = dict(checkpoint["state_dict"]) | dict(unfused)
             pl_module.load_state_dict(state, strict=pl_module.strict_loading)
@@ -375,161 +469,242 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     # --------------------------------------------------------------- the work
 
     def _fuse(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        # Test/predict loops run under inference mode; tensors created there could never be used for autograd
-        # again, so the fused weights and the verification run outside it.
-        with torch.inference_mode(False), torch.no_grad():
-            self._fuse_impl(trainer, pl_module, stage)
+        """Fuse, verify, export and report, inside one error boundary; swap in for a loop when the outcome says so.
 
-    def _fuse_impl(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        names = self._resolve_attributes(pl_module)
-        if not names:
-            _warn(
-                trainer,
-                f"FuseOnExport found no BatchNorm in the direct children of {type(pl_module).__name__}; nothing "
-                "to fuse. Name the network with FuseOnExport(attributes=['net']) if it is nested deeper.",
+        Test/predict loops run under inference mode; tensors created there could never be used for autograd
+        again, so everything runs outside it. The global random state is left as found.
+        """
+        result = FuseResult(stage=stage, ckpt_path=_str_or_none(trainer.ckpt_path))
+        with torch.inference_mode(False), torch.no_grad(), preserved_rng():
+            # trainer.log_dir broadcasts under DDP: every rank asks for it, before anything can fail.
+            directory = self._export_directory(trainer)
+            result.report_path = str(directory / REPORT_FILE)
+            run = _Run(trainer, pl_module, stage, result)
+            failure = None
+            try:
+                self._prepare(run)
+            except Exception as err:  # the error boundary: a finished training run is never lost
+                failure = err
+            # Every rank votes before the next collective (metric synchronisation), whatever failed locally.
+            everyone_ok = bool(trainer.strategy.reduce_boolean_decision(failure is None, all=True))
+            if everyone_ok and run.verifier is not None:
+                failure = self._verify(run)
+            elif failure is None and not everyone_ok:
+                failure = RuntimeError("another process failed; see its warning")
+            if failure is not None:
+                result.outcome = Outcome.FAILED
+                result.error = f"{run.step}: {type(failure).__name__}: {failure}"
+            if result.outcome.in_place and stage in self.export_stages:
+                self._export(run, directory)
+            if result.outcome.in_place:
+                self.fused = {network.name: module for network, module in run.fused.items()}
+        self._report(trainer, result)
+        if result.outcome.in_place and stage != "fit":
+            self._swap = Swap(pl_module, run.replacements)
+            self._swap.install()
+        self._raise_or_warn(trainer, result, failure)
+
+    def _prepare(self, run: _Run) -> None:
+        """Everything each process does on its own: data, example input, fusion, counts, verification updates."""
+        trainer, pl_module, result = run.trainer, run.pl_module, run.result
+        networks = self._networks(pl_module)
+        if not networks:
+            result.outcome = Outcome.NO_BATCH_NORM
+            result.notes.append(
+                f"no BatchNorm in the children of {type(pl_module).__name__}; nothing to fuse. Name the network "
+                "with FuseOnExport(attributes=['net']) if it is nested deeper."
             )
             return
-        result = FuseResult(stage=stage, attributes=names, ckpt_path=_str_or_none(trainer.ckpt_path))
-        originals = {name: _get(pl_module, name) for name in names}
-        source, batches = self._verification_data(trainer, stage)
-        first_batch, batches = _peek(batches)
-        example = self._example_input(trainer, pl_module, first_batch)
-        child_inputs = _capture_inputs(trainer, pl_module, originals, example, names) if example is not None else {}
+        result.attributes = [n.name for n in networks]
+        run.step = "reading the verification data"
+        run.batches = verification_batches(trainer, run.stage, self.verify_dataloader, self.max_verify_batches)
+        run.first = first = run.batches.first()
+        run.example = self._example_input(trainer, pl_module, first)
+        calls: dict[Network, Call] = {}
+        if run.example is not None:
+            run.step = "the forward that captures the networks' inputs"
+            calls = self._capture(run, networks)
+            for network in networks:
+                if network not in calls:
+                    result.notes.append(
+                        f"'{network.name}' skipped: {type(pl_module).__name__}.forward never calls it (a teacher or "
+                        "an averaged copy?); it cannot be verified nor exported, so it is not fused"
+                    )
+            networks = [n for n in networks if n in calls]
+            result.attributes = [n.name for n in networks]
+        run.calls = calls
 
         start = time.perf_counter()
-        fused: dict[str, nn.Module] = {}
         try:
-            for name, original in originals.items():
-                fused[name] = fuse(original, example_inputs=child_inputs.get(name), passes=self.passes)
-                result.reports[name] = fused[name].fusion_report
-            if child_inputs:
-                result.kernels_before, result.kernels_after = _count(trainer, originals, fused, child_inputs)
-        except Exception as err:
-            result.seconds["fuse"] = time.perf_counter() - start
-            self._engine_failed(trainer, result, err)
-            return
-        result.seconds["fuse"] = time.perf_counter() - start
-
-        passed = True
-        if self.verify and batches is not None:
-            start = time.perf_counter()
-            try:
-                result.verification = self._run_verification(trainer, pl_module, originals, fused, batches)
-            except Exception as err:  # e.g. the fused network returns another shape: never crash the run for it
-                result.seconds["verify"] = time.perf_counter() - start
-                self._engine_failed(trainer, result, err, what="the verification pass")
+            run.step = "fx_lightning.fuse"
+            for network in networks:
+                original = network.module(pl_module)
+                call = calls.get(network)
+                example = call.args if call is not None and not call.kwargs else None
+                fused = fuse(original, example_inputs=example, passes=self.passes)
+                report: FusionReport = fused.fusion_report
+                result.reports[network.name] = report
+                if report.num_folded or report.merged:
+                    run.fused[network] = fused
+                else:
+                    result.notes.append(_nothing_folded(network, original, report))
+            if not run.fused:
+                result.outcome = Outcome.NOTHING_FOLDED if result.attributes else Outcome.NO_BATCH_NORM
                 return
-            result.verify_source = source
-            result.seconds["verify"] = time.perf_counter() - start
-            # Every rank sees the same synchronised metric; the explicit vote also covers a rank that failed.
-            passed = bool(trainer.strategy.reduce_boolean_decision(result.verification.passed, all=True))
-        elif self.verify:
-            result.verify_source = "skipped: no validation data (give verify_dataloader=...)"
-            _warn(trainer, f"FuseOnExport could not verify the fused network before {stage}: no validation data.")
-        else:
+            run.step = "swapping in the fused networks"
+            for network, fused in run.fused.items():
+                run.replacements |= replacements(pl_module, network, fused)
+            if calls:
+                run.step = "counting the BatchNorm kernels"
+                result.kernels_before, result.kernels_after = self._count(run)
+        finally:
+            result.seconds["fuse"] = time.perf_counter() - start
+
+        if not self.verify:
             result.verify_source = "skipped: verify=False"
-
-        if passed:
-            _install(pl_module, fused, originals)
+        elif first is None:
+            result.verify_source = "skipped: no validation data (give verify_dataloader=...)"
         else:
-            result.outcome = self._mismatch_outcome()
-            if result.outcome == "kept despite mismatch":
-                _install(pl_module, fused, originals)
+            run.step = "the verification pass"
+            self._update_verification(run)
 
-        if stage in self.export_stages and result.outcome != "reverted":
-            self._export(trainer, fused, child_inputs, result)
-        self._report(trainer, result)
-        if not passed:
-            self._mismatch(trainer, result)
+    def _capture(self, run: _Run, networks: list[Network]) -> dict[Network, Call]:
+        pl_module = run.pl_module
+        modules = {n.name: n.module(pl_module) for n in networks if not n.is_self}
+        with eval_mode(pl_module), run.trainer.precision_plugin.forward_context():
+            captured = capture_calls(lambda: self._forward(pl_module, run.example, networks), modules)
+        calls = {n: captured[n.name] for n in networks if n.name in captured}
+        for network in networks:
+            if network.is_self:
+                x = run.example
+                calls[network] = Call(x if isinstance(x, tuple) else (x,)) if not isinstance(x, dict) else Call((), x)
+        return calls
 
-    def _run_verification(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        originals: dict[str, nn.Module],
-        fused: dict[str, nn.Module],
-        batches: Iterable[Any],
-    ) -> VerificationResult:
-        verifier = Verifier(
+    def _count(self, run: _Run) -> tuple[int, int]:
+        before = after = 0
+        with run.trainer.precision_plugin.forward_context():
+            for network, fused in run.fused.items():
+                call = run.calls[network]
+                original = network.module(run.pl_module)
+                with eval_mode(original):
+                    before += count_batch_norms(lambda m=original, c=call: m(*c.args, **c.kwargs), original)
+                after += count_batch_norms(lambda m=fused, c=call: m(*c.args, **c.kwargs), fused)
+        return before, after
+
+    def _update_verification(self, run: _Run) -> None:
+        trainer, pl_module = run.trainer, run.pl_module
+        networks = list(run.fused)
+        run.verifier = verifier = Verifier(
             metric=copy.deepcopy(self.metric) if self.metric is not None else None,
             tolerance=self.tolerance,
             get_input=self.get_input or default_get_input,
             get_target=self.get_target or default_get_target,
         ).to(pl_module.device)
+        start = time.perf_counter()
+
+        def runner(modules: dict[str, nn.Module]) -> Callable[..., Any]:
+            def run_forward(*args: Any, **kwargs: Any) -> Any:
+                x = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+                with Swap(pl_module, modules), trainer.precision_plugin.forward_context():
+                    return self._forward(pl_module, x, networks)
+
+            return run_forward
+
+        original, fused = runner({}), runner(run.replacements)
+        assert run.batches is not None  # set by _prepare
         world, rank = trainer.world_size, trainer.global_rank
-        total = _num_batches(batches, self.max_verify_batches)
-        progress = _progress(trainer, batches, total)
-
-        def run_with(modules: dict[str, nn.Module]) -> Callable[..., Any]:
-            def run(*args: Any) -> Any:
-                with _installed(pl_module, modules):
-                    return _forward(trainer, pl_module, args[0] if len(args) == 1 else args, list(modules))
-
-            return run
-
         with eval_mode(pl_module):
-            for index, batch in enumerate(progress):
-                if self.max_verify_batches is not None and index >= self.max_verify_batches:
-                    break
+            if self.metric is None and self._target_of(run.first) is not None:
+                # Every process builds the metric now, even one that gets no batch, so that all synchronise it.
+                verifier.default_metric_for(call_with_input(original, run.example))
+            batches = _progress(trainer, run.batches)
+            for index, batch in enumerate(batches):
                 # Each rank takes every world-th batch of the unsharded data: an exact partition, so the
                 # synchronised metric equals the single-process one.
-                if index % world != rank:
-                    continue
-                verifier.update(run_with(originals), run_with(fused), _to_device(trainer, pl_module, batch))
-        if hasattr(progress, "close"):
-            progress.close()
-        return verifier.compute()
+                if index % world == rank:
+                    verifier.update(original, fused, to_device(trainer, pl_module, batch))
+            if hasattr(batches, "close"):
+                batches.close()
+        run.result.verify_source = run.batches.describe()
+        run.result.seconds["verify"] = time.perf_counter() - start
 
-    def _export(
-        self, trainer: Any, fused: dict[str, nn.Module], child_inputs: dict[str, tuple[Any, ...]], result: FuseResult
-    ) -> None:
-        # trainer.log_dir broadcasts under DDP: every rank must ask for it, even though only rank zero writes.
-        directory = Path(self.export_dir) if self.export_dir else Path(trainer.log_dir or trainer.default_root_dir)
-        if not self.export_dir:
-            directory = directory / "fused"
-        status: dict[str, Any] = {"artifacts": {}, "error": "", "seconds": 0.0}
+    def _verify(self, run: _Run) -> Exception | None:
+        """The collective part of the verification: the synchronised metrics and the vote on them."""
+        trainer, result = run.trainer, run.result
+        assert run.verifier is not None
+        start = time.perf_counter()
+        failure: Exception | None = None
+        run.step = "the verification pass"
+        try:
+            result.verification = run.verifier.compute()
+        except Exception as err:  # noqa: BLE001 - reported like any failure after training
+            failure = err
+        passed = failure is None and result.verification is not None and result.verification.passed
+        # Every rank sees the same synchronised metric; the explicit vote also covers a rank that failed.
+        passed = bool(trainer.strategy.reduce_boolean_decision(passed, all=True))
+        result.seconds["verify"] = result.seconds.get("verify", 0.0) + time.perf_counter() - start
+        if failure is None and not passed:
+            result.outcome = (
+                Outcome.KEPT_DESPITE_MISMATCH if self.on_mismatch == "warn" and not self.strict else Outcome.REVERTED
+            )
+        return failure
+
+    def _export(self, run: _Run, directory: Path) -> None:
+        """Write the artifacts on global rank zero (the user's networks in place) and share the outcome."""
+        trainer, result = run.trainer, run.result
+        status: dict[str, Any] = {"artifacts": {}, "error": "", "seconds": 0.0, "notes": []}
         if trainer.is_global_zero:
             start = time.perf_counter()
-            directory.mkdir(parents=True, exist_ok=True)
             try:
-                for name, module in fused.items():
-                    if self.export_formats and name not in child_inputs:
-                        raise RuntimeError(
-                            f"no example input reached `{name}` (it was not called by the LightningModule's forward); "
-                            "give FuseOnExport(example_input=...) or name the network with attributes=[...]"
-                        )
-                    if not self.export_formats:
-                        continue
-                    paths = export_artifacts(
-                        module,
-                        child_inputs[name],
-                        directory,
-                        formats=tuple(self.export_formats),
-                        name=_file_name(name),
-                        dynamic_batch=self.dynamic_batch,
-                    )
-                    prefix = "" if len(fused) == 1 else f"{name}."
-                    status["artifacts"] |= {prefix + fmt: str(path) for fmt, path in paths.items()}
-            except Exception as err:
+                status["artifacts"], status["notes"] = self._write_artifacts(run, directory)
+            except Exception as err:  # noqa: BLE001 - reported like any failure after training
                 status["error"] = f"export failed: {type(err).__name__}: {err}"
-            status["report_path"] = str(directory / REPORT_FILE)
             status["seconds"] = time.perf_counter() - start
         status = trainer.strategy.broadcast(status, src=0)
         result.artifacts = status["artifacts"]
-        result.report_path = status.get("report_path")
+        result.notes += status["notes"]
         result.seconds["export"] = status["seconds"]
         if status["error"]:
             result.error = status["error"]
-            if self.strict:
+
+    def _write_artifacts(self, run: _Run, directory: Path) -> tuple[dict[str, str], list[str]]:
+        directory.mkdir(parents=True, exist_ok=True)
+        artifacts: dict[str, str] = {}
+        notes: list[str] = []
+        formats = [f for f in self.export_formats if f != CHECKPOINT_FORMAT]
+        several = len(run.fused) > 1
+        for network, module in run.fused.items() if formats else ():
+            call = run.calls.get(network)
+            if call is None:
                 raise RuntimeError(
-                    f"FuseOnExport(strict=True) could not export the fused network to {directory}: {status['error']}. "
-                    "Fix the cause, choose other export_formats, or set strict=False to continue with a warning."
+                    f"no example input reached '{network.name}'; give FuseOnExport(example_input=...) or no "
+                    "export_formats"
                 )
-            _warn(trainer, f"FuseOnExport: {status['error']}; the fused network is in place, artifacts are missing.")
+            if call.kwargs:
+                raise RuntimeError(
+                    f"'{network.name}' is called with keyword arguments {sorted(call.kwargs)}; the exporters take "
+                    "positional inputs only. Choose export_formats=['ckpt'] or wrap the network"
+                )
+            paths = export_artifacts(
+                module,
+                call.args,
+                directory,
+                formats=tuple(formats),
+                name=network.file_stem(),
+                dynamic_batch=self.dynamic_batch,
+            )
+            prefix = f"{network.name}." if several else ""
+            artifacts |= {prefix + fmt: str(path) for fmt, path in paths.items()}
+        if CHECKPOINT_FORMAT in self.export_formats:
+            written = write_deploy_checkpoint(run.trainer, run.pl_module, run.fused, run.calls, directory)
+            artifacts[CHECKPOINT_FORMAT] = str(written.path)
+            notes += written.notes
+        return artifacts, notes
 
     def _report(self, trainer: Any, result: FuseResult) -> None:
         self.last_result = result
-        self.history.append(_jsonable(result.to_dict()))
+        data = _jsonable(result.to_dict())
+        self.history.append(data)
         metrics = result.log_metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -537,29 +712,38 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero and result.report_path:
             path = Path(result.report_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
+            path.write_text(json.dumps(data, indent=2) + "\n")
         _info(trainer, str(result))
 
-    def _engine_failed(self, trainer: Any, result: FuseResult, err: Exception, what: str = "fx_lightning.fuse") -> None:
-        result.outcome = "failed"
-        result.error = f"{type(err).__name__}: {err}"
-        if self.strict:
-            raise RuntimeError(
-                f"FuseOnExport(strict=True): {what} failed on {result.attributes} before {result.stage}: "
-                f"{result.error}. The original network is in place. Set strict=False to continue with a warning, "
-                "or name other attributes."
-            ) from err
-        self._report(trainer, result)
-        _warn(
-            trainer,
-            f"FuseOnExport: {what} failed on {result.attributes} ({result.error}); continuing with the original "
-            "network. Set strict=True to raise instead.",
-        )
-
-    def _mismatch_outcome(self) -> str:
-        if self.on_mismatch == "warn" and not self.strict:
-            return "kept despite mismatch"
-        return "reverted"
+    def _raise_or_warn(self, trainer: Any, result: FuseResult, failure: Exception | None) -> None:
+        """After the report is written: raise (``strict=True``, ``on_mismatch="raise"``) or warn."""
+        where = "at the end of fit" if result.stage == "fit" else f"before {result.stage}"
+        if result.outcome is Outcome.FAILED:
+            if self.strict:
+                raise RuntimeError(
+                    f"FuseOnExport(strict=True) failed {where} on {result.attributes or 'the networks'}, in "
+                    f"{result.error}. The original network is in place; the report is at {result.report_path}. "
+                    "Set strict=False to continue with a warning."
+                ) from failure
+            _warn(
+                trainer,
+                f"FuseOnExport failed {where} on {result.attributes or 'the networks'}, in {result.error}; "
+                "continuing with the original network. Set strict=True to raise instead.",
+            )
+            return
+        if result.error:  # the export failed; the fusion itself is fine
+            if self.strict:
+                raise RuntimeError(
+                    f"FuseOnExport(strict=True) could not export the fused network {where}: {result.error}. "
+                    "Fix the cause, choose other export_formats, or set strict=False to continue with a warning."
+                )
+            _warn(trainer, f"FuseOnExport: {result.error}; artifacts are missing.")
+        if result.outcome is Outcome.NO_BATCH_NORM:
+            _warn(trainer, f"FuseOnExport found nothing to fuse {where}: {'; '.join(result.notes)}")
+        elif result.outcome is Outcome.NOTHING_FOLDED:
+            _warn(trainer, f"FuseOnExport folded nothing {where}: {'; '.join(result.notes)}")
+        elif result.outcome in (Outcome.REVERTED, Outcome.KEPT_DESPITE_MISMATCH):
+            self._mismatch(trainer, result)
 
     def _mismatch(self, trainer: Any, result: FuseResult) -> None:
         v = result.verification
@@ -569,287 +753,127 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             for k in v.metric_original
         )
         detail = (
-            f"the fused network failed verification before {result.stage}: {diffs}, tolerance {v.tolerance:g}, "
-            f"max abs diff {v.max_abs_diff:.3g}{_agreement(v)}"
+            f"the fused network failed verification before {result.stage}: {diffs or 'outputs'}, tolerance "
+            f"{v.tolerance:g}, max abs diff {v.max_abs_diff:.3g}{_agreement(v)}"
         )
         if self.strict or self.on_mismatch == "raise":
             mode = "strict=True" if self.strict else "on_mismatch='raise'"
             raise RuntimeError(
-                f"FuseOnExport({mode}): {detail}. The original network was put back. Check the fusion report, "
+                f"FuseOnExport({mode}): {detail}. The original network is in place. Check the fusion report, "
                 "raise `tolerance` if the difference is expected, or use on_mismatch='revert' to continue."
             )
         if self.on_mismatch == "warn":
-            _warn(trainer, f"FuseOnExport(on_mismatch='warn'): {detail}. Keeping the fused network anyway.")
+            _warn(trainer, f"FuseOnExport(on_mismatch='warn'): {detail}. Using the fused network anyway.")
         else:
             _warn(trainer, f"FuseOnExport(on_mismatch='revert'): {detail}. Reverted to the original network.")
 
     # -------------------------------------------------------------- helpers
 
-    def _resolve_attributes(self, pl_module: nn.Module) -> list[str]:
-        if self.attributes is None:
-            return [name for name, child in pl_module.named_children() if contains_batch_norm(child)]
-        for name in self.attributes:
-            try:
-                value = _get(pl_module, name)
-            except AttributeError as err:
-                children = [n for n, _ in pl_module.named_children()]
-                raise ValueError(
-                    f"FuseOnExport(attributes={self.attributes!r}): {type(pl_module).__name__} has no attribute "
-                    f"{name!r}. Its direct children are {children}; name one of them, or attributes=None to fuse "
-                    "every child that contains a BatchNorm."
-                ) from err
-            if not isinstance(value, nn.Module):
-                raise TypeError(
-                    f"FuseOnExport(attributes={self.attributes!r}): {type(pl_module).__name__}.{name} is a "
-                    f"{type(value).__name__}, expected a torch.nn.Module. Name the network attribute, e.g. 'net'."
-                )
-        return list(self.attributes)
+    def _restore(self) -> bool:
+        swap, self._swap = self._swap, None
+        return swap.restore() if swap is not None else False
 
-    def _verification_data(self, trainer: Any, stage: str) -> tuple[str, Iterable[Any] | None]:
-        if self.verify_dataloader is not None:
-            return "given", self.verify_dataloader
-        loops = [("val", trainer.fit_loop.epoch_loop.val_loop)]
-        own = {"test": "test_loop", "predict": "predict_loop", "validate": "validate_loop"}.get(stage)
-        if own is not None:
-            loops.append((stage, getattr(trainer, own)))
-        for name, loop in loops:
-            source = getattr(loop, "_data_source", None)
-            if source is None or not source.is_defined():
-                continue
+    def _networks(self, pl_module: nn.Module) -> list[Network]:
+        if self.attributes is None:
+            return find_networks(pl_module)
+        try:
+            return [named_network(pl_module, name) for name in self.attributes]
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"FuseOnExport(attributes={self.attributes!r}): {err}") from err
+
+    def _forward(self, pl_module: Any, x: Any, networks: list[Network]) -> Any:
+        """The LightningModule's forward on ``x``; without a ``forward`` of its own, the one network's."""
+        if compat.overrides_forward(pl_module):
+            return call_with_input(pl_module, x)
+        if len(networks) == 1 and not networks[0].is_self:
+            return call_with_input(networks[0].holder(pl_module), x)
+        raise ValueError(
+            f"FuseOnExport(attributes={[n.name for n in networks]!r}) needs {type(pl_module).__name__}.forward to "
+            "compare the original and fused networks: define forward(), or fuse a single network with "
+            "attributes=['net']."
+        )
+
+    def _check_inputs(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Fail before training on what the first verification batch shows: the input and target layout, the
+        forward signature, the batch size a dynamic export needs."""
+        networks = self._networks(pl_module)
+        if not networks:
+            return
+        batches = verification_batches(trainer, stage, self.verify_dataloader, self.max_verify_batches)
+        batch = batches.first()
+        if batch is None and self.example_input is None:
+            return
+        where = f"the first {batches.source} batch ({_describe(batch)})"
+        if self.example_input is not None:
+            x = self.example_input
+        else:
             try:
-                loaders = source.dataloader()
-            except Exception:  # e.g. a datamodule that builds the val split only for "fit": try the next source
-                continue
-            if loaders is not None:
-                return name, _chain(loaders)
-        return "none", None
+                x = self._input_of(to_device(trainer, pl_module, batch))
+            except Exception as err:
+                raise type(err)(
+                    f"FuseOnExport(get_input={_callable_name(self.get_input)}) could not take the network input "
+                    f"from {where}: {err}"
+                ) from err
+        if batch is not None and self.verify:
+            try:
+                self._target_of(batch)
+            except Exception as err:
+                raise type(err)(
+                    f"FuseOnExport(get_target={_callable_name(self.get_target)}) could not take the target from "
+                    f"{where}: {err}"
+                ) from err
+        if compat.overrides_forward(pl_module):
+            _check_signature(pl_module, x, where)
+        elif len(networks) == 1 and not networks[0].is_self:
+            _check_signature(networks[0].holder(pl_module), x, where)
+        else:
+            self._forward(pl_module, x, networks)  # raises the explanation
+        dynamic = self.dynamic_batch and any(f in _NEEDS_BATCH for f in self.export_formats)
+        if dynamic and stage in self.export_stages:
+            sizes = sorted({t.shape[0] for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.dim() > 0})
+            if sizes and sizes[0] < 2:
+                raise ValueError(
+                    f"FuseOnExport(dynamic_batch=True) exports {[f for f in self.export_formats if f in _NEEDS_BATCH]} "
+                    f"with a dynamic batch dimension, which needs example inputs with batch size >= 2; the input of "
+                    f"{where} has batch size {sizes[0]}. Use larger batches, pass example_input=..., or set "
+                    "dynamic_batch=False."
+                )
+
+    def _export_directory(self, trainer: Any) -> Path:
+        if self.export_dir:
+            return Path(self.export_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "fused"
 
     def _example_input(self, trainer: Any, pl_module: Any, first_batch: Any) -> Any:
         if self.example_input is not None:
-            return _to_device(trainer, pl_module, self.example_input)
+            return to_device(trainer, pl_module, self.example_input)
         if first_batch is None:
             return None
-        return self._input_of(_to_device(trainer, pl_module, first_batch))
+        return self._input_of(to_device(trainer, pl_module, first_batch))
 
     def _input_of(self, batch: Any) -> Any:
         return (self.get_input or default_get_input)(batch)
 
-
-# ---------------------------------------------------------------------- swapping
-
-
-def restore_original(pl_module: nn.Module) -> bool:
-    """Put the original networks back into ``pl_module`` if fused ones are in place.
-
-    Works whichever :class:`FuseOnExport` instance fused them (the originals are kept on the module).
-
-    Args:
-        pl_module: a LightningModule (any ``nn.Module``) that :class:`FuseOnExport` may have fused.
-
-    Returns:
-        Whether anything was put back.
-    """
-    originals = pl_module.__dict__.pop(ORIGINALS_ATTR, None)
-    handle = pl_module.__dict__.pop(HOOK_ATTR, None)
-    if handle is not None:
-        handle.remove()
-    if not originals:
-        return False
-    for name, original in originals.items():
-        current = _get(pl_module, name)
-        _align(original, current)
-        _set(pl_module, name, original)
-    return True
+    def _target_of(self, batch: Any) -> Any:
+        return (self.get_target or default_get_target)(batch)
 
 
-def is_fused(pl_module: nn.Module) -> bool:
-    """Whether :class:`FuseOnExport` left fused networks in place in ``pl_module``."""
-    return bool(_originals(pl_module))
+@dataclass
+class _Run:
+    """The state of one fusion, kept apart from the callback (which outlives it) and from the user's module."""
 
-
-def _originals(pl_module: nn.Module) -> dict[str, nn.Module]:
-    return pl_module.__dict__.get(ORIGINALS_ATTR) or {}
-
-
-def _install(pl_module: nn.Module, fused: dict[str, nn.Module], originals: dict[str, nn.Module]) -> None:
-    for name, module in fused.items():
-        _set(pl_module, name, module)
-    pl_module.__dict__[ORIGINALS_ATTR] = dict(originals)
-    if HOOK_ATTR not in pl_module.__dict__:
-        pl_module.__dict__[HOOK_ATTR] = pl_module.register_state_dict_post_hook(_folded_state_dict_hook)
-
-
-def _folded_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """Write a fused network's weights in its original layout, so ``state_dict()`` of the LightningModule (and so
-    every checkpoint) loads strictly into the user's own class and computes what the fused network computes."""
-    originals = _originals(module)
-    folded: dict[str, dict[str, torch.Tensor]] = {}
-    for name, original in originals.items():
-        fused = _get(module, name)
-        if fused is not original:
-            _align(original, fused)
-            values = checkpoint_state_dict(original, fused)
-            folded[f"{prefix}{name}."] = {f"{prefix}{name}.{k}": values[k] for k in original.state_dict()}
-    if not folded:
-        return
-    items = list(state_dict.items())
-    state_dict.clear()
-    for key, value in items:
-        owner = next((p for p in folded if key.startswith(p)), None)
-        if owner is None:
-            state_dict[key] = value
-        elif folded[owner]:
-            # The first key of a fused network: emit its whole folded state in the original order.
-            state_dict.update(folded[owner])
-            folded[owner] = {}
-    for rest in folded.values():  # a fused network without any state of its own
-        state_dict.update(rest)
-
-
-@contextlib.contextmanager
-def _installed(pl_module: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
-    """Temporarily set ``modules`` at their attribute paths, whatever is in place now."""
-    before = {name: _get(pl_module, name) for name in modules}
-    try:
-        for name, module in modules.items():
-            _set(pl_module, name, module)
-        yield
-    finally:
-        for name, module in before.items():
-            _set(pl_module, name, module)
-
-
-def _get(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = _get(root, parent_path) if parent_path else root
-    setattr(parent, attr, module)
-
-
-def _align(original: nn.Module, current: nn.Module) -> None:
-    """Move ``original`` to the device of ``current``: the Trainer moves only the registered (fused) network."""
-    current_tensor = next(itertools.chain(current.parameters(), current.buffers()), None)
-    original_tensor = next(itertools.chain(original.parameters(), original.buffers()), None)
-    if current_tensor is not None and original_tensor is not None and current_tensor.device != original_tensor.device:
-        original.to(current_tensor.device)
-
-
-# ------------------------------------------------------------------ running data
-
-
-def _to_device(trainer: Any, pl_module: Any, batch: Any) -> Any:
-    """Prepare a batch exactly as Lightning's loops do: precision conversion, transfer hooks, device."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    if hasattr(pl_module, "_on_before_batch_transfer"):
-        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-
-
-def _call(module: Callable[..., Any], x: Any) -> Any:
-    return module(*x) if isinstance(x, tuple) else module(x)
-
-
-def _forward(trainer: Any, pl_module: Any, x: Any, names: list[str]) -> Any:
-    with trainer.precision_plugin.forward_context():
-        if _overrides_forward(pl_module):
-            return _call(pl_module, x)
-        if len(names) == 1:
-            return _call(_get(pl_module, names[0]), x)
-    raise ValueError(
-        f"FuseOnExport(attributes={names!r}) needs {type(pl_module).__name__}.forward to compare the original and "
-        "fused networks: define forward(), or fuse a single network with attributes=['net']."
-    )
-
-
-def _overrides_forward(pl_module: Any) -> bool:
-    for cls in type(pl_module).__mro__:
-        if "forward" in cls.__dict__:
-            return not cls.__module__.startswith(("lightning.", "pytorch_lightning.", "torch."))
-    return False
-
-
-def _capture_inputs(
-    trainer: Any, pl_module: Any, originals: dict[str, nn.Module], example: Any, names: list[str]
-) -> dict[str, tuple[Any, ...]]:
-    """Run one forward and record the positional inputs each network receives (its first call)."""
-    captured: dict[str, tuple[Any, ...]] = {}
-    handles = []
-    for name, module in originals.items():
-
-        def hook(_module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            captured.setdefault(name, tuple(args))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with eval_mode(pl_module), _installed(pl_module, originals):
-            _forward(trainer, pl_module, example, names)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _count(
-    trainer: Any, originals: dict[str, nn.Module], fused: dict[str, nn.Module], inputs: dict[str, tuple[Any, ...]]
-) -> tuple[int, int]:
-    before = after = 0
-    with trainer.precision_plugin.forward_context():
-        for name, args in inputs.items():
-            with eval_mode(originals[name]):
-                before += count_kernels(originals[name], *args)
-            after += count_kernels(fused[name], *args)
-    return before, after
-
-
-def _chain(loaders: Any) -> Iterable[Any]:
-    """One iterable over a dataloader or a list/tuple/dict of dataloaders (Lightning's multi-loader forms)."""
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return _Chained(list(loaders))
-    return loaders
-
-
-class _Chained:
-    def __init__(self, loaders: list[Any]) -> None:
-        self.loaders = loaders
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.chain.from_iterable(self.loaders)
-
-    def __len__(self) -> int:
-        return sum(len(loader) for loader in self.loaders)
-
-
-def _peek(batches: Iterable[Any] | None) -> tuple[Any, Iterable[Any] | None]:
-    """Return the first batch and an iterable that still yields every batch (fresh iteration of the loader)."""
-    if batches is None:
-        return None, None
-    for batch in batches:
-        return batch, batches
-    return None, None
-
-
-def _num_batches(batches: Iterable[Any], limit: int | None) -> int | None:
-    try:
-        n = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return limit
-    return n if limit is None else min(n, limit)
-
-
-def _progress(trainer: Any, batches: Iterable[Any], total: int | None) -> Iterable[Any]:
-    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, total=total, desc="FuseOnExport: verifying", leave=False, dynamic_ncols=True)
+    trainer: Any
+    pl_module: Any
+    stage: str
+    result: FuseResult
+    batches: Batches | None = None
+    first: Any = None
+    example: Any = None
+    calls: dict[Network, Call] = field(default_factory=dict)
+    fused: dict[Network, nn.Module] = field(default_factory=dict)
+    replacements: dict[str, nn.Module] = field(default_factory=dict)
+    verifier: Verifier | None = None
+    step: str = "finding the networks"
 
 
 # --------------------------------------------------------------- checks, logging
@@ -858,8 +882,6 @@ def _progress(trainer: Any, batches: Iterable[Any], total: int | None) -> Iterab
 def _check_arguments(
     attributes: Any,
     stages: Any,
-    metric: Any,
-    tolerance: Any,
     on_mismatch: Any,
     max_verify_batches: Any,
     export_formats: Any,
@@ -870,19 +892,12 @@ def _check_arguments(
     ):
         raise ValueError(
             f"FuseOnExport(attributes={attributes!r}) expects a list of attribute names, e.g. attributes=['net'], "
-            "or None to fuse every child that contains a BatchNorm."
+            f"['{SELF}'] for the LightningModule's own layers, or None to find the networks."
         )
     if stages is not None and (isinstance(stages, str) or any(s not in _STAGES for s in stages)):
         raise ValueError(
             f"FuseOnExport(stages={stages!r}) expects a list drawn from {list(_STAGES)}, e.g. stages=['test']."
         )
-    if metric is not None and not isinstance(metric, (Metric, MetricCollection)):
-        raise TypeError(
-            f"FuseOnExport(metric={metric!r}) expects a torchmetrics Metric or MetricCollection, got "
-            f"{type(metric).__name__}. Pass e.g. torchmetrics.classification.MulticlassAccuracy(num_classes=10)."
-        )
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or math.isnan(tolerance):
-        raise ValueError(f"FuseOnExport(tolerance={tolerance!r}) expects a number, e.g. tolerance=1e-3.")
     if on_mismatch not in _ON_MISMATCH:
         raise ValueError(f"FuseOnExport(on_mismatch={on_mismatch!r}) expects one of {list(_ON_MISMATCH)}.")
     if max_verify_batches is not None and (
@@ -892,11 +907,11 @@ def _check_arguments(
             f"FuseOnExport(max_verify_batches={max_verify_batches!r}) expects a positive integer or None (all batches)."
         )
     if export_formats is not None and (
-        isinstance(export_formats, str) or any(f not in FORMATS for f in export_formats)
+        isinstance(export_formats, str) or any(f not in EXPORT_FORMATS for f in export_formats)
     ):
         raise ValueError(
-            f"FuseOnExport(export_formats={export_formats!r}) expects a list drawn from {list(FORMATS)}, "
-            "e.g. export_formats=['pt2', 'weights']."
+            f"FuseOnExport(export_formats={export_formats!r}) expects a list drawn from {list(EXPORT_FORMATS)}, "
+            "e.g. export_formats=['pt2', 'weights', 'ckpt']."
         )
     missing = _missing_onnx_modules() if export_formats is not None and "onnx" in export_formats else []
     if missing:
@@ -917,24 +932,67 @@ def _missing_onnx_modules() -> list[str]:
     return [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
 
 
-def _check_strategy(trainer: Any) -> None:
-    strategy = trainer.strategy
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    unsupported = names.intersection(_UNSUPPORTED_STRATEGIES)
-    if unsupported:
-        raise ValueError(
-            f"FuseOnExport does not support Trainer(strategy={type(strategy).__name__}) yet: sharded parameters "
-            "cannot be folded in place. Train with strategy='ddp' (or a single device), or fuse the saved "
-            "checkpoint afterwards with fx_lightning.fuse."
-        )
-    launcher = getattr(strategy, "launcher", None)
-    if launcher is not None and {cls.__name__ for cls in type(launcher).__mro__}.intersection(_SPAWN_LAUNCHERS):
-        raise ValueError(
-            f"FuseOnExport does not support spawn-based strategies (Trainer(strategy={type(strategy).__name__}) with "
-            f"start method {getattr(launcher, '_start_method', '?')!r}): the main process reloads the workers' "
-            "weights with strict=False, which would silently drop the fused weights. Use strategy='ddp' from a "
-            "script (each process runs the script), or a single device."
-        )
+def _check_signature(fn: Any, x: Any, where: str) -> None:
+    """Raise a ``TypeError`` before training when ``fn`` cannot take ``x`` the way it will be called."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return
+    if isinstance(x, tuple):
+        shown, how = f"a tuple of {len(x)}", f"{len(x)} positional argument(s)"
+        args, kwargs = x, {}
+    elif isinstance(x, dict) and x and all(isinstance(k, str) for k in x):
+        try:
+            signature.bind(**x)
+            return
+        except TypeError:
+            shown, how, args, kwargs = f"a dict with keys {sorted(x)}", "one argument", (x,), {}
+    else:
+        shown, how, args, kwargs = type(x).__name__, "one argument", (x,), {}
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        owner = getattr(fn, "__self__", fn)
+        raise TypeError(
+            f"FuseOnExport: {type(owner).__name__}.forward{signature} cannot take the input from {where}: get_input "
+            f"returned {shown}, passed as {how} ({err}). Pass get_input=lambda batch: ... returning what forward "
+            "takes: a tuple is unpacked into positional arguments, a dict into keyword arguments."
+        ) from err
+
+
+def _nothing_folded(network: Network, module: nn.Module, report: FusionReport) -> str:
+    found = sum(isinstance(m, _BatchNorm) or is_frozen_batch_norm(m) for m in module.modules())
+    reasons = sorted({r.reason for r in report.skipped})
+    why = "; ".join(reasons[:3]) or "no BatchNorm is called next to a layer it can be folded into"
+    return f"'{network.name}': found {found} BatchNorm(s), folded none ({why}); nothing is used or exported for it"
+
+
+def _describe(batch: Any) -> str:
+    if batch is None:
+        return "none"
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return f"a dict with keys {list(batch)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return type(batch).__name__
+
+
+def _callable_name(fn: Any) -> str:
+    return "None" if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _progress(trainer: Any, batches: Batches) -> Iterable[Any]:
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return batches
+    from tqdm.auto import tqdm
+
+    try:
+        total: int | None = len(batches)
+    except TypeError:
+        total = None
+    return tqdm(batches, total=total, desc="FuseOnExport: verifying", leave=False, dynamic_ncols=True)
 
 
 def _fn(trainer: Any) -> str:
@@ -960,12 +1018,10 @@ def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _file_name(attribute: str) -> str:
-    return attribute.replace(".", "_")
-
-
 def _jsonable(value: Any) -> Any:
     """Plain data only, so callback state and reports load with ``torch.load(weights_only=True)`` and JSON."""
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -55,8 +55,8 @@ def checkpoint_plan(original: nn.Module, fused: nn.Module) -> list[CheckpointFol
         TypeError: if an argument is not a module, or ``fused`` has no fusion report.
     """
     report = _report_of(original, fused)
-    state = original.state_dict()
-    return [_plan_one(record, original, fused, state) for record in report.folded]
+    state = original.state_dict(keep_vars=True)
+    return [_plan_one(record, original, fused, state, _tied(state)) for record in report.folded]
 
 
 def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Tensor]:
@@ -84,8 +84,9 @@ def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Te
         (True, [1.0, 1.0], [0.0, 0.0])
     """
     report = _report_of(original, fused)
-    state = {k: v.detach().clone() for k, v in original.state_dict().items()}
-    plans = [_plan_one(record, original, fused, state) for record in report.folded]
+    live = original.state_dict(keep_vars=True)
+    plans = [_plan_one(record, original, fused, live, _tied(live)) for record in report.folded]
+    state = {k: v.detach().clone() for k, v in live.items()}
     with torch.no_grad():
         for record, plan in zip(report.folded, plans):
             if plan.written:
@@ -109,12 +110,19 @@ def _report_of(original: object, fused: object) -> object:
     return report
 
 
-def _plan_one(record: Folded, original: nn.Module, fused: nn.Module, state: dict[str, Tensor]) -> CheckpointFold:
+def _plan_one(
+    record: Folded, original: nn.Module, fused: nn.Module, state: dict[str, Tensor], tied: dict[int, list[str]]
+) -> CheckpointFold:
     def kept(reason: str) -> CheckpointFold:
         return CheckpointFold(record.bn, record.layers, False, reason)
 
     if not record.in_place:
         return kept("the fold lives in generated code, not at the model's own module paths")
+    if not record.writable:
+        return kept("untraced code around it may read the tensors the original layout would change")
+    keys = [k for k in state if any(k.startswith(p + ".") for p in (record.bn, *record.layers))]
+    if any(len(tied.get(id(state[k]), ())) > 1 for k in keys):
+        return kept("a tensor of it is tied to another module's, which would take the folded value too")
     if record.rule not in (_PRECEDING, _FOLLOWING):
         return kept(f"'{record.rule}' folds are not written in the original layout")
     eps = getattr(_submodule(original, record.bn), "eps", None)
@@ -159,6 +167,14 @@ def _write(state: dict[str, Tensor], original: nn.Module, fused: nn.Module, reco
     else:
         for layer, bias in zip(record.layers, biases):
             _assign(state, f"{layer}.bias", bias)
+
+
+def _tied(state: dict[str, Tensor]) -> dict[int, list[str]]:
+    """The state-dict keys of each tensor object (tied parameters appear under several keys)."""
+    keys: dict[int, list[str]] = {}
+    for key, value in state.items():
+        keys.setdefault(id(value), []).append(key)
+    return keys
 
 
 def _assign(state: dict[str, Tensor], key: str, value: Tensor) -> None:

@@ -194,26 +194,28 @@ class _Sites:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.calls: Counter[str] = Counter()
         self.fetches: list[tuple[str, str]] = []  # (get_attr target, scope of the fetching forward)
+        self.part_calls: list[tuple[str, str]] = []  # (call_module target, scope of the calling forward)
         self.bn_owners: Counter[str] = Counter()  # scope of each BatchNorm call made from a module's own forward
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self.calls[str(node.target)] += 1
+                self.part_calls.append((str(node.target), scope_of([node])))
             elif node.op == "get_attr":
                 self.fetches.append((str(node.target), scope_of([node])))
             if node.op != "call_module" and match_batch_norm(gm, node) is not None:
                 self.bn_owners[scope_of([node])] += 1
 
     def reached_otherwise(self, path: str, own_forward: bool = False) -> bool:
-        """Whether a call of an ancestor runs ``path``, or a node fetches one of its tensors.
+        """Whether a call of an ancestor runs ``path``, a part of it is called, or a node fetches one of its tensors.
 
-        With ``own_forward``, fetches made inside ``path``'s own forward (a module reading its own buffers) are
-        allowed.
+        With ``own_forward``, fetches and calls made inside ``path``'s own forward (a module reading its own
+        buffers, calling its activation) are allowed.
         """
         ancestors = {path.rsplit(".", i)[0] for i in range(1, path.count(".") + 1)}
         if any(self.calls[a] for a in ancestors):
             return True
-        for target, scope in self.fetches:
-            inside = own_forward and (scope == path or scope.startswith(path + "."))
+        for target, scope in self.fetches + self.part_calls:
+            inside = own_forward and _within(scope, path)
             if target.startswith(path + ".") and not inside:
                 return True
         return False
@@ -301,7 +303,8 @@ class _Engine:
                     self._replace(module.get_submodule(parent), last, replacement, _join(path, alias))
             for record in rewrite.records:
                 if isinstance(record, Folded):
-                    self.report.merge(FusionReport(folded=[_in_place(record)]), path)
+                    placed = _in_place(record, writable=not below_untraced)
+                    self.report.merge(FusionReport(folded=[placed]), path)
             self.report.graphs += [_join(path, t) for t, m in pass_through.items() if isinstance(m, fx.GraphModule)]
         graphs, dropped = self._graph_scopes(module, scoped, below_untraced)
         inputs = _capture_inputs(module, graphs, example_inputs)
@@ -326,7 +329,7 @@ class _Engine:
         built_paths = [_join(path, g) for g in graphs]
         # A fold written in place inside a module that then became generated code is no longer at its path.
         self.report.folded = [
-            replace(r, in_place=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
+            replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
             for r in self.report.folded
         ]
         left = [s for s in changes.skipped if not any(_within(scope_of([s.node]), g) for g in graphs)]
@@ -362,7 +365,7 @@ class _Engine:
             if sum(sites.calls[a] for a in aliases) != 1 or any(sites.reached_otherwise(a) for a in aliases):
                 return None
             if new is PASS_THROUGH:
-                pass_through[target] = nn.Identity().eval()
+                pass_through[target] = _identity_for(obj)
         return pass_through
 
     def _graph_scopes(
@@ -507,6 +510,29 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None
         ) from err
 
 
+def _identity_for(bn: nn.Module) -> nn.Identity:
+    """The ``nn.Identity`` that takes a folded BatchNorm's place, still showing the BatchNorm's tensors and settings.
+
+    Code that reads ``self.bn.weight`` or ``self.bn.eps`` (a regulariser, a logger, an untraced parent) keeps
+    working and reads the values it read before. They are plain attributes, not in the state dict: the fused
+    network's ``state_dict()`` never holds statistics the fused computation does not apply.
+    """
+    identity = nn.Identity().eval()
+    _keep_as_attributes(identity, bn, [*bn._parameters, *bn._buffers])
+    for name in ("eps", "momentum", "num_features", "affine", "track_running_stats"):
+        if name in bn.__dict__:
+            identity.__dict__[name] = bn.__dict__[name]
+    return identity
+
+
+def _keep_as_attributes(module: nn.Module, source: nn.Module, names: list[str]) -> None:
+    for name in names:
+        value = source._parameters.get(name, source._buffers.get(name))
+        module._parameters.pop(name, None)
+        module._buffers.pop(name, None)
+        module.__dict__[name] = value
+
+
 def _without_batch_norm(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule | None:
     """``module``'s own forward with its one BatchNorm call, on its first input, made a pass-through.
 
@@ -526,6 +552,9 @@ def _without_batch_norm(module: nn.Module, leaf_types: tuple[type, ...]) -> fx.G
     calls[0].node.replace_all_uses_with(placeholders[0])
     gm.graph.erase_node(calls[0].node)
     erase_dead_code(gm)
+    # The BatchNorm's tensors stay readable but leave the state dict (see _identity_for).
+    fetched = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    _keep_as_attributes(gm, gm, [n for n in [*gm._parameters, *gm._buffers] if n not in fetched])
     return _finish(gm)
 
 
@@ -682,8 +711,8 @@ def _close(outputs: Any, exact: Any, own: Any, dtype: torch.dtype, slack: float)
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _in_place(record: Folded) -> Folded:
-    return Folded(record.bn, record.into, record.rule, record.layers or (record.into,), in_place=True)
+def _in_place(record: Folded, writable: bool) -> Folded:
+    return replace(record, layers=record.layers or (record.into,), in_place=True, writable=writable)
 
 
 def _aliases(originals: dict[str, nn.Module], obj: nn.Module) -> list[str]:

@@ -17,8 +17,9 @@ class Folded:
         rule: the pass that folded it, e.g. ``"fold_bn_into_preceding"``.
         layers: the qualified names of the layers that carry it, one per layer.
         in_place: whether the fold is written at the user's own module paths (the layer replaced where it was,
-            the BatchNorm an ``nn.Identity``) rather than in generated code; only such folds can be written back
-            in the original layout by :func:`fx_lightning.checkpoint_state_dict`.
+            the BatchNorm an ``nn.Identity``) rather than in generated code.
+        writable: whether :func:`fx_lightning.checkpoint_state_dict` may write it in the original layout: in place,
+            and no untraced code around it could read the tensors that writing it changes.
     """
 
     bn: str
@@ -26,6 +27,7 @@ class Folded:
     rule: str
     layers: tuple[str, ...] = ()
     in_place: bool = False
+    writable: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class FusionReport:
 
         for r in other.folded:
             layers = tuple(join(p) for p in r.layers)
-            self.folded.append(Folded(join(r.bn), ", ".join(layers) or join(r.into), r.rule, layers, r.in_place))
+            into = ", ".join(layers) or join(r.into)
+            self.folded.append(Folded(join(r.bn), into, r.rule, layers, r.in_place, r.writable))
         self.skipped += [Skipped(join(r.bn), r.reason) for r in other.skipped]
         self.removed += [Removed(join(r.name), r.kind) for r in other.removed]
         self.untraced += [Untraced(join(r.path), r.error) for r in other.untraced]

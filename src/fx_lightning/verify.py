@@ -9,20 +9,23 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
+import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-INPUT_KEYS = ("x", "input", "inputs", "image", "images")
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 
@@ -198,13 +201,13 @@ class Verifier(nn.Module):
             ValueError: if a tolerance is NaN.
         """
         super().__init__()
-        self.tolerance = _check_tolerance("Verifier", "tolerance", tolerance)
+        self.tolerance = check_tolerance("Verifier", "tolerance", tolerance)
         self.output_tolerance = (
-            None if output_tolerance is None else _check_tolerance("Verifier", "output_tolerance", output_tolerance)
+            None if output_tolerance is None else check_tolerance("Verifier", "output_tolerance", output_tolerance)
         )
-        _check_metric("Verifier", metric)
-        _check_callable("Verifier", "get_input", get_input)
-        _check_callable("Verifier", "get_target", get_target)
+        check_metric("Verifier", metric)
+        check_callable("Verifier", "get_input", get_input)
+        check_callable("Verifier", "get_target", get_target)
         self.get_input = get_input
         self.get_target = get_target
         self.metric_original: Metric | MetricCollection | None = None
@@ -257,7 +260,7 @@ class Verifier(nn.Module):
         device = out_original.device
         out_fused = out_fused.to(device)
         if self.metric_original is None and target is not None:
-            self._create_default_metric(out_original)
+            self.default_metric_for(out_original)
         self.to(device)
 
         diff = (out_original - out_fused).abs()
@@ -278,7 +281,19 @@ class Verifier(nn.Module):
             self.metric_fused.update(out_fused, target)
             self.num_targeted.update(torch.tensor(float(batch_size), device=device))
 
-    def _create_default_metric(self, outputs: Tensor) -> None:
+    def default_metric_for(self, outputs: Any) -> None:
+        """Build the default metric (``metric=None``) from one batch of the original network's outputs, now.
+
+        ``update`` does it at the first batch with targets; a process that may see no batch (a distributed run
+        with fewer batches than processes) calls this first, so every process holds the same metric to
+        synchronise. Does nothing when a metric is already set.
+
+        Raises:
+            ValueError: if the outputs are not ``(N, C)`` logits with ``C >= 2``.
+        """
+        if self.metric_original is not None:
+            return
+        outputs = _primary_output(outputs, "original")
         if outputs.dim() < 2 or outputs.shape[1] < 2:
             raise ValueError(
                 f"Verifier(metric=None) builds MulticlassAccuracy(num_classes=outputs.shape[1]), but the outputs "
@@ -421,9 +436,60 @@ def _run(net: Callable[..., Any], inputs: Any) -> Any:
     if param is not None:
         inputs = _match_inputs(inputs, param.dtype, param.device)
     with eval_mode(net):
-        if isinstance(inputs, tuple):
-            return net(*inputs)
-        return net(inputs)
+        return call_with_input(net, inputs)
+
+
+def call_with_input(fn: Callable[..., Any], inputs: Any) -> Any:
+    """Call ``fn`` with what ``get_input`` returned: a tuple as positional arguments, a dict as keyword arguments
+    when ``fn``'s signature takes those names, anything else (a dict too, otherwise) as the one argument.
+
+    Example:
+        >>> call_with_input(lambda a, b: a - b, (3, 1)), call_with_input(lambda a, b: a - b, {"b": 1, "a": 3})
+        (2, 2)
+    """
+    if isinstance(inputs, tuple):
+        return fn(*inputs)
+    if isinstance(inputs, Mapping) and _takes_keywords(fn, inputs):
+        return fn(**inputs)
+    return fn(inputs)
+
+
+def _takes_keywords(fn: Callable[..., Any], inputs: Mapping[Any, Any]) -> bool:
+    if not inputs or not all(isinstance(k, str) for k in inputs):
+        return False
+    try:
+        inspect.signature(fn).bind(**inputs)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave the global random state as found: torch (CPU and every initialised CUDA device), NumPy and ``random``.
+
+    Iterating a DataLoader draws a seed from torch's generator; verifying inside someone else's run must not
+    change the random numbers that come after it.
+
+    Example:
+        >>> with preserved_rng():
+        ...     _ = torch.rand(1), np.random.rand(), random.random()
+        >>> state = torch.get_rng_state()
+        >>> with preserved_rng():
+        ...     _ = torch.rand(3)
+        >>> torch.equal(state, torch.get_rng_state())
+        True
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _first_floating_parameter(net: Any) -> Tensor | None:
@@ -507,7 +573,13 @@ def _flatten(prefix: str, value: Any) -> dict[str, float]:
     )
 
 
-def _check_tolerance(owner: str, name: str, value: Any) -> float:
+def check_tolerance(owner: str, name: str, value: Any) -> float:
+    """``value`` as a float, checked for ``owner(name=value)``.
+
+    Raises:
+        TypeError: if it is not a real number (``bool`` included).
+        ValueError: if it is NaN.
+    """
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{owner}({name}={value!r}) expects a number, got {type(value).__name__}, e.g. {name}=1e-3.")
     if math.isnan(float(value)):
@@ -515,14 +587,16 @@ def _check_tolerance(owner: str, name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_metric(owner: str, metric: Any) -> None:
+def check_metric(owner: str, metric: Any) -> None:
+    """Check that ``metric`` is ``None`` or a torchmetrics ``Metric``/``MetricCollection`` (``TypeError`` if not)."""
     if metric is not None and not isinstance(metric, (Metric, MetricCollection)):
         raise TypeError(
-            f"{owner}(metric=...) expects a torchmetrics Metric or MetricCollection, got {type(metric).__name__}. "
-            "Pass e.g. metric=torchmetrics.classification.MulticlassAccuracy(num_classes=10), or None."
+            f"{owner}(metric={metric!r}) expects a torchmetrics Metric or MetricCollection, got "
+            f"{type(metric).__name__}. Pass e.g. metric=torchmetrics.classification.MulticlassAccuracy(num_classes=10), or None."
         )
 
 
-def _check_callable(owner: str, name: str, fn: Any) -> None:
+def check_callable(owner: str, name: str, fn: Any) -> None:
+    """Check that ``fn`` is callable (``TypeError`` if not)."""
     if not callable(fn):
         raise TypeError(f"{owner}({name}=...) expects a function of the batch, got {type(fn).__name__}.")

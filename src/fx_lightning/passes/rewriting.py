@@ -130,13 +130,14 @@ def install_for_node(gm: fx.GraphModule, node: fx.Node, new_module: nn.Module) -
 
 
 def module_reached_elsewhere(gm: fx.GraphModule, path: str, besides: fx.Node) -> bool:
-    """Whether a node other than ``besides`` calls the module at ``path`` or an ancestor, or fetches from it."""
+    """Whether a node other than ``besides`` calls the module at ``path``, an ancestor or a part of it (a
+    parametrization), or fetches one of its tensors."""
     ancestors = {path.rsplit(".", i)[0] for i in range(1, path.count(".") + 1)}
     for other in gm.graph.nodes:
         if other is besides:
             continue
         target = str(other.target)
-        if other.op == "call_module" and (target == path or target in ancestors):
+        if other.op == "call_module" and (target == path or target in ancestors or target.startswith(path + ".")):
             return True
         if other.op == "get_attr" and target.startswith(path + "."):
             return True

@@ -1,0 +1,162 @@
+"""The deploy checkpoint: a Lightning checkpoint of the user's own class holding the fused networks' values.
+
+:func:`write_deploy_checkpoint` takes the checkpoint ``trainer.save_checkpoint(weights_only=True)`` would write,
+replaces each fused network's values by :func:`fx_lightning.export.checkpoint_state_dict` (the original layout,
+folded values where they can be written), saves it, reloads it strictly with the user's class
+(``type(pl_module).load_from_checkpoint``, or a strict ``load_state_dict`` into a fresh copy of the module when
+the class cannot be rebuilt from its hyper-parameters), and checks that the reloaded networks compute what the
+fused ones compute before the path is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from fx_lightning import lightning_compat as compat
+from fx_lightning.export import checkpoint_state_dict
+from fx_lightning.probe import Call
+from fx_lightning.swap import Network
+from fx_lightning.verify import eval_mode
+
+CHECKPOINT_FILE = "deploy.ckpt"
+
+
+@dataclass
+class DeployCheckpoint:
+    """Where the deploy checkpoint went and how it was checked.
+
+    Attributes:
+        path: the file.
+        loaded_with: ``"load_from_checkpoint"`` or ``"load_state_dict"`` (a fresh copy of the module).
+        max_abs_diff: the largest difference between the reloaded and the fused networks' outputs.
+        notes: anything the user should know (why ``load_from_checkpoint`` could not be used).
+    """
+
+    path: Path
+    loaded_with: str
+    max_abs_diff: float
+    notes: list[str] = field(default_factory=list)
+
+
+def deploy_state_dict(
+    pl_module: nn.Module, state: Mapping[str, torch.Tensor], fused: Mapping[Network, nn.Module]
+) -> dict[str, torch.Tensor]:
+    """``state`` (the LightningModule's state dict) with each fused network's values in the original layout.
+
+    Raises:
+        RuntimeError: if a fused network's keys are not in ``state``.
+    """
+    out = dict(state)
+    for network, module in fused.items():
+        prefix = network.state_prefix(pl_module)
+        values = checkpoint_state_dict(network.module(pl_module), module)
+        missing = [prefix + k for k in values if prefix + k not in out]
+        if missing:
+            raise RuntimeError(
+                f"the LightningModule's state dict has no key {missing[0]!r} of network '{network.name}'; "
+                "the deploy checkpoint cannot be written in the original layout"
+            )
+        for key, value in values.items():
+            out[prefix + key] = value.to(device=out[prefix + key].device)
+    return out
+
+
+def write_deploy_checkpoint(
+    trainer: Any,
+    pl_module: nn.Module,
+    fused: Mapping[Network, nn.Module],
+    inputs: Mapping[Network, Call],
+    directory: Path,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> DeployCheckpoint:
+    """Write, reload and check the deploy checkpoint of ``fused`` (on one process; the user's networks in place).
+
+    Raises:
+        RuntimeError: if the reloaded checkpoint does not load strictly or computes something else.
+    """
+    checkpoint = compat.weights_checkpoint(trainer)
+    checkpoint["state_dict"] = deploy_state_dict(pl_module, checkpoint["state_dict"], fused)
+    path = Path(directory) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+
+    reloaded, loaded_with, notes = _reload(pl_module, path)
+    device = next(iter(pl_module.parameters()), torch.empty(0)).device
+    reloaded.to(device)
+    worst = 0.0
+    for network, module in fused.items():
+        call = inputs.get(network)
+        if call is None:
+            continue
+        target = reloaded if network.is_self else network.module(reloaded)
+        with torch.no_grad(), eval_mode(target), eval_mode(module):
+            got = tree_leaves(target(*call.args, **call.kwargs))
+            want = tree_leaves(module(*call.args, **call.kwargs))
+        worst = max(worst, _compare(path, network.name, got, want, rtol, atol))
+    return DeployCheckpoint(path, loaded_with, worst, notes)
+
+
+def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]]:
+    cls = type(pl_module)
+    try:
+        return cls.load_from_checkpoint(path, map_location="cpu", strict=True), "load_from_checkpoint", []
+    except Exception as first:  # noqa: BLE001 - e.g. __init__ arguments not saved with save_hyperparameters()
+        reason = f"{type(first).__name__}: {_first_line(first)}"
+    fresh = fresh_copy(pl_module)
+    # our own file, just written; hyper-parameters may hold any object, so not weights_only
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        fresh.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"the deploy checkpoint {path} does not load strictly into {cls.__name__}: {_first_line(err)}"
+        ) from err
+    note = (
+        f"{cls.__name__}.load_from_checkpoint could not rebuild the module ({reason}); the state dict loads "
+        "strictly into a copy of it. Call self.save_hyperparameters() in __init__ to make load_from_checkpoint work."
+    )
+    return fresh, "load_state_dict", [note]
+
+
+def fresh_copy(pl_module: nn.Module) -> nn.Module:
+    """A deep copy of the LightningModule without its Trainer (which is not copied, nor shared)."""
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        owner = pl_module.__dict__.get(attr)
+        if owner is not None:
+            memo[id(owner)] = None
+    return copy.deepcopy(pl_module, memo)
+
+
+def _compare(path: Path, name: str, got: list[Any], want: list[Any], rtol: float, atol: float) -> float:
+    got_t = [t for t in got if isinstance(t, torch.Tensor)]
+    want_t = [t for t in want if isinstance(t, torch.Tensor)]
+    if len(got_t) != len(want_t) or any(a.shape != b.shape for a, b in zip(got_t, want_t)):
+        raise RuntimeError(f"the deploy checkpoint {path} reloaded gives outputs of another structure for '{name}'")
+    worst = 0.0
+    for a, b in zip(got_t, want_t):
+        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+        scale = max(1.0, float(b64.abs().max())) if b64.numel() else 1.0
+        diff = float((a64 - b64).abs().max()) if a64.numel() else 0.0
+        worst = max(worst, diff)
+        if not torch.allclose(a64, b64, rtol=rtol, atol=atol * scale, equal_nan=True):
+            raise RuntimeError(
+                f"the deploy checkpoint {path}, reloaded, differs from the fused network '{name}': max abs diff "
+                f"{diff:.3e} (rtol={rtol:g}, atol={atol:g} x {scale:.3g})"
+            )
+    return worst
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
