@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -13,10 +12,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import fx, nn
+from torch import nn
 
 from fx_lightning import FuseOnExport, count_kernels
-from fx_lightning.callback import UNFUSED_STATE_KEY, is_fused, restore_original
+from fx_lightning.callback import LEGACY_UNFUSED_STATE_KEY, Outcome, is_fused, restore_original
 from fx_lightning.export import MissingExtraError
 from fx_lightning.models import DigitsCNN
 
@@ -24,25 +23,37 @@ from fx_lightning.models import DigitsCNN
 METRIC_TOLERANCE = 1e-3
 
 
+def runs_fused(pl_module: Any) -> bool:
+    """Whether ``pl_module.net`` is a fused network in place: the user's class, no BatchNorm left."""
+    net = pl_module.net
+    return (
+        is_fused(pl_module)
+        and type(net) is nn.Sequential
+        and not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    )
+
+
 class FusedProbe(pl.Callback):
-    """Records, at every test/predict batch, whether ``pl_module.net`` is a fused GraphModule."""
+    """Records, at every test/predict batch, whether ``pl_module.net`` is a fused network."""
 
     def __init__(self) -> None:
         self.seen: list[bool] = []
 
     def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
-        self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+        self.seen.append(runs_fused(pl_module))
 
     def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
-        self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+        self.seen.append(runs_fused(pl_module))
 
 
-def assert_original(model: DigitsCNN, x: torch.Tensor) -> None:
-    """The module has its original architecture: a plain Sequential running all three BatchNorms."""
+def assert_original(model: DigitsCNN, x: torch.Tensor, net: nn.Module | None = None) -> None:
+    """The module has its original architecture (the very object ``net`` when given): all three BatchNorms."""
     assert not is_fused(model)
     assert type(model.net) is nn.Sequential
+    if net is not None:
+        assert model.net is net
     assert count_kernels(model.net.eval(), x) == 3
-    assert set(model.state_dict()) == set(DigitsCNN(width=4).state_dict())
+    assert list(model.state_dict()) == list(DigitsCNN(width=4).state_dict())
 
 
 def sample(digits: Any, n: int = 32) -> torch.Tensor:
@@ -57,29 +68,31 @@ def unfused_test_acc(ckpt: str | Path, digits: Any, make_trainer: Any) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One short run with the callback, shared by the tests that only read its checkpoints."""
+    """One short run with the callback, shared by the tests that only read its checkpoints and artifacts."""
     from conftest import TRAINER_DEFAULTS
     from fx_lightning.data import DigitsDataModule
 
     root = tmp_path_factory.mktemp("trained")
     pl.seed_everything(0, verbose=False)
     model = DigitsCNN(width=4, lr=0.05)
+    net = model.net
     checkpoint = ModelCheckpoint(dirpath=root / "ckpts", monitor="val_acc", mode="max", save_top_k=1)
-    callback = FuseOnExport(export_formats=[])
+    callback = FuseOnExport(export_dir=str(root / "fused"), export_formats=["ckpt"])
     trainer = pl.Trainer(
         **(TRAINER_DEFAULTS | {"max_epochs": 2, "enable_checkpointing": True, "default_root_dir": root}),
         callbacks=[checkpoint, callback],
     )
     dm = DigitsDataModule(batch_size=128)
     trainer.fit(model, datamodule=dm)
-    fused_ckpt = root / "after_fit.ckpt"
-    trainer.save_checkpoint(fused_ckpt)
-    trainer.save_checkpoint(root / "after_fit_weights.ckpt", weights_only=True)
+    after_fit = root / "after_fit.ckpt"
+    trainer.save_checkpoint(after_fit)
     return {
         "best": checkpoint.best_model_path,
-        "fused_ckpt": fused_ckpt,
-        "weights_only_ckpt": root / "after_fit_weights.ckpt",
+        "after_fit": after_fit,
+        "deploy": callback.last_result.artifacts["ckpt"],
+        "callback": callback,
         "model": model,
+        "net": net,
         "root": root,
     }
 
@@ -88,6 +101,7 @@ def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
     tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
 ) -> None:
     model = tiny_cnn()
+    net = model.net
     probe, checkpoint = FusedProbe(), ModelCheckpoint(monitor="val_acc", mode="max")
     callback = FuseOnExport(export_formats=[])
     logger = CSVLogger(tmp_path, name="logs")
@@ -99,24 +113,29 @@ def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
     )
     trainer.fit(model, datamodule=digits)
 
-    # After fit: fused, verified, in place; the summary figures went to the logger under fuse/.
-    assert is_fused(model)
-    assert isinstance(model.net, fx.GraphModule)
+    # After fit: the user's own network in place; the fused copy verified and kept on the callback.
     x = sample(digits)
-    assert count_kernels(model.net, x) == 0
+    assert_original(model, x, net)
+    fused = callback.fused["net"]
+    assert type(fused) is nn.Sequential
+    assert fused is not net
+    assert count_kernels(fused, x) == 0
     fit_result = callback.last_result
     assert fit_result is not None
     assert fit_result.stage == "fit"
-    assert fit_result.outcome == "fused"
+    assert fit_result.outcome is Outcome.FUSED
     assert fit_result.num_folded == 3
     assert (fit_result.kernels_before, fit_result.kernels_after) == (3, 0)
     assert fit_result.verification is not None
     assert fit_result.verification.num_samples == 270
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-4, atol=1e-5)
     logged = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "fuse/folded" in logged
     assert "fuse/MulticlassAccuracy_fused" in logged
     report = json.loads((Path(logger.log_dir) / "fused" / "fuse_report.json").read_text())
     assert report["stage"] == "fit"
+    assert report["outcome"] == "fused"
     assert report["num_folded"] == 3
 
     results = trainer.test(datamodule=digits, ckpt_path="best", verbose=False)
@@ -125,7 +144,7 @@ def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
     assert callback.last_result.ckpt_path == checkpoint.best_model_path
     reference = unfused_test_acc(checkpoint.best_model_path, digits, make_trainer)
     assert abs(results[0]["test_acc"] - reference) <= METRIC_TOLERANCE
-    assert_original(model, x)
+    assert_original(model, x, net)
 
 
 def test_fuse_on_export_test_model_without_checkpoint(trained: dict[str, Any], digits: Any, make_trainer: Any) -> None:
@@ -168,57 +187,55 @@ def test_fuse_on_export_predict_matches_unfused(trained: dict[str, Any], digits:
     assert_original(model, sample(digits))
 
 
-def test_fuse_on_export_trained_model_fused_after_fit_and_restorable(trained: dict[str, Any], digits: Any) -> None:
-    model = copy.deepcopy(trained["model"])  # the fixture's model stays fused for the other tests
-    x = sample(digits)
-    assert is_fused(model)
-    with torch.no_grad():
-        fused_out = model.eval()(x)
-    assert restore_original(model) is True
-    assert restore_original(model) is False
-    assert_original(model, x)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), fused_out, rtol=1e-4, atol=1e-5)
+def test_fuse_on_export_fit_leaves_the_users_network_and_state_dict(trained: dict[str, Any], digits: Any) -> None:
+    model = trained["model"]
+    assert_original(model, sample(digits), trained["net"])
+    assert restore_original(model) is False  # nothing to put back after fit
+    # The state dict is the ordinary one: the BatchNorm statistics are the trained ones, not folded.
+    saved = torch.load(trained["after_fit"], weights_only=True)
+    assert list(saved["state_dict"]) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value), key
+    assert not torch.allclose(saved["state_dict"]["net.0.1.running_mean"], torch.zeros(4))
+    assert LEGACY_UNFUSED_STATE_KEY not in saved
 
 
-def test_fuse_on_export_save_checkpoint_after_fit_loads_strictly_with_fused_outputs(
+def test_fuse_on_export_deploy_checkpoint_loads_strictly_with_fused_outputs(
     trained: dict[str, Any], digits: Any
 ) -> None:
     x = sample(digits)
-    fused_net = trained["model"].net
+    fused_net = trained["callback"].fused["net"]
     with torch.no_grad():
         expected = fused_net(x)
-    loaded = DigitsCNN.load_from_checkpoint(trained["fused_ckpt"])  # strict loading, the user's own class
+    assert Path(trained["deploy"]).parent == trained["root"] / "fused"
+    loaded = DigitsCNN.load_from_checkpoint(trained["deploy"], strict=True)  # the user's own class
     assert type(loaded.net) is nn.Sequential
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
-    checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
+    checkpoint = torch.load(trained["deploy"], weights_only=True)
     assert list(checkpoint["state_dict"]) == list(DigitsCNN(width=4).state_dict())
-    # The fused module's own state_dict has the original layout too, so weights-only saves load strictly.
-    assert list(trained["model"].state_dict()) == list(checkpoint["state_dict"])
-    weights_only = DigitsCNN.load_from_checkpoint(trained["weights_only_ckpt"])
-    with torch.no_grad():
-        torch.testing.assert_close(weights_only.eval()(x), expected, rtol=1e-5, atol=1e-5)
-    assert UNFUSED_STATE_KEY not in torch.load(trained["weights_only_ckpt"], weights_only=True)
-    assert set(checkpoint[UNFUSED_STATE_KEY]) == {k for k in checkpoint["state_dict"] if k.startswith("net.")}
+    # Folded values: each BatchNorm is the identity carrying the bias.
+    assert torch.equal(checkpoint["state_dict"]["net.0.1.running_mean"], torch.zeros(4))
+    assert checkpoint["hyper_parameters"]["width"] == 4
+    # The user's model is not the deploy form.
+    assert not torch.equal(trained["model"].state_dict()["net.0.1.running_mean"], torch.zeros(4))
 
 
-def test_fuse_on_export_resume_from_fused_checkpoint_restores_unfused_weights(trained: dict[str, Any]) -> None:
-    checkpoint = torch.load(trained["fused_ckpt"], weights_only=True)
+def test_fuse_on_export_legacy_fused_checkpoint_resumes_from_unfused_weights(trained: dict[str, Any]) -> None:
+    deploy = torch.load(trained["deploy"], weights_only=True)
+    unfused = {k: v for k, v in trained["model"].state_dict().items() if k.startswith("net.")}
+    checkpoint = {"state_dict": deploy["state_dict"], LEGACY_UNFUSED_STATE_KEY: unfused}
     model = DigitsCNN(width=4)
     model.load_state_dict(checkpoint["state_dict"])  # what Lightning's restore does first: folded weights
     FuseOnExport().on_load_checkpoint(None, model, checkpoint)
-    for key, value in checkpoint[UNFUSED_STATE_KEY].items():
+    for key, value in unfused.items():
         assert torch.equal(model.state_dict()[key], value), key
-    # The folded layout is not the unfused one: BatchNorms there are the identity.
-    key = "net.0.1.running_var"
-    assert not torch.equal(checkpoint["state_dict"][key], checkpoint[UNFUSED_STATE_KEY][key])
 
 
 def test_fuse_on_export_every_checkpoint_opens_with_weights_only(trained: dict[str, Any]) -> None:
     paths = sorted(Path(trained["root"]).rglob("*.ckpt"))
-    assert len(paths) >= 2
+    assert len(paths) >= 3  # best, after_fit, deploy
     for path in paths:
         checkpoint = torch.load(path, weights_only=True)
         assert "state_dict" in checkpoint
@@ -226,7 +243,8 @@ def test_fuse_on_export_every_checkpoint_opens_with_weights_only(trained: dict[s
 
 def test_fuse_on_export_checkpoints_during_training_are_unchanged(trained: dict[str, Any]) -> None:
     checkpoint = torch.load(trained["best"], weights_only=True)
-    assert UNFUSED_STATE_KEY not in checkpoint
+    assert LEGACY_UNFUSED_STATE_KEY not in checkpoint
+    assert list(checkpoint["state_dict"]) == list(DigitsCNN(width=4).state_dict())
     # Trained (not identity) BatchNorm statistics: the ordinary, unfused weights.
     assert not torch.allclose(checkpoint["state_dict"]["net.0.1.running_mean"], torch.zeros(4))
 
@@ -239,14 +257,12 @@ def test_fuse_on_export_resume_mid_training_matches_run_without_callback(
         tiny_cnn(), datamodule=digits
     )
     mid = checkpoint.best_model_path or next((tmp_path / "mid").glob("*.ckpt"))
-    assert UNFUSED_STATE_KEY not in torch.load(mid, weights_only=True)
 
     finals = []
     for callbacks in ([FuseOnExport(export_formats=[])], []):
         model = tiny_cnn(seed=7)
         pl.seed_everything(1, verbose=False)
         make_trainer(max_epochs=2, callbacks=callbacks).fit(model, datamodule=digits, ckpt_path=mid)
-        restore_original(model)
         finals.append(model.state_dict())
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
@@ -264,20 +280,21 @@ def test_fuse_on_export_training_again_after_fusion_starts_from_original(
             self.batch_norms.append(sum(isinstance(m, nn.BatchNorm2d) for m in pl_module.net.modules()))
 
     model = tiny_cnn()
+    net = model.net
     make_trainer(callbacks=[FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
-    assert is_fused(model)
     probe = TrainProbe()
     make_trainer(max_epochs=2, callbacks=[probe, FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
     assert probe.batch_norms == [3] * len(probe.batch_norms)  # every training step had the three original BatchNorms
     assert len(probe.batch_norms) == 6
-    assert is_fused(model)
+    assert model.net is net
 
 
 def test_fuse_on_export_tolerance_negative_reverts_by_default(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
     model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, export_formats=[])
     with pytest.warns(UserWarning, match=r"on_mismatch='revert'\): the fused network failed verification before fit"):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "reverted"
+    assert callback.last_result.outcome is Outcome.REVERTED
+    assert callback.fused == {}
     assert_original(model, sample(digits))
 
 
@@ -327,27 +344,38 @@ def test_fuse_on_export_network_differing_after_tracing_reverts(digits: Any, mak
     model, callback = SignFlipModule(), FuseOnExport(export_formats=[])
     with pytest.warns(UserWarning, match="failed verification before fit"):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "reverted"
+    assert callback.last_result.outcome is Outcome.REVERTED
     assert isinstance(model.net, SignFlip)
     assert not is_fused(model)
 
 
-def test_fuse_on_export_on_mismatch_warn_keeps_fused(tiny_cnn: Any, digits: Any, make_trainer: Any) -> None:
-    model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, on_mismatch="warn", export_formats=[])
-    with pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*Keeping the fused network anyway"):
-        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "kept despite mismatch"
-    assert is_fused(model)
+def test_fuse_on_export_on_mismatch_warn_keeps_fused(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, on_mismatch="warn", export_dir=str(tmp_path / "out"))
+    trainer = make_trainer(callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*Using the fused network anyway"):
+        trainer.fit(model, datamodule=digits)
+    assert callback.last_result.outcome is Outcome.KEPT_DESPITE_MISMATCH
+    assert set(callback.last_result.artifacts) == {"pt2", "weights", "ckpt"}
+    assert not is_fused(model)  # after fit the user's network is in place, whatever the outcome
+    probe = FusedProbe()
+    trainer.callbacks.append(probe)
+    with pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*before test"):
+        trainer.test(model, datamodule=digits, verbose=False)
+    assert probe.seen
+    assert all(probe.seen)
 
 
 def test_fuse_on_export_export_pt2_and_onnx_reload_and_match(
     tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
 ) -> None:
     model = tiny_cnn()
-    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["pt2", "weights", "onnx"])
+    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["pt2", "weights", "onnx", "ckpt"])
     make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
     artifacts = callback.last_result.artifacts
-    assert set(artifacts) == {"pt2", "weights", "onnx"}
+    assert set(artifacts) == {"pt2", "weights", "onnx", "ckpt"}
+    assert Path(artifacts["ckpt"]) == tmp_path / "out" / "deploy.ckpt"
     assert json.loads((tmp_path / "out" / "fuse_report.json").read_text())["artifacts"] == artifacts
 
     x = sample(digits, 128)
@@ -356,7 +384,7 @@ def test_fuse_on_export_export_pt2_and_onnx_reload_and_match(
     session = ort.InferenceSession(artifacts["onnx"], providers=["CPUExecutionProvider"])
     for batch in (x, x[:7]):  # the example's batch size and another one: the batch dimension is dynamic
         with torch.no_grad():
-            expected = model.net(batch)
+            expected = callback.fused["net"](batch)
         atol = 1e-5 * expected.abs().max().item()
         torch.testing.assert_close(program(batch), expected, rtol=1e-5, atol=atol)
         (onnx_out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
@@ -382,9 +410,9 @@ def test_fuse_on_export_bf16_precision_fuses_and_tests(
     callback = FuseOnExport(tolerance=0.02, max_verify_batches=1, export_formats=[])
     trainer = make_trainer(precision=precision, limit_val_batches=1, limit_test_batches=1, callbacks=[probe, callback])
     trainer.fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "fused"
+    assert callback.last_result.outcome is Outcome.FUSED
     expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    assert {p.dtype for p in model.net.parameters()} == {expected_dtype}
+    assert {p.dtype for p in callback.fused["net"].parameters()} == {expected_dtype}
     trainer.test(model, datamodule=digits, verbose=False)
     assert probe.seen
     assert all(probe.seen)
@@ -398,7 +426,7 @@ def test_fuse_on_export_exception_during_test_restores_original(
 ) -> None:
     class Broken(DigitsCNN):
         def test_step(self, batch: Any, batch_idx: int) -> None:
-            assert isinstance(self.net, fx.GraphModule)
+            assert runs_fused(self)
             raise ValueError("broken test_step")
 
     model = Broken.load_from_checkpoint(trained["best"])
@@ -415,12 +443,13 @@ def test_fuse_on_export_engine_error_warns_or_raises_when_strict(
 
     monkeypatch.setattr("fx_lightning.callback.fuse", broken_fuse)
     model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
-    with pytest.warns(UserWarning, match=r"fx_lightning.fuse failed on \['net'\] \(RuntimeError: engine exploded\)"):
+    match = r"FuseOnExport failed at the end of fit on \['net'\], in fx_lightning.fuse: RuntimeError: engine exploded"
+    with pytest.warns(UserWarning, match=match):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "failed"
-    assert not is_fused(model)
+    assert callback.last_result.outcome is Outcome.FAILED
+    assert_original(model, sample(digits))
 
-    with pytest.raises(RuntimeError, match=r"FuseOnExport\(strict=True\): fx_lightning.fuse failed on \['net'\]"):
+    with pytest.raises(RuntimeError, match=r"FuseOnExport\(strict=True\) failed at the end of fit on \['net'\], in fx"):
         make_trainer(callbacks=[FuseOnExport(strict=True, export_formats=[])]).fit(tiny_cnn(), datamodule=digits)
 
 
@@ -432,9 +461,9 @@ def test_fuse_on_export_verification_error_warns_and_keeps_original(
 
     monkeypatch.setattr("fx_lightning.callback.Verifier.update", broken_update)
     model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
-    with pytest.warns(UserWarning, match=r"the verification pass failed on \['net'\] \(ValueError: outputs differ"):
+    with pytest.warns(UserWarning, match=r"on \['net'\], in the verification pass: ValueError: outputs differ"):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome == "failed"
+    assert callback.last_result.outcome is Outcome.FAILED
     assert_original(model, sample(digits))
 
 
@@ -443,7 +472,7 @@ def test_fuse_on_export_validate_stage_only_when_asked(trained: dict[str, Any], 
         seen: list[bool] = []
 
         def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            self.seen.append(isinstance(pl_module.net, fx.GraphModule))
+            self.seen.append(runs_fused(pl_module))
 
     for stages, expected in ((["validate"], True), (["test"], False)):
         model, probe = DigitsCNN.load_from_checkpoint(trained["best"]), ValProbe()
@@ -483,10 +512,14 @@ def test_fuse_on_export_no_batch_norm_warns_and_does_nothing(digits: Any, make_t
             super().__init__(width=4)
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
-    model = NoBN()
-    with pytest.warns(UserWarning, match="found no BatchNorm in the direct children of NoBN"):
-        make_trainer(callbacks=[FuseOnExport(export_formats=[])]).fit(model, datamodule=digits)
+    model, callback = NoBN(), FuseOnExport(export_formats=[])
+    with pytest.warns(
+        UserWarning, match="found nothing to fuse at the end of fit: no BatchNorm in the children of NoBN"
+    ):
+        make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
     assert not is_fused(model)
+    assert callback.last_result.outcome is Outcome.NO_BATCH_NORM
+    assert callback.fused == {}
 
 
 def test_fuse_on_export_missing_or_wrong_attribute_raises(tiny_cnn: Any, make_trainer: Any) -> None:
@@ -506,9 +539,11 @@ def test_fuse_on_export_missing_or_wrong_attribute_raises(tiny_cnn: Any, make_tr
         ({"attributes": "net"}, ValueError, r"FuseOnExport\(attributes='net'\) expects a list of attribute names"),
         ({"metric": "accuracy"}, TypeError, r"FuseOnExport\(metric='accuracy'\) expects a torchmetrics Metric"),
         ({"tolerance": float("nan")}, ValueError, r"FuseOnExport\(tolerance=nan\) expects a number"),
+        ({"tolerance": "1e-3"}, TypeError, r"FuseOnExport\(tolerance='1e-3'\) expects a number, got str"),
         ({"max_verify_batches": 0}, ValueError, r"FuseOnExport\(max_verify_batches=0\) expects a positive integer"),
         ({"export_formats": "pt2"}, ValueError, r"FuseOnExport\(export_formats='pt2'\) expects a list drawn from"),
         ({"export_formats": ["tflite"]}, ValueError, r"FuseOnExport\(export_formats=\['tflite'\]\) expects a list"),
+        ({"attributes": [""]}, ValueError, r"FuseOnExport\(attributes=\[''\]\) expects a list of attribute names"),
         ({"export_stages": ["train"]}, ValueError, r"FuseOnExport\(export_stages=\['train'\]\) expects a list"),
     ],
 )

@@ -592,7 +592,8 @@ def check_metric(owner: str, metric: Any) -> None:
     if metric is not None and not isinstance(metric, (Metric, MetricCollection)):
         raise TypeError(
             f"{owner}(metric={metric!r}) expects a torchmetrics Metric or MetricCollection, got "
-            f"{type(metric).__name__}. Pass e.g. metric=torchmetrics.classification.MulticlassAccuracy(num_classes=10), or None."
+            f"{type(metric).__name__}. Pass e.g. metric=torchmetrics.classification.MulticlassAccuracy("
+            "num_classes=10), or None."
         )
 
 
