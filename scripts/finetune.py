@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-verify-batches", type=int, default=4, help="validation batches used to verify")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument(
-        "--export-formats", nargs="*", default=["pt2", "weights"], help="any of pt2, weights, onnx (needs [onnx])"
+        "--export-formats",
+        nargs="*",
+        default=["pt2", "weights", "ckpt"],
+        help="any of pt2, weights, ckpt (the deploy checkpoint), onnx (needs [onnx])",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

@@ -7,7 +7,7 @@ from typing import Any
 import pytorch_lightning as pl  # noqa: E402
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fx_lightning import FuseOnExport, count_kernels
@@ -36,7 +36,7 @@ class PLNet(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(self(x), y))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.fused_during_test.append(isinstance(self.net, fx.GraphModule))
+        self.fused_during_test.append(not any(isinstance(m, nn.BatchNorm2d) for m in self.net.modules()))
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
@@ -65,14 +65,17 @@ def test_fuse_on_export_accepted_by_pytorch_lightning_trainer(tmp_path: Any) -> 
         default_root_dir=tmp_path,
         callbacks=[callback],
     )
+    net = model.net
     trainer.fit(model, train_dataloaders=loader(), val_dataloaders=loader())
-    assert is_fused(model)
+    assert not is_fused(model)
+    assert model.net is net
     assert callback.last_result.outcome == "fused"
+    assert count_kernels(callback.fused["net"], torch.zeros(2, 1, 8, 8)) == 0
     assert callback.last_result.verification.passed
 
     trainer.test(model, dataloaders=loader(), verbose=False)
     assert model.fused_during_test
     assert all(model.fused_during_test)
     assert not is_fused(model)
-    assert type(model.net) is nn.Sequential
+    assert model.net is net
     assert count_kernels(model.net.eval(), torch.zeros(2, 1, 8, 8)) == 1

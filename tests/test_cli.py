@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from fx_lightning import FuseOnExport
@@ -62,11 +63,12 @@ def test_cli_config_fits_fuses_and_tests_fused(config: Path, tmp_path: Path, mon
     assert callback.history[1]["ckpt_path"] == cli.trainer.checkpoint_callback.best_model_path
     assert "test_acc" in cli.trainer.callback_metrics
     assert not is_fused(cli.model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in cli.model.net.modules())  # the user's own network
     fit = callback.history[0]
     report = Path(fit["report_path"])
     assert report.is_file()
     assert report.resolve().is_relative_to(tmp_path.resolve())  # under trainer.log_dir
-    assert set(fit["artifacts"]) == FORMATS.get(config.name, {"pt2", "weights"})
+    assert set(fit["artifacts"]) == FORMATS.get(config.name, {"pt2", "weights", "ckpt"})
     assert all(Path(p).is_file() for p in fit["artifacts"].values())
 
 
