@@ -10,8 +10,11 @@ whole traced model instead.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import inspect
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.codegen import install_direct_calls
@@ -105,6 +109,7 @@ def fuse(
     with torch.no_grad():
         root = detached_copy(model)
         engine = _Engine(chosen, tuple(leaf_modules), form, report)
+        engine.checked = example_inputs is not None
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
             fused = _SelfCheck(model, tuple(example_inputs)).run(fused, engine)
@@ -182,6 +187,7 @@ class _Unit:
     name: str
     old: nn.Module
     new: nn.Module
+    group: int = 0  # replacements made for one rewrite share a group and are kept or reverted together
 
     def set(self, applied: bool) -> None:
         if self.container is not None:
@@ -228,8 +234,10 @@ class _Engine:
         self.passes = passes
         self.leaf_types = leaf_types
         self.form = form
+        self.checked = False  # whether the self-check on example inputs will look at the result
         self.report = report
         self.units: list[_Unit] = []
+        self.groups = 0
 
     # -- regions
 
@@ -241,11 +249,20 @@ class _Engine:
         gm = traced.graph_module
         if gm is None:
             self.report.untraced.append(Untraced(path or "<model>", traced.error))
+            reached = _reached_into(module)
             for name, child in list(module.named_children()):
                 child_path = _join(path, name)
                 if is_batch_norm_module(child):
                     why = f"its parent '{path or '<model>'}' could not be traced"
                     self.report.skipped.append(Skipped(child_path, why))
+                elif name in reached and not self.checked and contains_batch_norm(child):
+                    # Untraced code that indexes, iterates or reads into a child may call its layers directly: a
+                    # fold there is exact only if those calls agree, which only the self-check can see.
+                    why = (
+                        f"the untraced '{path or '<model>'}' reaches into '{child_path}' (indexes, iterates or reads "
+                        "its parts); pass example_inputs so that fuse can check folds there"
+                    )
+                    self.report.skipped += [Skipped(_join(child_path, n), why) for n in _batch_norm_paths(child)]
                 elif contains_batch_norm(child) and not _is_torch_leaf(child):
                     new = self.fuse_region(child, child_path, None, below_untraced=True)
                     self._replace(module, name, new, child_path)
@@ -295,12 +312,13 @@ class _Engine:
             if pass_through is None:
                 scoped.setdefault(rewrite.scope, []).append(rewrite)
                 continue
+            group = self._new_group()
             for target, new in (rewrite.swaps or {}).items():
                 replacement = pass_through.get(target) if new is PASS_THROUGH else new
                 assert replacement is not None
                 for alias in _aliases(originals, originals[target]):
                     parent, _, last = alias.rpartition(".")
-                    self._replace(module.get_submodule(parent), last, replacement, _join(path, alias))
+                    self._replace(module.get_submodule(parent), last, replacement, _join(path, alias), group=group)
             for record in rewrite.records:
                 if isinstance(record, Folded):
                     placed = _in_place(record, writable=not below_untraced)
@@ -406,19 +424,31 @@ class _Engine:
         self.report.graphs.append(path)
         return built
 
+    def _new_group(self) -> int:
+        self.groups += 1
+        return self.groups
+
     def _replace(
-        self, container: nn.Module | None, name: str, new: nn.Module, path: str, old: nn.Module | None = None
+        self,
+        container: nn.Module | None,
+        name: str,
+        new: nn.Module,
+        path: str,
+        old: nn.Module | None = None,
+        group: int | None = None,
     ) -> None:
-        """Put ``new`` at ``container._modules[name]`` and remember it; ``container=None`` stands for the model
-        itself (replaced by returning ``new``), recorded only for the model's own root."""
+        """Put ``new`` at ``container._modules[name]`` and remember it (in ``group``, or a group of its own);
+        ``container=None`` stands for the model itself (replaced by returning ``new``), recorded only for the
+        model's own root."""
+        group = self._new_group() if group is None else group
         if container is None:
             if not path and old is not None:
-                self.units.append(_Unit(path, None, name, old, new))
+                self.units.append(_Unit(path, None, name, old, new, group))
             return
         old = container._modules[name]
         if old is new:
             return
-        unit = _Unit(path, container, name, old, new)
+        unit = _Unit(path, container, name, old, new, group)
         unit.set(True)
         self.units.append(unit)
 
@@ -640,16 +670,21 @@ class _SelfCheck:
 
         accepted: list[_Unit] = []
 
-        def add(group: list[_Unit]) -> None:
-            trial = [u for u in units if u in accepted or u in group]
+        def add_groups(candidates: list[list[_Unit]]) -> None:
+            """Accept all ``candidates`` if the result agrees, else bisect them (a group stays whole)."""
+            chosen = [u for group in candidates for u in group]
+            trial = [u for u in units if u in accepted or u in chosen]
             if self.agrees(build(trial)):
-                accepted.extend(group)
-            elif len(group) > 1:
-                half = len(group) // 2
-                add(group[:half])
-                add(group[half:])
+                accepted.extend(chosen)
+            elif len(candidates) > 1:
+                half = len(candidates) // 2
+                add_groups(candidates[:half])
+                add_groups(candidates[half:])
 
-        add(list(units))
+        groups: dict[int, list[_Unit]] = {}
+        for unit in units:
+            groups.setdefault(unit.group, []).append(unit)
+        add_groups(list(groups.values()))
         result = build([u for u in units if u in accepted])
         report = engine.report
         reverted = [u.path for u in units if u not in accepted]
@@ -729,6 +764,31 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
 def _within(path: str, scope: str) -> bool:
     """Whether ``path`` lies inside the module at ``scope`` (``""`` holds everything)."""
     return not scope or path == scope or path.startswith(scope + ".")
+
+
+def _reached_into(module: nn.Module) -> set[str]:
+    """Names of ``module``'s children that its own code does more with than call them (all, without source).
+
+    ``self.seq[0]``, ``for layer in self.seq``, ``len(self.seq)``, ``self.blk.bn.weight``: each reaches the
+    child's parts, which may then run or be read outside the child's own forward.
+    """
+    children = set(module._modules)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
+    except (OSError, TypeError, SyntaxError):
+        return children
+    methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name != "__init__"]
+    called = {id(n.func) for m in methods for n in ast.walk(m) if isinstance(n, ast.Call)}
+    reached = set()
+    for node in (n for m in methods for n in ast.walk(m)):
+        on_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+        if on_self and node.attr in children and isinstance(node.ctx, ast.Load) and id(node) not in called:
+            reached.add(node.attr)
+    return reached
+
+
+def _batch_norm_paths(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if n and (is_batch_norm_module(m) or isinstance(m, _BatchNorm))]
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:
