@@ -570,7 +570,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _capture(self, run: _Run, networks: list[Network]) -> dict[Network, Call]:
         pl_module = run.pl_module
-        modules = {n.name: n.module(pl_module) for n in networks if not n.is_self}
+        # the holder: hooks on the module behind torch.compile would not run inside the compiled frame
+        modules = {n.name: n.holder(pl_module) for n in networks if not n.is_self}
         with eval_mode(pl_module), run.trainer.precision_plugin.forward_context():
             captured = capture_calls(lambda: self._forward(pl_module, run.example, networks), modules)
         calls = {n: captured[n.name] for n in networks if n.name in captured}
