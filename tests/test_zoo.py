@@ -76,6 +76,7 @@ def test_fuse_zoo_model_matches_and_folds(name: str) -> None:
 
     fused = fuse(model)
 
+    assert type(fused) is type(model), f"{name}: {fused.fusion_report}"
     _assert_bit_identical(state, model)
     assert {n: m.training for n, m in model.named_modules()} == training
     assert all(training.values())
