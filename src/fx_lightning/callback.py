@@ -824,9 +824,9 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     f"{where}: {err}"
                 ) from err
         if compat.overrides_forward(pl_module):
-            _check_signature(pl_module, x, where)
+            _check_signature(pl_module.forward, x, where)
         elif len(networks) == 1 and not networks[0].is_self:
-            _check_signature(networks[0].holder(pl_module), x, where)
+            _check_signature(networks[0].holder(pl_module).forward, x, where)
         else:
             self._forward(pl_module, x, networks)  # raises the explanation
         dynamic = self.dynamic_batch and any(f in _NEEDS_BATCH for f in self.export_formats)
