@@ -9,7 +9,9 @@ import torch
 from torch import fx, nn
 
 from engine_nets import ConvNormAct, LibraryStyleNet, batch_norm_count, conv_bn, rel_err
-from fx_lightning import count_kernels, fuse, register_pass
+from fx_lightning import Merged, count_kernels, fuse, register_pass, registered_passes
+from fx_lightning.passes import PassChanges, Rewrite
+from fx_lightning.passes.rewriting import install_for_node, with_new_params
 from fx_lightning.testing import randomize_batch_norm
 
 
@@ -232,3 +234,56 @@ def test_fuse_keeps_in_place_statements_whose_result_is_unused() -> None:
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
     assert fused.fusion_report.num_folded == 1
     assert [n.target for n in fused.graph.nodes if n.op == "call_method"] == ["mul_", "add_"]
+
+
+# ----------------------------------------------------------------------------------------- self-check
+
+
+def _scale_first_conv(gm: fx.GraphModule) -> PassChanges:
+    """A deliberately wrong rewrite: doubles the first conv's weight (in generated code)."""
+    changes = PassChanges()
+    node = next(
+        (n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)), None
+    )
+    if node is None or node.meta.get("doubled"):
+        return changes
+    conv = gm.get_submodule(node.target)
+    target = install_for_node(gm, node, with_new_params(conv, conv.weight * 2, conv.bias.clone()))
+    node.meta["doubled"] = True
+    changes.rewrites.append(Rewrite("wrong", [Merged(target, ("weight * 2",), "wrong")], scope=""))
+    return changes
+
+
+def test_fuse_self_check_reverts_a_rewrite_that_changes_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fx_lightning import pipeline
+
+    registry = {**registered_passes(), "wrong": _scale_first_conv}
+    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        unchecked = fuse(model)
+        checked = fuse(model, example_inputs=(x,))
+        assert rel_err(unchecked(x), model(x)) > 0.1  # without inputs nothing can see it
+        assert rel_err(checked(x), model(x)) <= 1e-5
+    assert checked.fusion_report.reverted == [""]
+    assert type(checked) is type(model)
+    # What stays is still fused: the two in-place folds agree, only the generated code was reverted.
+    assert count_kernels(checked, x) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_self_check_reverts_nothing_on_an_exact_fold(dtype: torch.dtype) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_batch_norm(torchvision.models.resnet18(num_classes=10)).eval().to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    fused = fuse(model, example_inputs=(x,))
+    assert fused.fusion_report.reverted == []
+    assert fused.fusion_report.num_folded == 20
+
+
+def test_fuse_rejects_an_unknown_form() -> None:
+    with pytest.raises(ValueError, match=r"fuse\(form='tree'\) expects one of \['modules', 'graph'\]"):
+        fuse(nn.Conv2d(1, 1, 1), form="tree")  # type: ignore[arg-type]
