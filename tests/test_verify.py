@@ -17,7 +17,16 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import fx_lightning
 from fx_lightning.testing import randomize_batch_norm
-from fx_lightning.verify import VerificationResult, Verifier, default_get_input, default_get_target, verify
+from fx_lightning.verify import (
+    VerificationResult,
+    Verifier,
+    call_with_input,
+    check_tolerance,
+    default_get_input,
+    default_get_target,
+    preserved_rng,
+    verify,
+)
 
 NUM_CLASSES = 5
 
@@ -421,3 +430,56 @@ def test_verifier_compute_synchronises_across_processes(tmp_path: Path) -> None:
         assert synced["metric_original"] == pytest.approx(single["metric_original"], abs=1e-6)
         assert synced["max_abs_diff"] == pytest.approx(single["max_abs_diff"], rel=1e-6, abs=1e-12)
         assert synced["top1_agreement"] == pytest.approx(single["top1_agreement"])
+
+
+def test_preserved_rng_restores_torch_numpy_and_python() -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    with preserved_rng():
+        _ = torch.rand(10), np.random.rand(10), random.random()
+        list(torch.utils.data.DataLoader(list(range(4)), shuffle=True))  # a DataLoader draws from torch's generator
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def test_call_with_input_tuple_dict_or_single() -> None:
+    def two(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
+
+    def one(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["a"]
+
+    x, y = torch.ones(1), torch.zeros(1)
+    assert torch.equal(call_with_input(two, (x, y)), x)
+    assert torch.equal(call_with_input(two, {"b": y, "a": x}), x)  # keyword arguments
+    assert torch.equal(call_with_input(one, {"a": x}), x)  # a dict the function takes whole
+    assert torch.equal(call_with_input(torch.neg, x), -x)
+
+
+def test_verifier_default_metric_for_builds_it_before_any_update() -> None:
+    verifier = Verifier()
+    verifier.default_metric_for(torch.randn(4, 3))
+    assert type(verifier.metric_original).__name__ == "MulticlassAccuracy"
+    assert verifier.metric_original.num_classes == 3
+    verifier.default_metric_for(torch.randn(4, 5))  # already built: kept
+    assert verifier.metric_original.num_classes == 3
+    with pytest.raises(ValueError, match=r"builds MulticlassAccuracy\(num_classes=outputs.shape\[1\]\).*\(4,\)"):
+        Verifier().default_metric_for(torch.randn(4))
+
+
+def test_verify_tolerance_checks_shared_with_the_callback() -> None:
+    with pytest.raises(TypeError, match=r"Verifier\(tolerance='x'\) expects a number, got str"):
+        Verifier(tolerance="x")
+    with pytest.raises(ValueError, match=r"check\(tolerance=nan\) expects a number"):
+        check_tolerance("check", "tolerance", float("nan"))
