@@ -1,5 +1,5 @@
 """The re-parameterisation maths (kernels of parallel branches, constant affine folds) against direct float64
-computation, and the names fx_lightning.reparam_math keeps importable for it."""
+computation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fx_lightning import folding, reparam_math
 from fx_lightning.folding import (
     average_kernel,
     centred_kernel,
@@ -16,12 +15,6 @@ from fx_lightning.folding import (
     identity_kernel,
     sum_branches,
 )
-
-
-def test_reparam_math_names_are_the_folding_functions() -> None:
-    for name in reparam_math.__all__:
-        expected = folding.cast_like if name == "cast_weight" else getattr(folding, name)
-        assert getattr(reparam_math, name) is expected, name
 
 
 def test_centred_kernel_conv_equals_smaller_kernel_with_less_padding() -> None:

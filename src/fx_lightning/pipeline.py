@@ -350,6 +350,7 @@ class _Engine:
             replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
             for r in self.report.folded
         ]
+        self.report.notes += _capped_note(changes)
         left = [s for s in changes.skipped if not any(_within(scope_of([s.node]), g) for g in graphs)]
         self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
         return result
@@ -514,12 +515,17 @@ def _report_of(changes: _Changes) -> FusionReport:
             else:
                 report.removed.append(record)
     report.skipped = [Skipped(s.name, s.reason) for s in changes.skipped]
-    if changes.capped:
-        report.notes.append(
-            f"the passes still found rewrites after {MAX_ROUNDS} rounds; stopped there (the result is exact, "
-            "possibly not fully fused)"
-        )
+    report.notes += _capped_note(changes)
     return report
+
+
+def _capped_note(changes: _Changes) -> list[str]:
+    if not changes.capped:
+        return []
+    return [
+        f"the passes still found rewrites after {MAX_ROUNDS} rounds; stopped there (the result is exact, "
+        "possibly not fully fused)"
+    ]
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.parameter import is_lazy
 
+from fx_lightning.folding import all_finite, constant_affine, fold_affine_after_layer
 from fx_lightning.passes.matching import (
     IN_PLACE_ARITHMETIC,
     arithmetic_operands,
@@ -31,7 +32,6 @@ from fx_lightning.passes.rewriting import (
     scope_of,
     with_new_params,
 )
-from fx_lightning.reparam_math import all_finite, constant_affine, fold_affine_after_layer
 from fx_lightning.report import Merged
 
 RULE = "fold_constant_scale"

@@ -18,6 +18,15 @@ from typing import Any
 from torch import Tensor, fx, nn
 from torch.nn.parameter import is_lazy
 
+from fx_lightning.folding import (
+    all_finite,
+    average_kernel,
+    cast_like,
+    identity_kernel,
+    pool_divisor,
+    scale_output_channels,
+    sum_branches,
+)
 from fx_lightning.passes.matching import (
     IN_PLACE_ARITHMETIC,
     arithmetic_operands,
@@ -37,15 +46,6 @@ from fx_lightning.passes.rewriting import (
     install_for_node,
     scope_of,
     with_new_params,
-)
-from fx_lightning.reparam_math import (
-    all_finite,
-    average_kernel,
-    cast_weight,
-    identity_kernel,
-    pool_divisor,
-    scale_output_channels,
-    sum_branches,
 )
 from fx_lightning.report import Folded, Merged
 
@@ -433,7 +433,7 @@ def _merged_conv(group: _Group) -> nn.Module:
         terms.append((branch.coefficient, kernel, bias))
     weight, bias = sum_branches(terms, kernel_size, group.constant)
     like_bias = template.bias if template.bias is not None else template.weight.new_zeros(template.out_channels)
-    module = with_new_params(template, cast_weight(weight, template.weight), cast_weight(bias, like_bias))
+    module = with_new_params(template, cast_like(weight, template.weight), cast_like(bias, like_bias))
     module.kernel_size = kernel_size
     module.padding = padding
     module._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
