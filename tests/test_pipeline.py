@@ -287,3 +287,14 @@ def test_fuse_self_check_reverts_nothing_on_an_exact_fold(dtype: torch.dtype) ->
 def test_fuse_rejects_an_unknown_form() -> None:
     with pytest.raises(ValueError, match=r"fuse\(form='tree'\) expects one of \['modules', 'graph'\]"):
         fuse(nn.Conv2d(1, 1, 1), form="tree")  # type: ignore[arg-type]
+
+
+def test_fuse_notes_when_the_passes_hit_the_round_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fx_lightning import pipeline
+
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4))).eval()
+    assert not any("rounds" in n for n in fuse(model).fusion_report.notes)
+    monkeypatch.setattr(pipeline, "MAX_ROUNDS", 1)  # the fold changes the graph in round 1; no round 2 to confirm
+    for form in ("modules", "graph"):
+        notes = fuse(model, form=form).fusion_report.notes
+        assert any("still found rewrites after 1 rounds" in n for n in notes), form
