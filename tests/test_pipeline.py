@@ -267,6 +267,8 @@ def test_fuse_self_check_reverts_a_rewrite_that_changes_the_output(monkeypatch: 
         assert rel_err(unchecked(x), model(x)) > 0.1  # without inputs nothing can see it
         assert rel_err(checked(x), model(x)) <= 1e-5
     assert checked.fusion_report.reverted == [""]
+    assert checked.fusion_report.merged == []  # the reverted graph's records go with it
+    assert checked.fusion_report.graphs == []
     assert type(checked) is type(model)
     # What stays is still fused: the two in-place folds agree, only the generated code was reverted.
     assert count_kernels(checked, x) == 0

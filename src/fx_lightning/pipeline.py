@@ -699,6 +699,8 @@ class _SelfCheck:
         why = "folding it changed the output on example_inputs (the self-check reverted it)"
         report.skipped += [Skipped(r.bn, why) for r in report.folded if r not in kept]
         report.folded = kept
+        report.merged = [m for m in report.merged if not any(_within(m.into, p) for p in reverted)]
+        report.removed = [r for r in report.removed if not any(_within(r.name, p) for p in reverted)]
         report.graphs = [g for g in report.graphs if not any(_within(g, p) for p in reverted)]
         return result
 
