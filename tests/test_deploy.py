@@ -37,7 +37,7 @@ def test_deploy_checkpoint_without_hyperparameters_loads_into_a_copy(
     make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
     result = callback.last_result
     assert result.outcome is Outcome.FUSED
-    assert any("NoHyperparameters.load_from_checkpoint could not rebuild the module" in n for n in result.notes)
+    assert any("NoHyperparameters.load_from_checkpoint could not load the deploy checkpoint" in n for n in result.notes)
     assert any("self.save_hyperparameters()" in n for n in result.notes)
     state = torch.load(result.artifacts["ckpt"], weights_only=True)["state_dict"]
     loaded = NoHyperparameters(width=4)

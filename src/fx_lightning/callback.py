@@ -57,6 +57,7 @@ from fx_lightning.swap import (
     named_network,
     replacements,
     restore_original,
+    without_pruning,
 )
 from fx_lightning.tracing import is_frozen_batch_norm
 from fx_lightning.verify import (
@@ -541,7 +542,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 original = network.module(pl_module)
                 call = calls.get(network)
                 example = call.args if call is not None and not call.kwargs else None
-                fused = fuse(original, example_inputs=example, passes=self.passes)
+                fused = fuse(without_pruning(original), example_inputs=example, passes=self.passes)
                 report: FusionReport = fused.fusion_report
                 result.reports[network.name] = report
                 if report.num_folded or report.merged:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from fx_lightning import lightning_compat as compat
 from fx_lightning.export import checkpoint_state_dict
 from fx_lightning.probe import Call
-from fx_lightning.swap import Network
+from fx_lightning.swap import Network, pruned_tensors, without_pruning
 from fx_lightning.verify import eval_mode
 
 CHECKPOINT_FILE = "deploy.ckpt"
@@ -57,7 +57,17 @@ def deploy_state_dict(
     out = dict(state)
     for network, module in fused.items():
         prefix = network.state_prefix(pl_module)
-        values = checkpoint_state_dict(network.module(pl_module), module)
+        original = network.module(pl_module)
+        values = checkpoint_state_dict(without_pruning(original), module)
+        for path, name in pruned_tensors(original):
+            # A pruned tensor is stored as <name>_orig and <name>_mask, its value being their product. A folded
+            # layer's weight is zero wherever its mask is; a folded BatchNorm's identity values are not, so the
+            # mask opens where the value is not zero: the product is the value exactly.
+            key = f"{path}.{name}" if path else name
+            value = values.pop(key)
+            mask = out[f"{prefix}{key}_mask"]
+            values[f"{key}_orig"] = value
+            values[f"{key}_mask"] = torch.where(value != 0, torch.ones_like(mask), mask)
         missing = [prefix + k for k in values if prefix + k not in out]
         if missing:
             raise RuntimeError(
@@ -111,6 +121,7 @@ def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]
     try:
         return cls.load_from_checkpoint(path, map_location="cpu", strict=True), "load_from_checkpoint", []
     except Exception as first:  # noqa: BLE001 - e.g. __init__ arguments not saved with save_hyperparameters()
+        first_error = first
         reason = f"{type(first).__name__}: {_first_line(first)}"
     fresh = fresh_copy(pl_module)
     # our own file, just written; hyper-parameters may hold any object, so not weights_only
@@ -122,9 +133,13 @@ def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]
             f"the deploy checkpoint {path} does not load strictly into {cls.__name__}: {_first_line(err)}"
         ) from err
     note = (
-        f"{cls.__name__}.load_from_checkpoint could not rebuild the module ({reason}); the state dict loads "
-        "strictly into a copy of it. Call self.save_hyperparameters() in __init__ to make load_from_checkpoint work."
+        f"{cls.__name__}.load_from_checkpoint could not load the deploy checkpoint ({reason}); its state dict loads "
+        "strictly into a copy of the module as it is now"
     )
+    if isinstance(first_error, TypeError):  # the constructor's arguments
+        note += ". Call self.save_hyperparameters() in __init__ to make load_from_checkpoint work"
+    elif pruned_tensors(pl_module):
+        note += " (pruned tensors are stored as <name>_orig and <name>_mask, as in your own checkpoints)"
     return fresh, "load_state_dict", [note]
 
 

@@ -12,6 +12,7 @@ kept in a weak registry, so :func:`is_fused` and :func:`restore_original` work f
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import prune
 
 from fx_lightning.lightning_compat import compiled_module, recompile
 from fx_lightning.tracing import contains_batch_norm, is_batch_norm_module
@@ -129,6 +131,29 @@ def replacements(pl_module: nn.Module, network: Network, fused: nn.Module) -> di
     holder = network.holder(pl_module)
     compiled = compiled_module(holder)
     return {network.path: recompile(holder, fused) if compiled is not None else fused}
+
+
+def pruned_tensors(module: nn.Module) -> list[tuple[str, str]]:
+    """The ``(module path, tensor name)`` of every tensor pruned with ``torch.nn.utils.prune`` (as Lightning's
+    ``ModelPruning`` leaves them with ``make_pruning_permanent=False``: ``weight_orig`` and ``weight_mask``)."""
+    found: list[tuple[str, str]] = []
+    for path, sub in module.named_modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                found.append((path, hook._tensor_name))
+    return found
+
+
+def without_pruning(module: nn.Module) -> nn.Module:
+    """``module`` itself, or, when it holds pruned tensors, a copy with each pruned tensor made a plain parameter
+    of its effective value (``weight_orig * weight_mask``): pruning's forward pre-hooks would block every fold."""
+    pairs = pruned_tensors(module)
+    if not pairs:
+        return module
+    plain = copy.deepcopy(module)
+    for path, name in pairs:
+        prune.remove(plain.get_submodule(path), name)
+    return plain
 
 
 def changed_children(original: nn.Module, fused: nn.Module) -> dict[str, nn.Module]:
