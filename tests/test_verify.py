@@ -217,10 +217,66 @@ def test_verify_regression_metric_on_non_logit_outputs() -> None:
     assert any("top-1 agreement not computed" in note for note in result.notes)
 
 
-def test_verify_default_metric_needs_class_dimension() -> None:
+def test_verify_without_a_fitting_default_metric_compares_outputs_and_says_so() -> None:
     net = nn.Linear(3, 1)
-    with pytest.raises(ValueError, match=r"builds MulticlassAccuracy\(num_classes=outputs.shape\[1\]\).*\(4, 1\)"):
-        verify(net, net, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))])
+    result = verify(net, net, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))])
+    assert result.passed
+    assert result.metric_original == {}
+    assert any("no default metric fits outputs a tensor of shape (4, 1) with targets" in n for n in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "target", "expected"),
+    [
+        (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), "MulticlassAccuracy"),
+        ((torch.randn(4, 3), torch.randn(4, 8)), torch.tensor([0, 1, 2, 0]), "MulticlassAccuracy"),
+        ({"out": torch.randn(2, 3, 4, 4), "aux": torch.randn(2, 3, 4, 4)}, torch.zeros(2, 4, 4).long(), "Jaccard"),
+        (torch.randn(4, 2), torch.randn(4, 2), "MeanSquaredError"),
+        (torch.randn(4, 3), torch.randn(4), None),
+        ([{"boxes": torch.zeros(1, 4)}], [{"boxes": torch.zeros(1, 4)}], None),
+    ],
+)
+def test_default_metric_chosen_from_outputs_and_targets(outputs: Any, target: Any, expected: str | None) -> None:
+    from fx_lightning.verify import default_metric
+
+    metric = default_metric(outputs, target)
+    assert (None if metric is None else type(metric).__name__.replace("MulticlassJaccardIndex", "Jaccard")) == expected
+
+
+class Detector(nn.Module):
+    """Returns a list of detection dicts, one per image, as torchvision's detectors do in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        out = []
+        for image in images:
+            features = self.body(image[None]).mean(dim=(2, 3))[0]
+            out.append({"boxes": features[:4].reshape(1, 4), "scores": features[:1], "labels": torch.ones(1).long()})
+        return out
+
+
+def test_verify_list_of_dict_outputs_compared_leaf_by_leaf() -> None:
+    net = randomize_batch_norm(Detector()).eval()
+    images = [torch.randn(3, 8, 8), torch.randn(3, 6, 6)]
+    batches = [(images, [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1).long()}] * 2)]
+    result = verify(net, fx_lightning.fuse(net), batches, get_input=lambda b: (b[0],))
+    assert result.passed
+    assert result.num_samples == 2
+    assert result.max_abs_diff < 1e-5
+    assert any("no default metric fits outputs a list of 2 of a dict" in n for n in result.notes)
+
+
+def test_compare_outputs_structure_and_values() -> None:
+    from fx_lightning.verify import compare_outputs
+
+    assert compare_outputs((torch.ones(2), 3), (torch.ones(2), 3)) == 0.0
+    assert compare_outputs((torch.ones(2), 3), (torch.ones(2), 4)) == math.inf
+    assert compare_outputs(torch.tensor([1.0]), torch.tensor([math.nan])) == math.inf
+    with pytest.raises(ValueError, match=r"original network returned a dict with keys \['a'\] but the fused one a"):
+        compare_outputs({"a": torch.ones(1)}, torch.ones(1))
 
 
 def test_verify_without_targets_needs_no_class_dimension() -> None:
@@ -361,10 +417,8 @@ def test_verifier_update_errors() -> None:
         verifier.update(net, "net", batch)
     with pytest.raises(ValueError, match=r"original network returned shape \(8, 5\) but the fused one \(8, 4\)"):
         verifier.update(net, lambda x: net(x)[:, :4], batch)
-    with pytest.raises(TypeError, match=r"the fused network returned str .*expected a tensor"):
+    with pytest.raises(ValueError, match=r"original network returned a tensor of shape \(8, 5\) but the fused one str"):
         verifier.update(net, lambda x: "logits", batch)
-    with pytest.raises(TypeError, match=r"the original network returned dict .*'logits' or 'out'"):
-        verifier.update(lambda x: {"scores": net(x)}, net, batch)
 
 
 def test_verifier_metric_with_unusable_compute_raises() -> None:
@@ -469,13 +523,15 @@ def test_call_with_input_tuple_dict_or_single() -> None:
 
 def test_verifier_default_metric_for_builds_it_before_any_update() -> None:
     verifier = Verifier()
-    verifier.default_metric_for(torch.randn(4, 3))
+    verifier.default_metric_for(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
     assert type(verifier.metric_original).__name__ == "MulticlassAccuracy"
     assert verifier.metric_original.num_classes == 3
-    verifier.default_metric_for(torch.randn(4, 5))  # already built: kept
+    verifier.default_metric_for(torch.randn(4, 5), torch.tensor([0, 1, 2, 0]))  # already built: kept
     assert verifier.metric_original.num_classes == 3
-    with pytest.raises(ValueError, match=r"builds MulticlassAccuracy\(num_classes=outputs.shape\[1\]\).*\(4,\)"):
-        Verifier().default_metric_for(torch.randn(4))
+    verifier = Verifier()
+    verifier.default_metric_for(torch.randn(4), torch.zeros(4).long())
+    assert verifier.metric_original is None
+    assert verifier.outputs_only.startswith("no default metric fits outputs a tensor of shape (4,)")
 
 
 def test_verify_tolerance_checks_shared_with_the_callback() -> None:

@@ -616,9 +616,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         assert run.batches is not None  # set by _prepare
         world, rank = trainer.world_size, trainer.global_rank
         with eval_mode(pl_module):
-            if self.metric is None and self._target_of(run.first) is not None:
-                # Every process builds the metric now, even one that gets no batch, so that all synchronise it.
-                verifier.default_metric_for(call_with_input(original, run.example))
+            target = self._target_of(run.first)
+            if self.metric is None and target is not None:
+                # Every process chooses the metric now, even one that gets no batch, so that all synchronise it.
+                verifier.default_metric_for(call_with_input(original, run.example), target)
             batches = _progress(trainer, run.batches)
             for index, batch in enumerate(batches):
                 # Each rank takes every world-th batch of the unsharded data: an exact partition, so the

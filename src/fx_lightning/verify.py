@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
-from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+from torchmetrics import MaxMetric, MeanMetric, MeanSquaredError, Metric, MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -189,8 +189,9 @@ class Verifier(nn.Module):
 
         Args:
             metric: the task metric, e.g. ``MulticlassAccuracy(num_classes=10)`` or a ``MetricCollection``.
-                It is reset and then updated with the original network's outputs. ``None`` creates
-                ``MulticlassAccuracy(num_classes=outputs.shape[1])`` at the first batch.
+                It is reset and then updated with the original network's outputs (see :func:`scored_output`).
+                ``None`` chooses one from the first batch with targets (see :func:`default_metric`); when none
+                fits, only the outputs are compared, and the result says so.
             tolerance: the largest allowed ``|fused - original|`` of each metric value; negative never passes.
             get_input: maps a batch to the network input (a tuple is unpacked as positional arguments).
             get_target: maps a batch to the metric target, or ``None`` to skip the metric for that batch.
@@ -220,6 +221,8 @@ class Verifier(nn.Module):
         self.top1_agreement = MeanMetric()
         self.num_samples = SumMetric()
         self.num_targeted = SumMetric()
+        #: Why the task metric is not computed (no default metric fits the outputs and targets), or "".
+        self.outputs_only = ""
 
     def forward(self, original: nn.Module, fused: nn.Module, batch: Any) -> None:
         """Same as :meth:`update`."""
@@ -229,8 +232,8 @@ class Verifier(nn.Module):
         """Run both networks on the batch's input and accumulate metrics and output closeness.
 
         Both run in eval mode under ``torch.no_grad()``; their ``training`` flags are restored afterwards.
-        Floating inputs are cast to each network's parameter dtype and moved to its device, and outputs are
-        compared in float32.
+        Floating inputs are cast to each network's parameter dtype and moved to its device. Outputs of any form
+        (tensor, tuple, dict, list of dicts) are compared leaf by leaf (:func:`compare_outputs`).
 
         Args:
             original: the network before fusion.
@@ -238,8 +241,8 @@ class Verifier(nn.Module):
             batch: one batch as the dataloader yields it.
 
         Raises:
-            TypeError: if the networks are not callable or return something other than tensors.
-            ValueError: if the two networks' outputs differ in shape, or the default metric cannot be built.
+            TypeError: if the networks are not callable.
+            ValueError: if the two networks' outputs differ in structure or shape.
         """
         for name, net in (("original", original), ("fused", fused)):
             if not callable(net):
@@ -250,57 +253,46 @@ class Verifier(nn.Module):
         inputs = self.get_input(batch)
         target = self.get_target(batch)
         with torch.no_grad():
-            out_original = _primary_output(_run(original, inputs), "original")
-            out_fused = _primary_output(_run(fused, inputs), "fused")
-        if out_original.shape != out_fused.shape:
-            raise ValueError(
-                f"Verifier.update(): the original network returned shape {tuple(out_original.shape)} but the fused "
-                f"one {tuple(out_fused.shape)}. They must compute the same function; check the fusion report."
-            )
-        device = out_original.device
-        out_fused = out_fused.to(device)
+            out_original = _run(original, inputs)
+            out_fused = _run(fused, inputs)
+        difference = compare_outputs(out_original, out_fused)
+        preds_original, preds_fused = scored_output(out_original), scored_output(out_fused)
+        device = _device_of(out_original)
         if self.metric_original is None and target is not None:
-            self.default_metric_for(out_original)
+            self.default_metric_for(out_original, target)
         self.to(device)
 
-        diff = (out_original - out_fused).abs()
-        # A NaN difference must fail the check, not be dropped by the aggregation.
-        max_diff = torch.nan_to_num(diff.max(), nan=math.inf) if diff.numel() else diff.new_zeros(())
-        self.max_abs_diff.update(max_diff)
-        batch_size = out_original.shape[0] if out_original.dim() > 0 else 1
+        self.max_abs_diff.update(torch.tensor(difference, device=device))
+        batch_size = _batch_size(preds_original, inputs)
         self.num_samples.update(torch.tensor(float(batch_size), device=device))
-        if out_original.dim() == 2 and out_original.shape[0] > 0:
-            agree = (out_original.argmax(dim=1) == out_fused.argmax(dim=1)).to(torch.float32)
+        if isinstance(preds_original, Tensor) and preds_original.dim() == 2 and preds_original.shape[0] > 0:
+            agree = (preds_original.argmax(dim=1) == preds_fused.to(device).argmax(dim=1)).to(torch.float32)
             self.top1_agreement.update(agree)
-        if target is not None:
-            if isinstance(target, Tensor):
-                target = target.to(device)
-            assert self.metric_original is not None  # built above
-            assert self.metric_fused is not None
-            self.metric_original.update(out_original, target)
-            self.metric_fused.update(out_fused, target)
+        if target is not None and self.metric_original is not None and self.metric_fused is not None:
+            target = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, target)
+            self.metric_original.update(_as_float(preds_original), target)
+            self.metric_fused.update(_as_float(tree_map(_to(device), preds_fused)), target)
             self.num_targeted.update(torch.tensor(float(batch_size), device=device))
 
-    def default_metric_for(self, outputs: Any) -> None:
-        """Build the default metric (``metric=None``) from one batch of the original network's outputs, now.
+    def default_metric_for(self, outputs: Any, target: Any = None) -> None:
+        """Choose the default metric (``metric=None``) from one batch of the original network's outputs and its
+        targets, now (see :func:`default_metric`).
 
         ``update`` does it at the first batch with targets; a process that may see no batch (a distributed run
         with fewer batches than processes) calls this first, so every process holds the same metric to
-        synchronise. Does nothing when a metric is already set.
-
-        Raises:
-            ValueError: if the outputs are not ``(N, C)`` logits with ``C >= 2``.
+        synchronise. When no default fits, verification compares the outputs only and says so. Does nothing
+        when a metric is already set.
         """
-        if self.metric_original is not None:
+        if self.metric_original is not None or self.outputs_only:
             return
-        outputs = _primary_output(outputs, "original")
-        if outputs.dim() < 2 or outputs.shape[1] < 2:
-            raise ValueError(
-                f"Verifier(metric=None) builds MulticlassAccuracy(num_classes=outputs.shape[1]), but the outputs "
-                f"have shape {tuple(outputs.shape)}. Pass a metric for this task, e.g. "
-                "Verifier(metric=torchmetrics.MeanSquaredError())."
+        metric = default_metric(outputs, target)
+        if metric is None:
+            self.outputs_only = (
+                f"no default metric fits outputs {_describe(scored_output(outputs))} with targets "
+                f"{_describe(target)}: only the outputs were compared; pass metric=... for the task"
             )
-        metric = MulticlassAccuracy(num_classes=int(outputs.shape[1])).to(outputs.device)
+            return
+        metric = metric.to(_device_of(outputs))
         self.metric_original = metric
         self.metric_fused = metric.clone()
 
@@ -326,7 +318,9 @@ class Verifier(nn.Module):
         metric_original: dict[str, float] = {}
         metric_fused: dict[str, float] = {}
         limit = self.tolerance if self.output_tolerance is None else self.output_tolerance
-        if num_targeted == 0:
+        if self.outputs_only:
+            notes.append(f"{self.outputs_only} (max |diff| <= {limit:g})")
+        elif num_targeted == 0:
             notes.append(
                 f"no targets in the batches: only the outputs were compared (max |diff| <= {limit:g}), "
                 "not the task metric"
@@ -389,7 +383,7 @@ def verify(
         original: the network before fusion.
         fused: the fused network, e.g. ``fx_lightning.fuse(original)``.
         batches: an iterable of batches, e.g. a validation DataLoader.
-        metric: the task metric; ``None`` for multiclass accuracy over ``outputs.shape[1]`` classes.
+        metric: the task metric; ``None`` chooses one from the outputs and targets (:func:`default_metric`).
         tolerance: the largest allowed ``|fused - original|`` of each metric value.
         max_batches: stop after this many batches; ``None`` for all.
         get_input: maps a batch to the network input.
@@ -527,21 +521,116 @@ def eval_mode(net: Any) -> Iterator[None]:
             module.training = training
 
 
-def _primary_output(output: Any, which: str) -> Tensor:
-    """The tensor to score: the output itself, the first element of a tuple/list, or ``logits``/``out`` of a dict."""
-    found: Any = output
-    if isinstance(output, (tuple, list)) and output:
-        found = output[0]
-    elif isinstance(output, Mapping):
-        found = next((output[k] for k in ("logits", "out", "output") if k in output), None)
-    if not isinstance(found, Tensor):
-        leaves = [type(v).__name__ for v in tree_leaves(output)][:5]
-        raise TypeError(
-            f"Verifier.update(): the {which} network returned {type(output).__name__} ({leaves}), expected a tensor, "
-            "a tuple/list whose first element is a tensor, or a dict with 'logits' or 'out'. Wrap the network so "
-            "it returns the tensor to score."
+def compare_outputs(original: Any, fused: Any) -> float:
+    """The largest absolute difference between two outputs of any form (tensor, tuple, dict, list of dicts), leaf by
+    leaf, in float64; a NaN difference counts as infinite, non-tensor leaves must be equal (else infinite).
+
+    Raises:
+        ValueError: if the two outputs differ in structure or in the shape of a tensor.
+
+    Example:
+        >>> compare_outputs({"boxes": torch.ones(2, 4), "n": 2}, {"boxes": torch.ones(2, 4) * 1.5, "n": 2})
+        0.5
+    """
+    leaves, spec = tree_flatten(original)
+    other_leaves, other_spec = tree_flatten(fused)
+    kinds = [isinstance(x, Tensor) for x in leaves] != [isinstance(x, Tensor) for x in other_leaves]
+    if spec != other_spec or kinds:
+        raise ValueError(
+            f"Verifier.update(): the original network returned {_describe(original)} but the fused one "
+            f"{_describe(fused)}. They must compute the same function; check the fusion report."
         )
-    return found.detach().to(torch.float32)
+    worst = 0.0
+    for a, b in zip(leaves, other_leaves):
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            if a != b:
+                worst = math.inf
+            continue
+        if a.shape != b.shape:
+            raise ValueError(
+                f"Verifier.update(): the original network returned shape {tuple(a.shape)} but the fused one "
+                f"{tuple(b.shape)}. They must compute the same function; check the fusion report."
+            )
+        if a.numel() == 0:
+            continue
+        diff = (a.detach().to(torch.float64) - b.detach().to(a.device, torch.float64)).abs().max()
+        worst = max(worst, math.inf if math.isnan(float(diff)) else float(diff))
+    return worst
+
+
+def scored_output(output: Any) -> Any:
+    """What a metric scores: the output itself, the first element of a tuple (``(logits, aux)``), the
+    ``logits``/``out``/``output`` entry of a dict; any other form (a list of detection dicts) as it is."""
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, Mapping):
+        for key in ("logits", "out", "output"):
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+    return output
+
+
+def default_metric(outputs: Any, target: Any) -> Metric | None:
+    """The metric ``metric=None`` stands for, chosen from one batch of outputs and targets, or ``None``.
+
+    * class logits ``(N, C)`` with integer targets ``(N,)``: ``MulticlassAccuracy(num_classes=C)``;
+    * per-pixel logits ``(N, C, ...)`` with integer targets ``(N, ...)``: ``MulticlassJaccardIndex(num_classes=C)``;
+    * floating outputs with floating targets of the same shape: ``MeanSquaredError()``.
+
+    Example:
+        >>> type(default_metric(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))).__name__
+        'MulticlassAccuracy'
+        >>> type(default_metric(torch.randn(4, 1), torch.randn(4, 1))).__name__, default_metric([{}], [{}])
+        ('MeanSquaredError', None)
+    """
+    preds = scored_output(outputs)
+    if not isinstance(preds, Tensor) or not isinstance(target, Tensor) or not preds.is_floating_point():
+        return None
+    if not target.is_floating_point() and target.dtype != torch.bool:
+        classes = preds.shape[1] if preds.dim() >= 2 else 0
+        if classes >= 2 and tuple(target.shape) == (preds.shape[0], *preds.shape[2:]):
+            if preds.dim() == 2:
+                return MulticlassAccuracy(num_classes=int(classes))
+            return MulticlassJaccardIndex(num_classes=int(classes))
+        return None
+    if target.is_floating_point() and target.shape == preds.shape:
+        return MeanSquaredError()
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        inner = f" of {_describe(value[0])}" if value else ""
+        return f"a {type(value).__name__} of {len(value)}{inner}"
+    return type(value).__name__ if value is not None else "None"
+
+
+def _device_of(output: Any) -> torch.device:
+    return next((t.device for t in tree_leaves(output) if isinstance(t, Tensor)), torch.device("cpu"))
+
+
+def _batch_size(preds: Any, inputs: Any) -> int:
+    if isinstance(preds, Tensor):
+        return int(preds.shape[0]) if preds.dim() > 0 else 1
+    if isinstance(preds, (list, tuple)):
+        return len(preds)
+    first = next((t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else 1
+
+
+def _to(device: torch.device) -> Callable[[Any], Any]:
+    return lambda t: t.to(device) if isinstance(t, Tensor) else t
+
+
+def _as_float(preds: Any) -> Any:
+    """Half-precision logits scored in float32, as the comparison runs."""
+    if isinstance(preds, Tensor) and preds.is_floating_point():
+        return preds.detach().to(torch.float32)
+    return preds
 
 
 def _to_floats(metric: Metric | MetricCollection) -> dict[str, float]:
