@@ -137,11 +137,12 @@ def test_timm_nfnet_keeps_its_in_place_gains() -> None:
     # (out.mul_(self.skipinit_gain)) without using the result: removing dead code must keep those calls.
     model = _build("dm_nfnet_f0")
     x = torch.randn(2, 3, SIZE, SIZE)
-    fused = fuse(model)
+    fused = fuse(model, form="graph")
     assert fused.fusion_report.num_folded == 0
     assert fused.fusion_report.removed  # Identity calls went, so the graph was rewritten and cleaned
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(fuse(model)(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.slow

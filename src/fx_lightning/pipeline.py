@@ -345,6 +345,8 @@ class _Engine:
                 parent, _, last = alias.rpartition(".")
                 self._replace(module.get_submodule(parent), last, built, _join(path, alias))
         built_paths = [_join(path, g) for g in graphs]
+        # Modules inside a module that became generated code are inlined into it: only the outer one is listed.
+        self.report.graphs = [g for g in self.report.graphs if not any(_within(g, b) and g != b for b in built_paths)]
         # A fold written in place inside a module that then became generated code is no longer at its path.
         self.report.folded = [
             replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
@@ -786,9 +788,19 @@ def _reached_into(module: nn.Module) -> set[str]:
     except (OSError, TypeError, SyntaxError):
         return children
     methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name != "__init__"]
-    called = {id(n.func) for m in methods for n in ast.walk(m) if isinstance(n, ast.Call)}
+    nodes = [n for m in methods for n in ast.walk(m)]
+    called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
+    # `self.x is None` and `isinstance(self.x, ...)` look at the child, not into it.
+    called |= {
+        id(n.left)
+        for n in nodes
+        if isinstance(n, ast.Compare) and all(isinstance(o, (ast.Is, ast.IsNot)) for o in n.ops)
+    }
+    called |= {
+        id(n.args[0]) for n in nodes if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "isinstance" and n.args
+    }
     reached = set()
-    for node in (n for m in methods for n in ast.walk(m)):
+    for node in nodes:
         on_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
         if on_self and node.attr in children and isinstance(node.ctx, ast.Load) and id(node) not in called:
             reached.add(node.attr)

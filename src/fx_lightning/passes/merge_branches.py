@@ -163,7 +163,7 @@ def _mutates_visible(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.target not in IN_PLACE_ARITHMETIC:
         return False
     first = node.args[0] if node.args else None
-    if not isinstance(first, fx.Node) or list(first.users) != [node]:
+    if not isinstance(first, fx.Node) or value_users(first) != [node]:  # shape checks see no write
         return True
     return _sum_operands(first) is None and producer_layer(gm, first) is None
 
