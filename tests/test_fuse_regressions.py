@@ -405,3 +405,45 @@ def test_checkpoint_form_of_a_plain_conv_bn_network_carries_the_folded_weights()
     state = checkpoint_state_dict(model, fused)
     assert torch.equal(state["0.conv.weight"], fused[0].conv.weight)
     assert torch.equal(state["0.bn.running_mean"], torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------- timm's patterns
+
+
+class InPlaceBranchSum(nn.Module):
+    """timm's MobileOneBlock: ``out = a(x)``, a shape assert on ``out``, then ``out += b(x)`` in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.a(x)
+        torch._assert(out.ndim == 4, "4-D")
+        out += self.b(x)
+        return out
+
+
+def test_fuse_merges_an_in_place_sum_whose_first_term_is_shape_checked() -> None:
+    x = torch.randn(2, 4, 6, 6)
+    fused = check(InPlaceBranchSum, x)
+    assert count_kernels(fused, x, keyword="convolution") == 1
+    assert fused.fusion_report.graphs == [""]
+
+
+class OptionalChild(nn.Module):
+    """Untraceable; ``if self.post is not None`` only looks at the child, it does not reach into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.post = Block()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0 and isinstance(self.post, nn.Module) and self.post is not None:
+            return self.post(x)
+        return self.post(-x)
+
+
+def test_fuse_none_checks_on_a_child_do_not_count_as_reaching_into_it() -> None:
+    assert check(OptionalChild, torch.randn(2, 3, 5, 5), with_inputs=False).fusion_report.num_folded == 1
