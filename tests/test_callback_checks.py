@@ -168,15 +168,13 @@ def test_fuse_on_export_two_input_forward_fused_verified_exported(tmp_path: Path
     }
 
 
-def test_fuse_on_export_dynamic_batch_needs_two_samples_checked_before_training(tmp_path: Path) -> None:
-    model = Counted()
-    match = (
-        r"FuseOnExport\(dynamic_batch=True\) exports \['pt2'\] with a dynamic batch dimension, which needs example "
-        r"inputs with batch size >= 2; the input of the first val batch \(a list of 2\) has batch size 1"
-    )
-    with pytest.raises(ValueError, match=match):
-        trainer(tmp_path, FuseOnExport(export_formats=["pt2"])).fit(model, tuple_loader(), tuple_loader(batch_size=1))
-    assert model.train_steps == 0
+def test_fuse_on_export_batches_of_one_export_fixed_shapes_with_a_note(tmp_path: Path) -> None:
+    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["pt2"])
+    trainer(tmp_path, callback).fit(Counted(), tuple_loader(), tuple_loader(batch_size=1))
+    result = callback.last_result
+    assert result.outcome is Outcome.FUSED
+    assert set(result.artifacts) == {"pt2"}
+    assert any("'net' exported with fixed input shapes: it receives batches of 1 here" in n for n in result.notes)
 
 
 @pytest.mark.parametrize(

@@ -82,8 +82,10 @@ def test_default_get_input_layouts() -> None:
     assert default_get_input(x) is x
     assert default_get_input((x, y)) is x
     assert default_get_input([x, y]) is x
-    for key in ("x", "input", "inputs", "image", "images"):
+    for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
         assert default_get_input({key: x, "label": y}) is x
+    images = (torch.zeros(3, 4, 4), torch.zeros(3, 5, 5))  # the detection collate: tuple(zip(*samples))
+    assert default_get_input((images, ({}, {}))) == (images,)  # one argument, the whole tuple
 
 
 def test_default_get_target_layouts() -> None:

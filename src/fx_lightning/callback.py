@@ -95,7 +95,6 @@ REPORT_FILE = "fuse_report.json"
 _ON_MISMATCH = ("revert", "raise", "warn")
 _STAGES = ("test", "predict", "validate")
 _EXPORT_STAGES = ("fit", "test", "predict", "validate")
-_NEEDS_BATCH = ("pt2", "onnx")
 
 
 class Outcome(str, Enum):
@@ -299,7 +298,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
             ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
-            ``False`` fixes the batch size of the example input.
+            ``False`` fixes the batch size of the example input. A network that receives a list of tensors, or
+            batches of one, is exported with fixed shapes, with a note.
         passes: the fusion passes to run (see :func:`fx_lightning.registered_passes`); ``None`` runs all.
         strict: raise instead of warning when anything after training fails (the data, the engine, the
             verification, the exporter), and on a failed verification whatever ``on_mismatch`` says.
@@ -390,7 +390,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Runs before training, with the module on its device: checks what can be checked on the first
-        verification batch (the input and target layout, the forward signature, the export's batch size), so that
+        verification batch (the input and target layout, the forward signature), so that
         a misconfiguration fails now rather than after training."""
         if self.fuse_after_fit:
             with preserved_rng():
@@ -606,7 +606,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
         def runner(modules: dict[str, nn.Module]) -> Callable[..., Any]:
             def run_forward(*args: Any, **kwargs: Any) -> Any:
-                x = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+                x = kwargs if kwargs else args  # as call_with_input unpacked it
                 with Swap(pl_module, modules), trainer.precision_plugin.forward_context():
                     return self._forward(pl_module, x, networks)
 
@@ -688,13 +688,16 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     f"'{network.name}' is called with keyword arguments {sorted(call.kwargs)}; the exporters take "
                     "positional inputs only. Choose export_formats=['ckpt'] or wrap the network"
                 )
+            dynamic, why_not = _dynamic_batch(self.dynamic_batch, call.args)
+            if why_not:
+                notes.append(f"'{network.name}' exported with fixed input shapes: {why_not}")
             paths = export_artifacts(
                 module,
                 call.args,
                 directory,
                 formats=tuple(formats),
                 name=network.file_stem(),
-                dynamic_batch=self.dynamic_batch,
+                dynamic_batch=dynamic,
             )
             prefix = f"{network.name}." if several else ""
             artifacts |= {prefix + fmt: str(path) for fmt, path in paths.items()}
@@ -798,7 +801,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _check_inputs(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Fail before training on what the first verification batch shows: the input and target layout, the
-        forward signature, the batch size a dynamic export needs."""
+        forward signature."""
         networks = self._networks(pl_module)
         if not networks:
             return
@@ -831,16 +834,6 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             _check_signature(networks[0].holder(pl_module).forward, x, where)
         else:
             self._forward(pl_module, x, networks)  # raises the explanation
-        dynamic = self.dynamic_batch and any(f in _NEEDS_BATCH for f in self.export_formats)
-        if dynamic and stage in self.export_stages:
-            sizes = sorted({t.shape[0] for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.dim() > 0})
-            if sizes and sizes[0] < 2:
-                raise ValueError(
-                    f"FuseOnExport(dynamic_batch=True) exports {[f for f in self.export_formats if f in _NEEDS_BATCH]} "
-                    f"with a dynamic batch dimension, which needs example inputs with batch size >= 2; the input of "
-                    f"{where} has batch size {sizes[0]}. Use larger batches, pass example_input=..., or set "
-                    "dynamic_batch=False."
-                )
 
     def _export_directory(self, trainer: Any) -> Path:
         if self.export_dir:
@@ -961,6 +954,18 @@ def _check_signature(fn: Any, x: Any, where: str) -> None:
             f"returned {shown}, passed as {how} ({err}). Pass get_input=lambda batch: ... returning what forward "
             "takes: a tuple is unpacked into positional arguments, a dict into keyword arguments."
         ) from err
+
+
+def _dynamic_batch(wanted: bool, args: tuple[Any, ...]) -> tuple[bool, str]:
+    """Whether to export with a dynamic batch dimension, and why not when it was asked for and cannot be."""
+    if not wanted:
+        return False, ""
+    if any(isinstance(a, (list, tuple)) for a in args):
+        return False, "its input is a list of tensors, which has no batch dimension to make dynamic"
+    sizes = sorted({t.shape[0] for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim() > 0})
+    if sizes and sizes[0] < 2:
+        return False, f"it receives batches of {sizes[0]} here, and a dynamic batch needs an example of 2 or more"
+    return True, ""
 
 
 def _nothing_folded(network: Network, module: nn.Module, report: FusionReport) -> str:

@@ -36,7 +36,9 @@ def default_get_input(batch: Any) -> Any:
         batch: what the dataloader yields.
 
     Returns:
-        The input to call the network with; a tuple returned here is unpacked as positional arguments.
+        The input to call the network with; a tuple returned here is unpacked as positional arguments. When the
+        first element is itself a tuple or list (a list of images), it is returned wrapped as one argument; for a
+        forward with several inputs, pass ``get_input=lambda batch: (batch[0], batch[1])``.
 
     Raises:
         TypeError: if the batch has none of these layouts.
@@ -49,7 +51,10 @@ def default_get_input(batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and len(batch) > 0:
-        return batch[0]
+        first = batch[0]
+        # A sequence of inputs (the detection collate ``tuple(zip(*batch))`` yields a tuple of images) is one
+        # argument, not several: wrapped, so that the tuple returned here unpacks into exactly it.
+        return (first,) if isinstance(first, (tuple, list)) else first
     if isinstance(batch, Mapping):
         for key in INPUT_KEYS:
             if key in batch:
