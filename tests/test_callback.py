@@ -572,3 +572,24 @@ def test_fuse_on_export_rejects_spawn_and_sharded_strategies(tiny_cnn: Any) -> N
 
     with pytest.raises(ValueError, match=r"does not support Trainer\(strategy=FSDPStrategy\) yet"):
         FuseOnExport().setup(FakeTrainer(), tiny_cnn(), "fit")
+
+
+def test_fuse_on_export_checkpoint_saved_inside_a_fused_loop_holds_the_users_values(
+    trained: dict[str, Any], digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    class SaveDuringTest(pl.Callback):
+        fused_then: bool = False
+
+        def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+            if batch_idx == 0:
+                self.fused_then = runs_fused(pl_module)
+                trainer.save_checkpoint(tmp_path / "during_test.ckpt")
+
+    model = DigitsCNN.load_from_checkpoint(trained["best"])
+    saver = SaveDuringTest()
+    make_trainer(callbacks=[FuseOnExport(export_formats=[]), saver]).test(model, datamodule=digits, verbose=False)
+    assert saver.fused_then
+    saved = torch.load(tmp_path / "during_test.ckpt", weights_only=True)["state_dict"]
+    assert list(saved) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved[key], value), key

@@ -64,6 +64,7 @@ from fx_lightning.verify import (
     VerificationResult,
     Verifier,
     call_with_input,
+    check_max_batches,
     check_metric,
     check_tolerance,
     default_get_input,
@@ -549,8 +550,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     run.fused[network] = fused
                 else:
                     result.notes.append(_nothing_folded(network, original, report))
-            if not run.fused:
-                result.outcome = Outcome.NOTHING_FOLDED if result.attributes else Outcome.NO_BATCH_NORM
+            if not run.fused:  # BatchNorms were found, none folded (or no network that forward calls has one)
+                result.outcome = Outcome.NOTHING_FOLDED
                 return
             run.step = "swapping in the fused networks"
             for network, fused in run.fused.items():
@@ -896,12 +897,7 @@ def _check_arguments(
         )
     if on_mismatch not in _ON_MISMATCH:
         raise ValueError(f"FuseOnExport(on_mismatch={on_mismatch!r}) expects one of {list(_ON_MISMATCH)}.")
-    if max_verify_batches is not None and (
-        isinstance(max_verify_batches, bool) or not isinstance(max_verify_batches, int) or max_verify_batches < 1
-    ):
-        raise ValueError(
-            f"FuseOnExport(max_verify_batches={max_verify_batches!r}) expects a positive integer or None (all batches)."
-        )
+    check_max_batches("FuseOnExport", "max_verify_batches", max_verify_batches)
     if export_formats is not None and (
         isinstance(export_formats, str) or any(f not in EXPORT_FORMATS for f in export_formats)
     ):

@@ -409,10 +409,7 @@ def verify(
         >>> verify(net, fuse(net, (data[0][0],)), data).passed
         True
     """
-    if max_batches is not None and (
-        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
-    ):
-        raise ValueError(f"verify(max_batches={max_batches!r}) expects a positive integer or None (all batches).")
+    check_max_batches("verify", "max_batches", max_batches)
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
         raise TypeError(
             f"verify(batches=...) expects an iterable of batches such as a DataLoader, got {type(batches).__name__}. "
@@ -679,6 +676,12 @@ def check_tolerance(owner: str, name: str, value: Any) -> float:
     if math.isnan(float(value)):
         raise ValueError(f"{owner}({name}=nan) expects a number, e.g. {name}=1e-3.")
     return float(value)
+
+
+def check_max_batches(owner: str, name: str, value: Any) -> None:
+    """Check that a batch cap is ``None`` (all batches) or a positive integer (``ValueError`` if not)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{owner}({name}={value!r}) expects a positive integer or None (all batches).")
 
 
 def check_metric(owner: str, metric: Any) -> None:
