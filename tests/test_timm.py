@@ -56,6 +56,7 @@ REPARAM = [
     "fastvit_t8",
     pytest.param("mobileone_s0", marks=pytest.mark.slow),
     pytest.param("repghostnet_050", marks=pytest.mark.slow),
+    pytest.param("repvit_m0_9", marks=pytest.mark.slow),
 ]
 
 
@@ -64,7 +65,9 @@ def test_timm_reparam_model_fuses_to_timm_deploy_form(name: str) -> None:
     model = _build(name)
     x = torch.randn(2, 3, SIZE, SIZE)
     before = _state(model)
-    fused = fuse(model)
+    # The example batch settles the rank of RepViT's head (mean over H, W, then BatchNorm1d and Linear).
+    fused = fuse(model, example_inputs=(x,))
+    assert fused.fusion_report.reverted == []
     deploy = reparameterize_model(copy.deepcopy(model))
     assert _convs(fused, x) == _convs(deploy, x)  # RepGhost merges BatchNorm-only branches: no conv fewer
     assert count_kernels(fused, x) == 0  # timm's own deploy form of FastViT keeps 10
@@ -106,6 +109,7 @@ def test_timm_model_folds_every_batch_norm(name: str) -> None:
     model = _build(name)
     x = torch.randn(2, 3, SIZE, SIZE)
     fused = fuse(model)
+    assert type(fused) is type(model)  # the user's network, with fused layers in place
     assert count_kernels(model, x) > 0
     assert count_kernels(fused, x) == 0
     assert not fused.fusion_report.skipped
