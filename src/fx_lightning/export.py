@@ -1,41 +1,193 @@
 """Deploy artifacts of a (fused) network, each reloaded and checked, and the checkpoint form of a fused network.
 
-* :func:`export_artifacts` writes ``torch.export`` programs (``.pt2``), ONNX files and plain weights, reloads
-  each one and compares its outputs with the module's before returning the paths.
+* :func:`write_artifacts` writes the network in each format of the registry (:mod:`fx_lightning.runtimes`):
+  ``torch.export`` programs (``.pt2``), ONNX files, AOTInductor packages (``.aoti.pt2``) and plain weights;
+  :func:`fx_lightning.artifacts.verify_artifacts` then checks each file in its runtime with the task metric.
+* :func:`export_artifacts` writes them, reloads each one and compares its outputs with the module's on the example
+  inputs before returning the paths.
 * :func:`checkpoint_state_dict` (from :mod:`fx_lightning.checkpoint`, re-exported here) expresses a fused network
   in the original architecture's state-dict keys, so a checkpoint keeps loading into the user's own class.
 
-Nothing here imports Lightning, and onnx/onnxruntime are imported only when the ONNX format is asked for.
+Nothing here imports Lightning; onnx/onnxruntime and inductor are imported only when their format is asked for.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from fx_lightning.checkpoint import checkpoint_state_dict
+from fx_lightning.runtimes import (
+    Exporter,
+    ExportJob,
+    LoadContext,
+    MissingCompilerError,
+    MissingExtraError,
+    Runner,
+    registered_exporters,
+)
+from fx_lightning.runtimes.base import first_line as _first_line
 
-FORMATS = ("pt2", "onnx", "weights")
-_ONNX_INLINE_LIMIT = 1 << 30  # bytes of parameters above which ONNX weights go to an external data file
+#: The built-in formats, in the order they are written; :func:`fx_lightning.runtimes.registered_exporters` has
+#: every registered one.
+FORMATS = tuple(registered_exporters())
+
+#: Per-format options: ``{"onnx": {"optimization_level": "basic"}, "aoti": {"inductor_configs": {...}}}``.
+ExportOptions = Mapping[str, Mapping[str, Any]]
+
+__all__ = [
+    "FORMATS",
+    "Artifact",
+    "ExportOptions",
+    "MissingCompilerError",
+    "MissingExtraError",
+    "checkpoint_state_dict",
+    "export_artifacts",
+    "write_artifacts",
+]
 
 
-Runner = Callable[[tuple[Any, ...]], Any]
+@dataclass
+class Artifact:
+    """One written artifact: what it is, where it is, how it runs.
+
+    Attributes:
+        format: the format name (a key of :func:`fx_lightning.runtimes.registered_exporters`, or any name when
+            ``runner`` is given).
+        path: the file.
+        runtime: what runs it, e.g. ``"onnxruntime 1.20.1 CPU, ORT_ENABLE_ALL"``.
+        seconds: time spent writing it.
+        options: the format's options, defaults included (the ONNX Runtime level it is run at, ...).
+        batch_size: the only batch size a traced artifact with fixed shapes runs; ``None`` when any runs.
+        runner: the artifact already loaded, for formats outside the registry (e.g. a checkpoint reloaded by
+            the caller); ``None`` to load it with its exporter.
+    """
+
+    format: str
+    path: Path
+    runtime: str = ""
+    seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+    runner: Runner | None = None
+
+    def load(self, module: nn.Module, output_spec: Any = None) -> Runner:
+        """The artifact in the runtime that will run it (``runner`` when given).
+
+        Args:
+            module: the network it was written from (the ``weights`` format loads into a copy of it).
+            output_spec: the pytree structure of the network's output, for runtimes that return flat lists.
+
+        Raises:
+            ValueError: if the format is not registered and no ``runner`` was given.
+        """
+        if self.runner is not None:
+            return self.runner
+        exporter = registered_exporters().get(self.format)
+        if exporter is None:
+            raise ValueError(
+                f"Artifact(format={self.format!r}) is not a registered format ({list(registered_exporters())}); "
+                "pass runner=... with the artifact loaded, or register its exporter with register_exporter()."
+            )
+        return exporter.load(self.path, LoadContext(module, self.options, output_spec))
 
 
-__all__ = ["FORMATS", "MissingExtraError", "checkpoint_state_dict", "export_artifacts"]
+# ----------------------------------------------------------------------------------------- writing
 
 
-class MissingExtraError(ModuleNotFoundError):
-    """An optional dependency of fx-lightning is not installed; the message names the pip extra to install."""
+def write_artifacts(
+    module: nn.Module,
+    example_inputs: Sequence[Any],
+    directory: str | Path,
+    formats: Sequence[str] = ("pt2", "weights"),
+    *,
+    name: str = "model",
+    dynamic_batch: bool = False,
+    options: ExportOptions | None = None,
+) -> dict[str, Artifact]:
+    """Write ``module`` in each format to ``directory``, without checking the files (see
+    :func:`fx_lightning.artifacts.verify_artifacts` for that, or :func:`export_artifacts`).
+
+    Every argument is checked, and every format's needs (an extra, a C++ compiler) too, before anything is written.
+
+    Args:
+        module: the network to export, usually the eval-mode result of :func:`fx_lightning.fuse`.
+        example_inputs: positional inputs for one forward call, e.g. ``(torch.randn(8, 3, 32, 32),)``.
+        directory: where to write; created if missing.
+        formats: any of the registered formats (``"pt2"``, ``"onnx"``, ``"aoti"``, ``"weights"``).
+        name: file name stem.
+        dynamic_batch: export the traced formats with a dynamic dim 0 on every tensor input (needs example
+            inputs with batch size >= 2).
+        options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``; see each module of
+            :mod:`fx_lightning.runtimes`.
+
+    Returns:
+        The :class:`Artifact` of each format, in registry order.
+
+    Raises:
+        TypeError, ValueError: for an invalid argument, format or option.
+        MissingExtraError: (a ``ModuleNotFoundError``) if a format's optional dependency is not installed.
+        MissingCompilerError: (a ``RuntimeError``) if ``"aoti"`` is asked for and no C++ compiler works.
+        RuntimeError: if an export fails.
+    """
+    chosen = _validate_export("write_artifacts", module, example_inputs, formats, 0.0, 0.0, name, dynamic_batch)
+    checked = _check_options("write_artifacts", chosen, options)
+    job = _job(module, example_inputs, dynamic_batch)
+    out_dir = Path(directory).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {fmt: _write(exporter, job, out_dir / name, checked[fmt]) for fmt, exporter in chosen.items()}
+
+
+def _job(module: nn.Module, example_inputs: Sequence[Any], dynamic_batch: bool) -> ExportJob:
+    inputs = tuple(example_inputs)
+    return ExportJob(module, inputs, _batch_dynamic_shapes(inputs) if dynamic_batch else None)
+
+
+def _write(exporter: Exporter, job: ExportJob, stem: Path, options: dict[str, Any]) -> Artifact:
+    start = time.perf_counter()
+    path = exporter.write(job, stem, options)
+    fixed = exporter.traced and job.dynamic_shapes is None
+    return Artifact(
+        format=exporter.name,
+        path=path,
+        runtime=exporter.runtime(options),
+        seconds=time.perf_counter() - start,
+        options=options,
+        batch_size=_batch_size(job.inputs) if fixed else None,
+    )
+
+
+def _batch_size(inputs: tuple[Any, ...]) -> int | None:
+    sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _check_options(owner: str, chosen: Mapping[str, Exporter], options: Any) -> dict[str, dict[str, Any]]:
+    """Each chosen format's options, checked and completed by its exporter (which also checks its needs)."""
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
+        raise TypeError(
+            f"{owner}(options={options!r}) expects a dict of per-format option dicts, e.g. "
+            "options={'onnx': {'optimization_level': 'basic'}}."
+        )
+    unknown = [f for f in options if f not in registered_exporters()]
+    if unknown:
+        raise ValueError(
+            f"{owner}(options=...) has options for unknown format(s) {unknown}. "
+            f"Valid formats: {list(registered_exporters())}."
+        )
+    return {fmt: exporter.check(options.get(fmt, {})) for fmt, exporter in chosen.items()}
 
 
 # ----------------------------------------------------------------------------------------- export_artifacts
@@ -51,15 +203,19 @@ def export_artifacts(
     atol: float = 1e-5,
     name: str = "model",
     dynamic_batch: bool = False,
+    options: ExportOptions | None = None,
 ) -> dict[str, Path]:
     """Write ``module`` in each format to ``directory``, reload every file and check it against ``module``.
 
-    Formats:
+    Formats (the registry of :mod:`fx_lightning.runtimes`):
 
     * ``"pt2"``: ``torch.export.export`` + ``torch.export.save`` (``<name>.pt2``); reloaded with
       ``torch.export.load(path).module()``.
     * ``"onnx"``: ``torch.onnx.export`` (``<name>.onnx``); checked with ``onnx.checker`` and run with
       onnxruntime on the CPU. Needs ``pip install "fx-lightning[onnx]"``.
+    * ``"aoti"``: an AOTInductor package (``<name>.aoti.pt2``) compiled with
+      ``torch._inductor.aoti_compile_and_package``, reloaded with ``torch._inductor.aoti_load_package``. Needs a
+      C++ compiler.
     * ``"weights"``: the state dict as ``<name>.safetensors`` when safetensors is installed, else
       ``<name>.pt`` (loadable with ``torch.load(path, weights_only=True)``); reloaded into a copy of the
       module's structure whose values were wiped first.
@@ -68,21 +224,23 @@ def export_artifacts(
         module: the network to export, usually the eval-mode result of :func:`fx_lightning.fuse`.
         example_inputs: positional inputs for one forward call, e.g. ``(torch.randn(1, 3, 32, 32),)``.
         directory: where to write; created if missing.
-        formats: which artifacts to write, any of ``"pt2"``, ``"onnx"``, ``"weights"``.
+        formats: which artifacts to write, any of the registered formats.
         rtol: relative tolerance of the reload check (``|out - ref| <= atol + rtol * |ref|``).
         atol: absolute tolerance of the reload check.
         name: file name stem.
-        dynamic_batch: export ``pt2``/``onnx`` with a dynamic dim 0 on every tensor input, and check the
+        dynamic_batch: export the traced formats with a dynamic dim 0 on every tensor input, and check the
             reloaded artifacts on a batch twice as large as well. Needs example inputs with batch size >= 2
             (``torch.export`` specialises size 1).
+        options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``.
 
     Returns:
         The path of each artifact by format.
 
     Raises:
         TypeError: if an argument has the wrong type.
-        ValueError: if a format is unknown, a tolerance is negative or ``name`` is not a plain file name.
+        ValueError: if a format or option is unknown, a tolerance is negative or ``name`` is not a plain file name.
         MissingExtraError: (a ``ModuleNotFoundError``) if ``"onnx"`` is asked for without onnx/onnxruntime.
+        MissingCompilerError: (a ``RuntimeError``) if ``"aoti"`` is asked for and no C++ compiler works.
         RuntimeError: if an export fails, a reloaded artifact's outputs differ beyond the tolerance, or (with
             ``dynamic_batch``) an artifact does not accept another batch size.
 
@@ -93,11 +251,10 @@ def export_artifacts(
         >>> sorted(paths), paths["weights"].suffix in (".safetensors", ".pt")
         (['weights'], True)
     """
-    chosen = _validate_export(module, example_inputs, formats, rtol, atol, name)
-    if not isinstance(dynamic_batch, bool):
-        raise TypeError(f"export_artifacts(dynamic_batch={dynamic_batch!r}) expects True or False.")
-    inputs = tuple(example_inputs)
-    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
+    chosen = _validate_export("export_artifacts", module, example_inputs, formats, rtol, atol, name, dynamic_batch)
+    checked = _check_options("export_artifacts", chosen, options)
+    job = _job(module, example_inputs, dynamic_batch)
+    inputs = job.inputs
     checks = [inputs, _doubled_batch(inputs)] if dynamic_batch else [inputs]
     with torch.no_grad():
         references = [module(*inputs)]
@@ -111,21 +268,16 @@ def export_artifacts(
                 ) from err
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = tree_flatten(references[0])[1]
 
     paths: dict[str, Path] = {}
-    program: torch.export.ExportedProgram | None = None
-    for fmt in chosen:
-        if fmt == "pt2":
-            program = _export_program(module, inputs, dynamic_shapes)
-            path, run = _write_pt2(program, out_dir / f"{name}.pt2")
-        elif fmt == "onnx":
-            path, run = _write_onnx(module, program, inputs, dynamic_shapes, out_dir / f"{name}.onnx")
-        else:
-            path, run = _write_weights(module, out_dir, name)
+    for fmt, exporter in chosen.items():
+        artifact = _write(exporter, job, out_dir / name, checked[fmt])
+        path, run = artifact.path, artifact.load(module, spec)
         for args, reference in zip(checks, references):
             try:
                 with torch.no_grad():
-                    outputs = run(args)
+                    outputs = run(*args)
             except Exception as err:
                 if args is inputs:
                     raise
@@ -153,142 +305,51 @@ def _batch_dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
 
 
-def _validate_export(module: Any, example_inputs: Any, formats: Any, rtol: Any, atol: Any, name: Any) -> list[str]:
+def _validate_export(
+    owner: str,
+    module: Any,
+    example_inputs: Any,
+    formats: Any,
+    rtol: Any,
+    atol: Any,
+    name: Any,
+    dynamic_batch: Any,
+) -> dict[str, Exporter]:
+    """The chosen formats' exporters, in registry order, after checking every argument."""
     if not isinstance(module, nn.Module):
         raise TypeError(
-            f"export_artifacts(module=...) expects a torch.nn.Module, got {type(module).__name__}. "
-            "Pass the network, e.g. export_artifacts(fuse(model.net), (x,), 'out')."
+            f"{owner}(module=...) expects a torch.nn.Module, got {type(module).__name__}. "
+            f"Pass the network, e.g. {owner}(fuse(model.net), (x,), 'out')."
         )
     if isinstance(example_inputs, (Tensor, str)) or not isinstance(example_inputs, Sequence):
         raise TypeError(
-            f"export_artifacts(example_inputs=...) expects a tuple of positional inputs, got "
+            f"{owner}(example_inputs=...) expects a tuple of positional inputs, got "
             f"{type(example_inputs).__name__}. Wrap a single tensor: example_inputs=(x,)."
         )
+    exporters = registered_exporters()
     if isinstance(formats, str):
         formats = [formats]
     if not isinstance(formats, Sequence) or not all(isinstance(f, str) for f in formats):
         raise TypeError(
-            f"export_artifacts(formats={formats!r}) expects a list of format names from {list(FORMATS)}, "
+            f"{owner}(formats={formats!r}) expects a list of format names from {list(exporters)}, "
             "e.g. formats=['pt2', 'weights']."
         )
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in exporters]
     if unknown:
         raise ValueError(
-            f"export_artifacts(formats={list(formats)!r}) names unknown format(s) {unknown}. "
-            f"Valid formats: {list(FORMATS)}."
+            f"{owner}(formats={list(formats)!r}) names unknown format(s) {unknown}. Valid formats: {list(exporters)}."
         )
     for label, value in (("rtol", rtol), ("atol", atol)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or value < 0:
-            raise ValueError(f"export_artifacts({label}={value!r}) expects a number >= 0, e.g. {label}=1e-5.")
+            raise ValueError(f"{owner}({label}={value!r}) expects a number >= 0, e.g. {label}=1e-5.")
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(
-            f"export_artifacts(name={name!r}) expects a plain file name stem such as 'model'; put folders in "
+            f"{owner}(name={name!r}) expects a plain file name stem such as 'model'; put folders in "
             "directory=... instead."
         )
-    return list(dict.fromkeys(formats))
-
-
-def _export_program(
-    module: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None
-) -> torch.export.ExportedProgram:
-    try:
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes)
-    except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['pt2']): torch.export.export could not capture {type(module).__name__}: "
-            f"{type(err).__name__}: {_first_line(err)} (full error above). Export the other formats with "
-            "formats=['weights'], or make the "
-            "forward exportable (no branches on tensor values)."
-        ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _write_pt2(program: torch.export.ExportedProgram, path: Path) -> tuple[Path, Runner]:
-    torch.export.save(program, path)
-    reloaded = torch.export.load(path).module()
-    return path, lambda args: reloaded(*args)
-
-
-def _write_onnx(
-    module: nn.Module,
-    program: torch.export.ExportedProgram | None,
-    inputs: tuple[Any, ...],
-    dynamic_shapes: tuple[Any, ...] | None,
-    path: Path,
-) -> tuple[Path, Runner]:
-    onnx, ort = _import_onnx()
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    try:
-        torch.onnx.export(
-            program if program is not None else module,
-            inputs,
-            str(path),
-            dynamic_shapes=dynamic_shapes if program is None else None,
-            dynamo=True,
-            external_data=param_bytes > _ONNX_INLINE_LIMIT,
-            verbose=False,
-        )
-        onnx.checker.check_model(str(path))
-    except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['onnx']) could not export {type(module).__name__}: "
-            f"{type(err).__name__}: {_first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'weights']."
-        ) from err
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def run(args: tuple[Any, ...]) -> list[Tensor]:
-        tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor)]
-        feeds = {arg.name: t.detach().cpu().numpy() for arg, t in zip(session.get_inputs(), tensors)}
-        return [torch.from_numpy(o) for o in session.run(None, feeds)]
-
-    return path, run
-
-
-def _import_onnx() -> tuple[Any, Any]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as err:
-        raise MissingExtraError(
-            f"export_artifacts(formats=['onnx']) needs onnx, onnxruntime and onnxscript ({err}). "
-            'Install them with: pip install "fx-lightning[onnx]"'
-        ) from err
-    return onnx, onnxruntime
-
-
-def _write_weights(module: nn.Module, directory: Path, name: str) -> tuple[Path, Runner]:
-    # Plain contiguous CPU copies: safetensors refuses shared or strided storage, and the file must not
-    # depend on the device the module ran on.
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
-    save, load, suffix = _weights_backend()
-    path = directory / f"{name}{suffix}"
-    save(state, path)
-
-    restored = copy.deepcopy(module)
-    with torch.no_grad():
-        # Wipe every saved value first, so the check proves the file restores all of them.
-        for value in restored.state_dict(keep_vars=True).values():
-            if value.is_floating_point():
-                value.fill_(math.nan)
-    restored.load_state_dict(load(path), strict=True)
-    return path, lambda args: restored(*args)
-
-
-def _weights_backend() -> tuple[Callable[[dict[str, Tensor], Path], None], Callable[[Path], Any], str]:
-    try:
-        from safetensors.torch import load_file, save_file
-    except ImportError:
-        return (
-            lambda state, path: torch.save(state, path),
-            lambda path: torch.load(path, map_location="cpu", weights_only=True),
-            ".pt",
-        )
-    return (lambda state, path: save_file(state, str(path))), (lambda path: load_file(str(path))), ".safetensors"
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"{owner}(dynamic_batch={dynamic_batch!r}) expects True or False.")
+    return {fmt: exporter for fmt, exporter in exporters.items() if fmt in formats}
 
 
 def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any], rtol: float, atol: float) -> None:
