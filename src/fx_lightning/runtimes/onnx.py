@@ -113,6 +113,9 @@ def load_onnx(path: Path, context: LoadContext) -> Runner:
     settings = ort.SessionOptions()
     settings.graph_optimization_level = getattr(ort.GraphOptimizationLevel, options["optimization_level"])
     settings.intra_op_num_threads = options["threads"] or torch.get_num_threads()
+    # Idle ORT threads otherwise spin for a while after each run, taking the cores from whatever runs next
+    # (the PyTorch networks it is timed beside, the rest of the user's process).
+    settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=settings, providers=["CPUExecutionProvider"])
     names = [arg.name for arg in session.get_inputs()]
     spec = context.output_spec
