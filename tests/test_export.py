@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 import fx_lightning
 from fx_lightning.checkpoint import checkpoint_plan
-from fx_lightning.export import MissingExtraError, _check_close, checkpoint_state_dict, export_artifacts
+from fx_lightning.export import (
+    MissingExtraError,
+    _check_close,
+    checkpoint_state_dict,
+    export_artifacts,
+    write_artifacts,
+)
 from fx_lightning.testing import randomize_batch_norm
 
 
@@ -419,3 +425,40 @@ def test_export_artifacts_dynamic_batch_errors(tmp_path: Path) -> None:
         export_artifacts(FixedBatch(), (torch.randn(4, 3),), tmp_path, formats=["pt2"], dynamic_batch=True)
     with pytest.raises(RuntimeError, match=r"reloaded 'pt2' artifact .* does not accept a batch of another size"):
         export_artifacts(BatchBranch(), (torch.randn(4, 3),), tmp_path, formats=["pt2"], dynamic_batch=True)
+
+
+# ----------------------------------------------------------------------------------------- formats and options
+
+
+def test_export_artifacts_formats_come_from_the_registry(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown format\(s\) \['tflite'\]\. Valid formats: \['pt2', 'onnx', 'aoti', 'weights'\]"
+    ):
+        export_artifacts(nn.Linear(3, 2), (torch.randn(2, 3),), tmp_path, formats=["tflite"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_artifacts_onnx_at_an_optimisation_level(tmp_path: Path) -> None:
+    fused = fx_lightning.fuse(prepared(TinyNet()))
+    options = {"onnx": {"optimization_level": "disable_all", "threads": 1}}
+    paths = export_artifacts(fused, (torch.randn(2, 1, 6, 6),), tmp_path, formats=["onnx"], options=options)
+    assert paths == {"onnx": tmp_path / "model.onnx"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"module": "net"}, TypeError, r"write_artifacts\(module=...\) expects a torch.nn.Module, got str"),
+        ({"formats": ["pt2", "tflite"]}, ValueError, r"write_artifacts\(formats=\['pt2', 'tflite'\]\) names unknown"),
+        ({"dynamic_batch": 1}, TypeError, r"write_artifacts\(dynamic_batch=1\) expects True or False"),
+        ({"name": "a/b"}, ValueError, r"write_artifacts\(name='a/b'\) expects a plain file name stem"),
+        ({"options": [("onnx", {})]}, TypeError, r"write_artifacts\(options=\[\('onnx', \{\}\)\]\) expects a dict"),
+    ],
+)
+def test_write_artifacts_invalid_arguments_raise(
+    tmp_path: Path, kwargs: dict, error: type[Exception], match: str
+) -> None:
+    call = {"module": nn.Linear(3, 2), "example_inputs": (torch.randn(2, 3),), "directory": tmp_path, **kwargs}
+    with pytest.raises(error, match=match):
+        write_artifacts(**call)
+    assert list(tmp_path.iterdir()) == []
