@@ -238,3 +238,14 @@ def test_fuse_on_export_strict_failure_raises_after_writing_the_report(
     with pytest.raises(RuntimeError, match=match):
         trainer(tmp_path, callback).fit(model, tuple_loader(), tuple_loader())
     assert json.loads((tmp_path / "out" / "fuse_report.json").read_text())["outcome"] == "failed"
+
+
+def test_fuse_on_export_unwritable_report_warns_and_keeps_the_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    callback = FuseOnExport(export_dir=str(blocker / "out"), export_formats=[])
+    model = Counted()
+    with pytest.warns(UserWarning, match=r"FuseOnExport could not write its report to .*a_file/out/fuse_report.json"):
+        trainer(tmp_path, callback).fit(model, tuple_loader(), tuple_loader())
+    assert model.train_steps == 2
+    assert callback.last_result.outcome is Outcome.FUSED
