@@ -321,3 +321,37 @@ def test_fuse_on_export_predict_step_calling_network_methods_runs_fused(tmp_path
     assert [n for _, n in plain_out] == [1, 1]
     for (fused, _), (plain, _) in zip(fused_out, plain_out):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+class TimmSteps(Steps):
+    """A timm network whose forward_features the predict_step calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        self.net = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
+        return self.net.forward_features(batch[0]), batch_norms(self.net)
+
+
+def test_fuse_on_export_timm_forward_features_runs_fused_in_predict(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = DataLoader(
+        list(zip(torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen))), batch_size=8
+    )
+    model = TimmSteps()
+    callback = FuseOnExport(export_formats=[])
+    pl.seed_everything(0, verbose=False)
+    run = trainer(tmp_path, callbacks=[callback])
+    run.fit(model, data, data)
+    assert callback.last_result.outcome is Outcome.FUSED
+    assert callback.last_result.num_folded == batch_norms(model.net)
+    fused_out = run.predict(model, dataloaders=data)
+    plain_out = trainer(tmp_path).predict(model, dataloaders=data)
+    assert [n for _, n in fused_out] == [0, 0]
+    for (fused, _), (plain, _) in zip(fused_out, plain_out):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
