@@ -19,8 +19,9 @@ class FxLightningCLI(LightningCLI):
     """``LightningCLI`` that defaults to the digits example and, after ``fit``, tests the best checkpoint.
 
     The ``--test_after_fit`` flag (on by default) makes ``fx-lightning fit`` one command for the whole job:
-    with :class:`fx_lightning.FuseOnExport` among the callbacks, training ends with the network fused, verified
-    and exported, and the test that follows runs with the best checkpoint's weights, fused again.
+    with :class:`fx_lightning.FuseOnExport` among the callbacks, training ends with a fused copy of the network
+    verified and exported (the model itself keeps its own network), and the test that follows runs with the best
+    checkpoint's weights, fused for the test loop.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
