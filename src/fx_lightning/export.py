@@ -142,15 +142,15 @@ def write_artifacts(
     """
     chosen = _validate_export("write_artifacts", module, example_inputs, formats, 0.0, 0.0, name, dynamic_batch)
     checked = _check_options("write_artifacts", chosen, options)
-    job = _job(module, example_inputs, dynamic_batch)
+    job = _job("write_artifacts", module, example_inputs, dynamic_batch)
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     return {fmt: _write(exporter, job, out_dir / name, checked[fmt]) for fmt, exporter in chosen.items()}
 
 
-def _job(module: nn.Module, example_inputs: Sequence[Any], dynamic_batch: bool) -> ExportJob:
+def _job(owner: str, module: nn.Module, example_inputs: Sequence[Any], dynamic_batch: bool) -> ExportJob:
     inputs = tuple(example_inputs)
-    return ExportJob(module, inputs, _batch_dynamic_shapes(inputs) if dynamic_batch else None)
+    return ExportJob(module, inputs, _batch_dynamic_shapes(owner, inputs) if dynamic_batch else None)
 
 
 def _write(exporter: Exporter, job: ExportJob, stem: Path, options: dict[str, Any]) -> Artifact:
@@ -253,7 +253,7 @@ def export_artifacts(
     """
     chosen = _validate_export("export_artifacts", module, example_inputs, formats, rtol, atol, name, dynamic_batch)
     checked = _check_options("export_artifacts", chosen, options)
-    job = _job(module, example_inputs, dynamic_batch)
+    job = _job("export_artifacts", module, example_inputs, dynamic_batch)
     inputs = job.inputs
     checks = [inputs, _doubled_batch(inputs)] if dynamic_batch else [inputs]
     with torch.no_grad():
@@ -295,11 +295,11 @@ def _doubled_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tree_map(lambda t: torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 else t, inputs)
 
 
-def _batch_dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def _batch_dynamic_shapes(owner: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     batch_sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
     if batch_sizes & {0, 1}:
         raise ValueError(
-            f"export_artifacts(dynamic_batch=True) needs example inputs with batch size >= 2, got batch size(s) "
+            f"{owner}(dynamic_batch=True) needs example inputs with batch size >= 2, got batch size(s) "
             f"{sorted(batch_sizes)}: torch.export treats sizes 0 and 1 as constants. Pass e.g. (x.repeat(2, 1, 1, 1),)."
         )
     return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)

@@ -128,6 +128,8 @@ def module_device(module: nn.Module) -> torch.device:
     return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
-def to_device(args: Any, device: torch.device) -> Any:
+def to_device(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
     """``args`` with every tensor moved to ``device`` (and made contiguous, as compiled runtimes expect)."""
+    if all(isinstance(a, torch.Tensor) and a.device == device and a.is_contiguous() for a in args):
+        return args  # the common case, without the cost of a tree walk on every call
     return tree_map(lambda t: t.to(device).contiguous() if isinstance(t, torch.Tensor) else t, args)
