@@ -447,3 +447,26 @@ class OptionalChild(nn.Module):
 
 def test_fuse_none_checks_on_a_child_do_not_count_as_reaching_into_it() -> None:
     assert check(OptionalChild, torch.randn(2, 3, 5, 5), with_inputs=False).fusion_report.num_folded == 1
+
+
+class CachingBlock(nn.Module):
+    """timm's attention-bias cache: the forward stores a tensor per device the first time it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, 1, 1))
+        self.bn = nn.BatchNorm2d(3)
+        self.shift = nn.Parameter(torch.randn(1, 3, 1, 1))
+        self.cache: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.shift * 2
+        return self.bn(F.conv2d(x, self.weight)) + self.cache[key]  # a functional fold: generated code
+
+
+def test_fuse_traces_a_caching_block_twice_without_mixing_graphs() -> None:
+    # The whole-model trace fills the copy's cache with a traced value; the block's own trace must not read it.
+    fused = check(lambda: nn.Sequential(CachingBlock(), CachingBlock()), torch.randn(2, 3, 4, 4))
+    assert fused.fusion_report.graphs == ["0", "1"]

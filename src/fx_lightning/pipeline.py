@@ -14,6 +14,7 @@ import ast
 import contextlib
 import copy
 import inspect
+import io
 import textwrap
 import time
 from collections import Counter
@@ -420,7 +421,7 @@ class _Engine:
             return None
         if inputs is not None:
             with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
-                ShapeProp(gm).propagate(*inputs)
+                _shape_prop(gm, inputs)
         changes = _run_passes(gm, self.passes)
         built = _finish(gm)
         self.report.merge(_report_of(changes), path)
@@ -537,9 +538,18 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _shape_prop(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """``ShapeProp(gm).propagate(*inputs)`` without the traceback it prints on a failure (which it raises)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*inputs)
+    except RuntimeError as err:
+        raise (err.__cause__ or err) from None
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     try:
-        ShapeProp(gm).propagate(*example_inputs)
+        _shape_prop(gm, example_inputs)
     except Exception as err:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         raise ValueError(

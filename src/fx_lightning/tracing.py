@@ -219,17 +219,41 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
     of a trace failure to its error message.
     """
     opaque: dict[str, str] = {}
+    containers = _containers(root)
     for _ in range(max_retries):
         tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types)
         try:
             graph = tracer.trace(root)
         except Exception as err:  # noqa: BLE001 - any tracer failure means "not traceable here"
+            _restore(containers)
             message = f"{type(err).__name__}: {err}"
             culprit = tracer.failed_in[-1] if tracer.failed_in else ""
             if not culprit or culprit in opaque:
                 return TraceResult(None, opaque, message)
             opaque[culprit] = message
             continue
+        _restore(containers)
         name = type(root).__name__
         return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque, hooked=tracer.hooked)
     return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")
+
+
+def _containers(root: nn.Module) -> list[tuple[Any, Any]]:
+    """Every dict, list and set attribute in the tree, with a shallow copy of its contents."""
+    found: dict[int, tuple[Any, Any]] = {}
+    for module in root.modules():
+        for name, value in vars(module).items():
+            if name not in _INTERNAL_ATTRIBUTES and isinstance(value, (dict, list, set)):
+                found.setdefault(id(value), (value, copy.copy(value)))
+    return list(found.values())
+
+
+def _restore(containers: list[tuple[Any, Any]]) -> None:
+    """Put back what tracing wrote into the tree's containers (timm caches a Proxy per device during a trace,
+    which a later trace of a part of the same tree would otherwise read as a value of another graph)."""
+    for container, saved in containers:
+        if isinstance(container, list):
+            container[:] = saved
+        else:
+            container.clear()
+            container.update(saved)
