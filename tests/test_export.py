@@ -432,7 +432,8 @@ def test_export_artifacts_dynamic_batch_errors(tmp_path: Path) -> None:
 
 def test_export_artifacts_formats_come_from_the_registry(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"unknown format\(s\) \['tflite'\]\. Valid formats: \['pt2', 'onnx', 'aoti', 'weights'\]"
+        ValueError,
+        match=r"unknown format\(s\) \['tflite'\]\. Valid formats: \['pt2', 'onnx', 'aoti', 'openvino', 'weights'\]",
     ):
         export_artifacts(nn.Linear(3, 2), (torch.randn(2, 3),), tmp_path, formats=["tflite"])
     assert list(tmp_path.iterdir()) == []

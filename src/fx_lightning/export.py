@@ -1,7 +1,8 @@
 """Deploy artifacts of a (fused) network, each reloaded and checked, and the checkpoint form of a fused network.
 
 * :func:`write_artifacts` writes the network in each format of the registry (:mod:`fx_lightning.runtimes`):
-  ``torch.export`` programs (``.pt2``), ONNX files, AOTInductor packages (``.aoti.pt2``) and plain weights;
+  ``torch.export`` programs (``.pt2``), ONNX files, AOTInductor packages (``.aoti.pt2``), OpenVINO IR and plain
+  weights;
   :func:`fx_lightning.artifacts.verify_artifacts` then checks each file in its runtime with the task metric.
 * :func:`export_artifacts` writes them, reloads each one and compares its outputs with the module's on the example
   inputs before returning the paths.
@@ -124,7 +125,7 @@ def write_artifacts(
         module: the network to export, usually the eval-mode result of :func:`fx_lightning.fuse`.
         example_inputs: positional inputs for one forward call, e.g. ``(torch.randn(8, 3, 32, 32),)``.
         directory: where to write; created if missing.
-        formats: any of the registered formats (``"pt2"``, ``"onnx"``, ``"aoti"``, ``"weights"``).
+        formats: any of the registered formats (``"pt2"``, ``"onnx"``, ``"aoti"``, ``"openvino"``, ``"weights"``).
         name: file name stem.
         dynamic_batch: export the traced formats with a dynamic dim 0 on every tensor input (needs example
             inputs with batch size >= 2).
@@ -216,6 +217,8 @@ def export_artifacts(
     * ``"aoti"``: an AOTInductor package (``<name>.aoti.pt2``) compiled with
       ``torch._inductor.aoti_compile_and_package``, reloaded with ``torch._inductor.aoti_load_package``. Needs a
       C++ compiler.
+    * ``"openvino"``: OpenVINO IR (``<name>.xml`` + ``<name>.bin``) converted from the ``torch.export`` program, run
+      by the OpenVINO CPU plugin. Needs ``pip install "fx-lightning[openvino]"``.
     * ``"weights"``: the state dict as ``<name>.safetensors`` when safetensors is installed, else
       ``<name>.pt`` (loadable with ``torch.load(path, weights_only=True)``); reloaded into a copy of the
       module's structure whose values were wiped first.
@@ -239,7 +242,7 @@ def export_artifacts(
     Raises:
         TypeError: if an argument has the wrong type.
         ValueError: if a format or option is unknown, a tolerance is negative or ``name`` is not a plain file name.
-        MissingExtraError: (a ``ModuleNotFoundError``) if ``"onnx"`` is asked for without onnx/onnxruntime.
+        MissingExtraError: (a ``ModuleNotFoundError``) if ``"onnx"`` or ``"openvino"`` is asked for without its extra.
         MissingCompilerError: (a ``RuntimeError``) if ``"aoti"`` is asked for and no C++ compiler works.
         RuntimeError: if an export fails, a reloaded artifact's outputs differ beyond the tolerance, or (with
             ``dynamic_batch``) an artifact does not accept another batch size.

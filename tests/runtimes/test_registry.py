@@ -26,8 +26,8 @@ from fx_lightning.runtimes.base import no_options
 
 def test_registry_holds_one_exporter_per_format_in_write_order() -> None:
     exporters = registered_exporters()
-    assert list(exporters)[:4] == ["pt2", "onnx", "aoti", "weights"]
-    assert FORMATS == ("pt2", "onnx", "aoti", "weights")
+    assert list(exporters)[:5] == ["pt2", "onnx", "aoti", "openvino", "weights"]
+    assert FORMATS == ("pt2", "onnx", "aoti", "openvino", "weights")
     assert all(name == exporter.name for name, exporter in exporters.items())
     assert [name for name, e in exporters.items() if not e.traced] == ["weights"]
 

@@ -1,6 +1,6 @@
 """The artifact formats, one exporter per format behind a name -> exporter table.
 
-Each format lives in its own module (:mod:`.pt2`, :mod:`.onnx`, :mod:`.aoti`, :mod:`.weights`) as an
+Each format lives in its own module (:mod:`.pt2`, :mod:`.onnx`, :mod:`.aoti`, :mod:`.openvino`, :mod:`.weights`) as an
 :class:`Exporter`: how to write the network, how to load the file back in the runtime that will run it, and
 what it needs installed. :func:`fx_lightning.export.export_artifacts` and
 :func:`fx_lightning.artifacts.verify_artifacts` read this table; adding a format means adding one module and one
@@ -12,6 +12,7 @@ from __future__ import annotations
 from fx_lightning.runtimes.aoti import AOTI, MissingCompilerError
 from fx_lightning.runtimes.base import Exporter, ExportJob, LoadContext, MissingExtraError, Runner
 from fx_lightning.runtimes.onnx import ONNX
+from fx_lightning.runtimes.openvino import OPENVINO
 from fx_lightning.runtimes.pt2 import PT2
 from fx_lightning.runtimes.weights import WEIGHTS
 
@@ -59,6 +60,7 @@ def registered_exporters() -> dict[str, Exporter]:
 register_exporter(PT2)
 register_exporter(ONNX)
 register_exporter(AOTI)
+register_exporter(OPENVINO)
 register_exporter(WEIGHTS)
 
 __all__ = [
