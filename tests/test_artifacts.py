@@ -138,6 +138,18 @@ def test_verify_artifacts_max_batches_and_paths(written: tuple[Case, dict[str, A
     assert report.artifacts["weights"].runtime == "torch eager, load_state_dict(strict=True)"
 
 
+def test_verify_artifacts_on_one_process_of_a_distributed_run(
+    written: tuple[Case, dict[str, Artifact]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Artifacts are checked on global rank zero alone: its metrics must not wait for the other processes."""
+    case, artifacts = written
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    report = verify_artifacts(
+        {"weights": artifacts["weights"]}, case.original, case.fused, case.batches, case.example, latency_budget_s=0
+    )
+    assert report.passed
+
+
 def test_export_and_verify_writes_checks_and_times(tmp_path: Path) -> None:
     case = make_case()
     report = export_and_verify(

@@ -227,6 +227,8 @@ def verify_artifacts(
     the same metric and tolerance as the fused network's verification. An artifact written with a fixed batch
     size is run in chunks of that size (the last one padded). Then the artifacts and both eager networks are
     timed on the example inputs (interleaved rounds within ``latency_budget_s``, the current thread count).
+    Everything runs on the calling process: under ``torch.distributed`` the metrics are not synchronised, so call
+    it on one process (the one that wrote the artifacts) with the data to check them on.
 
     An artifact that cannot be loaded, fails on the data or misses the tolerance is renamed to
     ``<stem>.FAILED<suffix>`` (:func:`failed_path`), left out of :meth:`DeployReport.announced`, and named with its
@@ -307,7 +309,7 @@ def verify_artifacts(
     for fmt, verifier in verifiers.items():
         if not reports[fmt].error:
             start = time.perf_counter()
-            reports[fmt].verification = verifier.compute()
+            reports[fmt].verification = _on_this_process(verifier).compute()
             reports[fmt].seconds += time.perf_counter() - start
 
     deploy = DeployReport(
@@ -427,6 +429,19 @@ def _verification_pass(
         raise ValueError(
             "verify_artifacts(batches=...) got no batches. Pass a non-empty DataLoader or list of batches."
         )
+
+
+def _on_this_process(verifier: Verifier) -> Verifier:
+    """The verifier with its metrics kept local: artifacts are written and checked by one process (global rank
+    zero), and a synchronising ``compute()`` there would wait forever for the others."""
+    for module in verifier.modules():
+        if isinstance(module, Metric):
+            module.distributed_available_fn = _not_distributed
+    return verifier
+
+
+def _not_distributed() -> bool:
+    return False
 
 
 def _reference_output(original: nn.Module, inputs: Any) -> Any:
