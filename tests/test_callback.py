@@ -552,9 +552,19 @@ def test_fuse_on_export_invalid_arguments_raise(kwargs: dict[str, Any], error: t
         FuseOnExport(**kwargs)
 
 
-def test_fuse_on_export_onnx_without_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fx_lightning.callback._missing_onnx_modules", lambda: ["onnxruntime"])
-    with pytest.raises(MissingExtraError, match=r"needs onnxruntime for ONNX export. Install the extra with `pip"):
+def test_fuse_on_export_format_without_its_extra_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from fx_lightning.runtimes import registered_exporters
+
+    def missing(options: Any) -> dict[str, Any]:
+        raise MissingExtraError('needs onnxruntime: pip install "fx-lightning[onnx]".')
+
+    exporters = registered_exporters()
+    exporters["onnx"] = dataclasses.replace(exporters["onnx"], check=missing)
+    monkeypatch.setattr("fx_lightning.callback.registered_exporters", lambda: exporters)
+    match = r"FuseOnExport\(export_formats=\['pt2', 'onnx'\]\) cannot write 'onnx' here: needs onnxruntime: pip install"
+    with pytest.raises(MissingExtraError, match=match):
         FuseOnExport(export_formats=["pt2", "onnx"])
 
 

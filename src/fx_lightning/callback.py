@@ -22,7 +22,6 @@ One class serves both ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trai
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import json
 import math
@@ -43,12 +42,13 @@ from torchmetrics import Metric, MetricCollection
 
 from fx_lightning import lightning_compat as compat
 from fx_lightning.deploy import write_deploy_checkpoint
-from fx_lightning.export import FORMATS, MissingExtraError, export_artifacts
+from fx_lightning.export import MissingExtraError, export_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
 from fx_lightning.loop_data import Batches, keep_one_shot, to_device, verification_batches
 from fx_lightning.pipeline import fuse
 from fx_lightning.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.report import FusionReport
+from fx_lightning.runtimes import registered_exporters
 from fx_lightning.swap import (
     SELF,
     Network,
@@ -88,7 +88,6 @@ OnMismatch = Literal["revert", "raise", "warn"]
 
 #: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.deploy`).
 CHECKPOINT_FORMAT = "ckpt"
-EXPORT_FORMATS = (*FORMATS, CHECKPOINT_FORMAT)
 #: Checkpoints written by earlier versions after ``fit`` carried the unfused weights under this key.
 LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
 REPORT_FILE = "fuse_report.json"
@@ -150,8 +149,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
         export_formats: artifacts to write: ``"pt2"`` (``torch.export``), ``"weights"`` (a state dict as
             ``.safetensors``, or ``.pt`` for ``torch.load(weights_only=True)`` without safetensors), ``"onnx"``
-            (needs ``pip install "fx-lightning[onnx]"``), ``"ckpt"`` (the deploy checkpoint). ``None`` means
-            ``["pt2", "weights", "ckpt"]``; ``[]`` writes only the report. Nothing is exported when nothing folded.
+            (needs ``pip install "fx-lightning[onnx]"``), any other format registered in
+            :mod:`fx_lightning.runtimes`, and ``"ckpt"`` (the deploy checkpoint). Each format's extras are checked
+            here. ``None`` means ``["pt2", "weights", "ckpt"]``; ``[]`` writes only the report. Nothing is exported
+            when nothing folded.
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
             ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
@@ -761,19 +762,23 @@ def _check_arguments(
     if on_mismatch not in _ON_MISMATCH:
         raise ValueError(f"FuseOnExport(on_mismatch={on_mismatch!r}) expects one of {list(_ON_MISMATCH)}.")
     check_max_batches("FuseOnExport", "max_verify_batches", max_verify_batches)
-    if export_formats is not None and (
-        isinstance(export_formats, str) or any(f not in EXPORT_FORMATS for f in export_formats)
-    ):
+    exporters = registered_exporters()
+    known = [*exporters, CHECKPOINT_FORMAT]  # read now: formats registered after import count too
+    if export_formats is not None and (isinstance(export_formats, str) or any(f not in known for f in export_formats)):
         raise ValueError(
-            f"FuseOnExport(export_formats={export_formats!r}) expects a list drawn from {list(EXPORT_FORMATS)}, "
+            f"FuseOnExport(export_formats={export_formats!r}) expects a list drawn from {known}, "
             "e.g. export_formats=['pt2', 'weights', 'ckpt']."
         )
-    missing = _missing_onnx_modules() if export_formats is not None and "onnx" in export_formats else []
-    if missing:
-        raise MissingExtraError(
-            f"FuseOnExport(export_formats={export_formats!r}) needs {', '.join(missing)} for ONNX export. Install "
-            "the extra with `pip install \"fx-lightning[onnx]\"`, or drop 'onnx' from export_formats."
-        )
+    for fmt in export_formats or ():
+        if fmt == CHECKPOINT_FORMAT:
+            continue
+        try:  # each format's own check: its extras (and compiler) are installed, before anything is trained
+            exporters[fmt].check({})
+        except MissingExtraError as err:
+            raise MissingExtraError(
+                f"FuseOnExport(export_formats={export_formats!r}) cannot write {fmt!r} here: {err} Or drop {fmt!r} "
+                "from export_formats."
+            ) from err
     if export_stages is not None and (
         isinstance(export_stages, str) or any(s not in _EXPORT_STAGES for s in export_stages)
     ):
@@ -781,10 +786,6 @@ def _check_arguments(
             f"FuseOnExport(export_stages={export_stages!r}) expects a list drawn from {list(_EXPORT_STAGES)}, "
             "e.g. export_stages=['fit']."
         )
-
-
-def _missing_onnx_modules() -> list[str]:
-    return [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
 
 
 def _check_signature(fn: Any, x: Any, where: str) -> None:
