@@ -41,8 +41,9 @@ from torch.utils._pytree import tree_leaves
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning import lightning_compat as compat
-from fx_lightning.deploy import write_deploy_checkpoint
-from fx_lightning.export import MissingExtraError, export_artifacts
+from fx_lightning.artifacts import DeployReport, verify_artifacts
+from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
+from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
 from fx_lightning.loop_data import Batches, keep_one_shot, to_device, verification_batches
 from fx_lightning.pipeline import fuse
@@ -154,7 +155,16 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             here. ``None`` means ``["pt2", "weights", "ckpt"]``; ``[]`` writes only the report. Nothing is exported
             when nothing folded.
         export_stages: the Trainer calls after whose fusion the artifacts are written: any of ``"fit"``,
-            ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``.
+            ``"test"``, ``"predict"``, ``"validate"``. ``None`` means ``["fit", "test"]``. Every artifact is
+            loaded back in the runtime that runs it and checked with ``metric`` and ``tolerance`` over the batches
+            the fused network was verified on (:func:`fx_lightning.artifacts.verify_artifacts`); one that fails is
+            renamed ``<name>.FAILED.<suffix>``, not announced, and named in a warning (an error with
+            ``strict=True``). ``fuse_report.json`` holds each artifact's check and latency under ``"artifacts"``.
+        export_options: per-format options for the writers and their runtimes, e.g.
+            ``{"onnx": {"optimization_level": "basic"}}`` to check the ONNX file at the level it is deployed with
+            (see :mod:`fx_lightning.runtimes`). Checked here, against ``export_formats``.
+        deploy_latency_budget: seconds spent timing the artifacts and both eager networks on the example input
+            after they are checked; ``0`` skips the timing.
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
             ``False`` fixes the batch size of the example input. A network that receives a list of tensors, or
             batches of one, is exported with fixed shapes, with a note.
@@ -197,11 +207,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         export_dir: str | None = None,
         export_formats: list[str] | None = None,
         export_stages: list[ExportStage] | None = None,
+        export_options: dict[str, dict[str, Any]] | None = None,
+        deploy_latency_budget: float = 1.0,
         dynamic_batch: bool = True,
         passes: list[str] | None = None,
         strict: bool = False,
     ) -> None:
         _check_arguments(attributes, stages, on_mismatch, max_verify_batches, export_formats, export_stages)
+        _check_export_options(export_options, export_formats, deploy_latency_budget)
         check_metric("FuseOnExport", metric)
         self.attributes = list(attributes) if attributes is not None else None
         self.stages: list[str] = list(stages) if stages is not None else ["test", "predict"]
@@ -220,6 +233,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             list(export_formats) if export_formats is not None else ["pt2", "weights", CHECKPOINT_FORMAT]
         )
         self.export_stages: list[str] = list(export_stages) if export_stages is not None else ["fit", "test"]
+        self.export_options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (export_options or {}).items()}
+        self.deploy_latency_budget = float(deploy_latency_budget)
         self.dynamic_batch = dynamic_batch
         self.passes = list(passes) if passes is not None else None
         self.strict = strict
@@ -513,57 +528,142 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     def _export(self, run: _Run, directory: Path) -> None:
         """Write the artifacts on global rank zero (the user's networks in place) and share the outcome."""
         trainer, result = run.trainer, run.result
-        status: dict[str, Any] = {"artifacts": {}, "error": "", "seconds": 0.0, "notes": []}
+        status: dict[str, Any] = {"artifacts": {}, "deploy": {}, "table": "", "error": "", "seconds": 0.0, "notes": []}
         if trainer.is_global_zero:
             start = time.perf_counter()
             try:
-                status["artifacts"], status["notes"] = self._write_artifacts(run, directory)
+                self._write_artifacts(run, directory, status)
             except Exception as err:  # noqa: BLE001 - reported like any failure after training
                 status["error"] = f"export failed: {type(err).__name__}: {err}"
             status["seconds"] = time.perf_counter() - start
         status = trainer.strategy.broadcast(status, src=0)
         result.artifacts = status["artifacts"]
+        result.deploy = status["deploy"]
+        result.deploy_table = status["table"]
         result.notes += status["notes"]
         result.seconds["export"] = status["seconds"]
         if status["error"]:
             result.error = status["error"]
 
-    def _write_artifacts(self, run: _Run, directory: Path) -> tuple[dict[str, str], list[str]]:
+    def _write_artifacts(self, run: _Run, directory: Path, status: dict[str, Any]) -> None:
+        """Write every fused network's artifacts and the deploy checkpoint, then check each one in the runtime that
+        runs it, over the data the fused network was verified on, and time it; fills ``status`` with the paths
+        of the artifacts that passed, the deploy report and its table."""
         directory.mkdir(parents=True, exist_ok=True)
-        artifacts: dict[str, str] = {}
-        notes: list[str] = []
         formats = [f for f in self.export_formats if f != CHECKPOINT_FORMAT]
+        checkpoint = None
+        if CHECKPOINT_FORMAT in self.export_formats:
+            checkpoint = write_deploy_checkpoint(run.trainer, run.pl_module, run.fused, run.calls, directory)
+            status["notes"] += checkpoint.notes
         several = len(run.fused) > 1
-        for network, module in run.fused.items() if formats else ():
+        reports: dict[str, DeployReport] = {}
+        for network, module in run.fused.items():
             call = run.calls.get(network)
-            if call is None:
-                raise RuntimeError(
-                    f"no example input reached '{network.name}'; give FuseOnExport(example_input=...) or no "
-                    "export_formats"
-                )
-            if call.kwargs:
+            if call is None or call.kwargs:
+                if not formats:
+                    continue  # the deploy checkpoint alone, checked on reload by write_deploy_checkpoint
+                if call is None:
+                    raise RuntimeError(
+                        f"no example input reached '{network.name}'; give FuseOnExport(example_input=...) or no "
+                        "export_formats"
+                    )
                 raise RuntimeError(
                     f"'{network.name}' is called with keyword arguments {sorted(call.kwargs)}; the exporters take "
                     "positional inputs only. Choose export_formats=['ckpt'] or wrap the network"
                 )
             dynamic, why_not = _dynamic_batch(self.dynamic_batch, call.args)
             if why_not:
-                notes.append(f"'{network.name}' exported with fixed input shapes: {why_not}")
-            paths = export_artifacts(
-                module,
-                call.args,
-                directory,
-                formats=tuple(formats),
-                name=network.file_stem(),
-                dynamic_batch=dynamic,
+                status["notes"].append(f"'{network.name}' exported with fixed input shapes: {why_not}")
+            written: dict[str, Artifact] = {}
+            if formats:
+                written = write_artifacts(
+                    module,
+                    call.args,
+                    directory,
+                    formats=tuple(formats),
+                    name=network.file_stem(),
+                    dynamic_batch=dynamic,
+                    options={f: o for f, o in self.export_options.items() if f in formats},
+                )
+            if checkpoint is not None:
+                written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
+            reports[network.name] = self._verify_artifacts(run, network, module, call, written, status["notes"])
+        announced: dict[str, str] = {}
+        for name, report in reports.items():
+            prefix = f"{name}." if several else ""
+            for fmt, path in report.announced().items():
+                if fmt != CHECKPOINT_FORMAT:
+                    announced[prefix + fmt] = str(path)
+        checked = [r.artifacts[CHECKPOINT_FORMAT] for r in reports.values() if CHECKPOINT_FORMAT in r.artifacts]
+        if checkpoint is not None and all(a.passed for a in checked):
+            announced[CHECKPOINT_FORMAT] = str(checkpoint.path)
+        status["artifacts"] = announced
+        status["deploy"] = _deploy_data(reports, several)
+        status["table"] = "\n".join(
+            (f"{name}: " if several else "") + report.table() for name, report in reports.items()
+        )
+
+    def _verify_artifacts(
+        self,
+        run: _Run,
+        network: Network,
+        module: nn.Module,
+        call: Call,
+        written: dict[str, Artifact],
+        notes: list[str],
+    ) -> DeployReport:
+        """:func:`fx_lightning.artifacts.verify_artifacts` on the batches the fused network was verified on, with
+        the same metric and tolerance; on the example input alone when the network does not take the batch's
+        input (or nothing was verified)."""
+        trainer, pl_module = run.trainer, run.pl_module
+        original = network.module(pl_module)
+        takes_batch = run.batches is not None and run.first is not None and self.verify
+        if takes_batch and not _takes_example(call, run.example):
+            takes_batch = False
+            notes.append(
+                f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): "
+                f"the network does not take {type(pl_module).__name__}.forward's input"
             )
-            prefix = f"{network.name}." if several else ""
-            artifacts |= {prefix + fmt: str(path) for fmt, path in paths.items()}
-        if CHECKPOINT_FORMAT in self.export_formats:
-            written = write_deploy_checkpoint(run.trainer, run.pl_module, run.fused, run.calls, directory)
-            artifacts[CHECKPOINT_FORMAT] = str(written.path)
-            notes += written.notes
-        return artifacts, notes
+        if not takes_batch:
+            return verify_artifacts(
+                written,
+                original,
+                module,
+                [call.args],
+                call.args,
+                tolerance=self.tolerance,
+                get_input=lambda batch: batch,
+                get_target=lambda batch: None,
+                latency_budget_s=self.deploy_latency_budget,
+                strict=self.strict,
+            )
+        assert run.batches is not None
+        batches = (to_device(trainer, pl_module, batch) for batch in run.batches)
+        return verify_artifacts(
+            written,
+            original,
+            module,
+            batches,
+            call.args,
+            metric=self._artifact_metric(run),
+            tolerance=self.tolerance,
+            get_input=self.get_input or default_get_input,
+            get_target=self.get_target or default_get_target,
+            max_batches=self.max_verify_batches,
+            latency_budget_s=self.deploy_latency_budget,
+            strict=self.strict,
+        )
+
+    def _artifact_metric(self, run: _Run) -> Metric | MetricCollection | None:
+        """A fresh copy of the metric the fused network was verified with (the user's, or the default chosen)."""
+        if self.metric is not None:
+            return copy.deepcopy(self.metric)
+        chosen = run.verifier.metric_original if run.verifier is not None else None
+        if chosen is None:
+            return None
+        fresh = chosen.clone()
+        fresh.reset()
+        return fresh
 
     def _report(self, trainer: Any, result: FuseResult) -> None:
         self.last_result = result
@@ -786,6 +886,72 @@ def _check_arguments(
             f"FuseOnExport(export_stages={export_stages!r}) expects a list drawn from {list(_EXPORT_STAGES)}, "
             "e.g. export_stages=['fit']."
         )
+
+
+def _check_export_options(export_options: Any, export_formats: Any, budget: Any) -> None:
+    """``export_options`` as ``write_artifacts`` takes it, for formats that are written, each checked by its format."""
+    formats = list(export_formats) if export_formats is not None else ["pt2", "weights", CHECKPOINT_FORMAT]
+    written = [f for f in formats if f != CHECKPOINT_FORMAT]
+    if export_options is not None:
+        if not isinstance(export_options, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in export_options.items()
+        ):
+            raise TypeError(
+                f"FuseOnExport(export_options={export_options!r}) expects a dict of per-format option dicts, got "
+                f"{type(export_options).__name__}. Pass e.g. export_options={{'onnx': {{'optimization_level': "
+                "'basic'}}."
+            )
+        unused = [f for f in export_options if f not in written]
+        if unused:
+            raise ValueError(
+                f"FuseOnExport(export_options={export_options!r}) has options for {unused}, which "
+                f"export_formats={written} does not write. Add the format to export_formats or drop its options."
+            )
+        exporters = registered_exporters()
+        for fmt, options in export_options.items():
+            try:
+                exporters[fmt].check(options)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"FuseOnExport(export_options={export_options!r}): {err}") from err
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not math.isfinite(budget) or budget < 0:
+        raise ValueError(
+            f"FuseOnExport(deploy_latency_budget={budget!r}) expects seconds >= 0 for timing the artifacts, e.g. "
+            "deploy_latency_budget=1.0 (0 skips the timing)."
+        )
+
+
+def _takes_example(call: Call, example: Any) -> bool:
+    """Whether the network received the forward's input itself, so that the batches' inputs can feed its artifacts."""
+    args = example if isinstance(example, tuple) else (example,)
+    return not call.kwargs and len(call.args) == len(args) and all(a is b for a, b in zip(call.args, args))
+
+
+def _checkpoint_artifact(pl_module: Any, network: Network, checkpoint: DeployCheckpoint) -> Artifact:
+    """The deploy checkpoint as an artifact of ``network``: the network of the module reloaded from it."""
+    reloaded = checkpoint.module
+    assert reloaded is not None  # write_deploy_checkpoint returns the module it reloaded
+    runner = (reloaded if network.is_self else network.module(reloaded)).eval()
+    how = (
+        "load_from_checkpoint (strict)"
+        if checkpoint.loaded_with == "load_from_checkpoint"
+        else "load_state_dict (strict, into a copy of the module)"
+    )
+    return Artifact(
+        format=CHECKPOINT_FORMAT, path=checkpoint.path, runtime=f"{type(pl_module).__name__}.{how}", runner=runner
+    )
+
+
+def _deploy_data(reports: dict[str, DeployReport], several: bool) -> dict[str, Any]:
+    """The ``"artifacts"``, ``"eager"`` and ``"latency"`` of the report; per network when there are several."""
+    if not several:
+        return next(iter(reports.values())).to_dict() if reports else {}
+    data: dict[str, Any] = {"artifacts": {}, "eager": {}, "latency": {}}
+    for name, report in reports.items():
+        part = report.to_dict()
+        data["artifacts"] |= {f"{name}.{fmt}": entry for fmt, entry in part["artifacts"].items()}
+        data["eager"][name] = part["eager"]
+        data["latency"][name] = part["latency"]
+    return data
 
 
 def _check_signature(fn: Any, x: Any, where: str) -> None:

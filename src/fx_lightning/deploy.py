@@ -38,12 +38,15 @@ class DeployCheckpoint:
         loaded_with: ``"load_from_checkpoint"`` or ``"load_state_dict"`` (a fresh copy of the module).
         max_abs_diff: the largest difference between the reloaded and the fused networks' outputs.
         notes: anything the user should know (why ``load_from_checkpoint`` could not be used).
+        module: the LightningModule reloaded from the file (on the module's device), so that the caller can check
+            it further, e.g. over the verification data with :func:`fx_lightning.artifacts.verify_artifacts`.
     """
 
     path: Path
     loaded_with: str
     max_abs_diff: float
     notes: list[str] = field(default_factory=list)
+    module: nn.Module | None = field(default=None, repr=False)
 
 
 def deploy_state_dict(
@@ -113,7 +116,7 @@ def write_deploy_checkpoint(
             got = tree_leaves(target(*call.args, **call.kwargs))
             want = tree_leaves(module(*call.args, **call.kwargs))
         worst = max(worst, _compare(path, network.name, got, want, rtol, atol))
-    return DeployCheckpoint(path, loaded_with, worst, notes)
+    return DeployCheckpoint(path, loaded_with, worst, notes, reloaded)
 
 
 def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]]:

@@ -52,7 +52,10 @@ class FuseResult:
         kernels_after: the same count after fusion.
         verification: the comparison of original and fused outputs, ``None`` when not verified.
         verify_source: where the verification data came from (``"val"``, ``"test"``, ``"given"``, ...).
-        artifacts: format name -> path of each exported, reloaded and checked artifact.
+        artifacts: format name -> path of each artifact that passed its check in its runtime (the announced ones).
+        deploy: :meth:`fx_lightning.artifacts.DeployReport.to_dict` of the artifacts' checks: every artifact
+            written (failed ones too), with its runtime, verification and latency, and the eager networks' latency.
+        deploy_table: the deploy table (:meth:`fx_lightning.artifacts.DeployReport.table`) for the summary.
         report_path: the JSON report, written on global rank zero for every outcome.
         seconds: time spent fusing, verifying and exporting.
         ckpt_path: the checkpoint the weights came from, when Lightning restored one.
@@ -69,6 +72,8 @@ class FuseResult:
     verification: VerificationResult | None = None
     verify_source: str = ""
     artifacts: dict[str, str] = field(default_factory=dict)
+    deploy: dict[str, Any] = field(default_factory=dict)
+    deploy_table: str = ""
     report_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     ckpt_path: str | None = None
@@ -90,7 +95,9 @@ class FuseResult:
             "kernels_after": self.kernels_after,
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "verify_source": self.verify_source,
-            "artifacts": dict(self.artifacts),
+            "artifacts": self._artifact_entries(),
+            "eager": self.deploy.get("eager", {}),
+            "latency": self.deploy.get("latency", {}),
             "report_path": self.report_path,
             "seconds": dict(self.seconds),
             "ckpt_path": self.ckpt_path,
@@ -98,6 +105,16 @@ class FuseResult:
             "notes": list(self.notes),
             "reports": {name: report.to_dict() for name, report in self.reports.items()},
         }
+
+    def _artifact_entries(self) -> dict[str, Any]:
+        """Each artifact's check as ``fuse_report.json`` holds it; an artifact written but not checked in a runtime
+        (the deploy checkpoint of a network called with keywords) gets its path and runtime only."""
+        entries = dict(self.deploy.get("artifacts", {}))
+        paths = {entry.get("path") for entry in entries.values()}
+        for fmt, path in self.artifacts.items():
+            if path not in paths:
+                entries[fmt] = {"path": path, "runtime": "", "verification": None, "latency_ms": None}
+        return entries
 
     def log_metrics(self, prefix: str = "fuse/") -> dict[str, float]:
         """The figures sent to the Trainer's loggers, as ``{prefix + name: value}``."""
@@ -147,6 +164,7 @@ class FuseResult:
         lines += [f"  note: {note}" for note in self.notes]
         if self.seconds:
             lines.append("  time: " + ", ".join(f"{k} {s:.2f}s" for k, s in self.seconds.items()))
+        lines += ["  " + line for line in self.deploy_table.splitlines()]
         for fmt, path in self.artifacts.items():
             lines.append(f"  artifact ({fmt}): {path}")
         if self.report_path:
