@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from fx_lightning import FuseOnExport, count_kernels
+from fx_lightning.artifacts import ArtifactMismatchWarning
 from fx_lightning.callback import LEGACY_UNFUSED_STATE_KEY, Outcome, is_fused, restore_original
 from fx_lightning.export import MissingExtraError
 from fx_lightning.models import DigitsCNN
@@ -354,10 +355,19 @@ def test_fuse_on_export_on_mismatch_warn_keeps_fused(
 ) -> None:
     model, callback = tiny_cnn(), FuseOnExport(tolerance=-1, on_mismatch="warn", export_dir=str(tmp_path / "out"))
     trainer = make_trainer(callbacks=[callback])
-    with pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*Using the fused network anyway"):
+    with (
+        pytest.warns(UserWarning, match=r"on_mismatch='warn'\).*Using the fused network anyway"),
+        pytest.warns(ArtifactMismatchWarning, match=r"the 'pt2' artifact .* kept as .*net\.FAILED\.pt2"),
+    ):
         trainer.fit(model, datamodule=digits)
     assert callback.last_result.outcome is Outcome.KEPT_DESPITE_MISMATCH
-    assert set(callback.last_result.artifacts) == {"pt2", "weights", "ckpt"}
+    # The artifacts are checked with the same (impossible) tolerance: written, kept under FAILED names, not announced.
+    assert callback.last_result.artifacts == {}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.FAILED.*")) == [
+        "deploy.FAILED.ckpt",
+        "net.FAILED.pt2",
+        "net.FAILED.safetensors",
+    ]
     assert not is_fused(model)  # after fit the user's network is in place, whatever the outcome
     probe = FusedProbe()
     trainer.callbacks.append(probe)
@@ -376,7 +386,9 @@ def test_fuse_on_export_export_pt2_and_onnx_reload_and_match(
     artifacts = callback.last_result.artifacts
     assert set(artifacts) == {"pt2", "weights", "onnx", "ckpt"}
     assert Path(artifacts["ckpt"]) == tmp_path / "out" / "deploy.ckpt"
-    assert json.loads((tmp_path / "out" / "fuse_report.json").read_text())["artifacts"] == artifacts
+    entries = json.loads((tmp_path / "out" / "fuse_report.json").read_text())["artifacts"]
+    assert {fmt: entry["path"] for fmt, entry in entries.items()} == artifacts
+    assert all(entry["verification"]["passed"] for entry in entries.values())
 
     x = sample(digits, 128)
     program = torch.export.load(artifacts["pt2"]).module()

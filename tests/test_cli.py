@@ -69,7 +69,8 @@ def test_cli_config_fits_fuses_and_tests_fused(config: Path, tmp_path: Path, mon
     assert report.is_file()
     assert report.resolve().is_relative_to(tmp_path.resolve())  # under trainer.log_dir
     assert set(fit["artifacts"]) == FORMATS.get(config.name, {"pt2", "weights", "ckpt"})
-    assert all(Path(p).is_file() for p in fit["artifacts"].values())
+    assert all(Path(entry["path"]).is_file() for entry in fit["artifacts"].values())
+    assert all(entry["verification"]["passed"] for entry in fit["artifacts"].values())
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

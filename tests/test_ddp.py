@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from fx_lightning.models import DigitsCNN
 
     out = Path(sys.argv[1])
-    export = callback_module.export_artifacts
+    export = callback_module.write_artifacts
 
 
     def counted_export(*args, **kwargs):
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         return export(*args, **kwargs)
 
 
-    callback_module.export_artifacts = counted_export
+    callback_module.write_artifacts = counted_export
     pl.seed_everything(0, verbose=False)
     model = DigitsCNN(width=4, lr=0.05)
     callback = FuseOnExport(export_dir=str(out / "fused"), export_formats=["weights"])
@@ -179,7 +179,7 @@ def test_fuse_on_export_ddp_two_processes_agree_and_export_once(tmp_path: Path) 
     assert (tmp_path / "export_calls_0.txt").read_text().count("call") == 1
     assert not (tmp_path / "export_calls_1.txt").exists()
     assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == sorted(
-        [Path(results[0]["artifacts"]["weights"]).name, "fuse_report.json"]
+        [Path(results[0]["artifacts"]["weights"]["path"]).name, "fuse_report.json"]
     )
 
 

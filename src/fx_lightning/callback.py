@@ -587,6 +587,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
             if checkpoint is not None:
                 written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
+            if not written:
+                continue
             reports[network.name] = self._verify_artifacts(run, network, module, call, written, status["notes"])
         announced: dict[str, str] = {}
         for name, report in reports.items():
