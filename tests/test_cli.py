@@ -36,9 +36,14 @@ FASTER = {
         "--trainer.callbacks.init_args.max_verify_batches=1",
         "--trainer.callbacks.init_args.export_stages=[fit]",
         "--trainer.callbacks.init_args.export_formats=[weights]",
-    ]
+    ],
+    # The AOTInductor compile is the slow part: tests/test_callback_deploy.py runs this config as written.
+    "digits_deploy.yaml": [
+        "--trainer.callbacks.init_args.export_formats=[pt2,onnx,weights]",
+        "--trainer.callbacks.init_args.export_stages=[fit]",
+    ],
 }
-FORMATS = {"resnet18_finetune.yaml": {"weights"}}
+FORMATS = {"resnet18_finetune.yaml": {"weights"}, "digits_deploy.yaml": {"pt2", "onnx", "weights"}}
 
 
 def print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
