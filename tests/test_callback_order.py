@@ -1,5 +1,6 @@
 """FuseOnExport beside Lightning's own callbacks, in either order: the weights fused, verified and exported are the
-ones the user gets from the same run without FuseOnExport (EMA, SWA, pruning made permanent or not)."""
+ones the user gets from the same run without FuseOnExport (EMA, SWA, pruning made permanent or not, backbone
+fine-tuning)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelPruning, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    BackboneFinetuning,
+    EMAWeightAveraging,
+    ModelPruning,
+    StochasticWeightAveraging,
+)
 
 from fx_lightning import FuseOnExport
 from fx_lightning.callback import Outcome
@@ -27,13 +33,35 @@ OTHERS: dict[str, Callable[[], pl.Callback]] = {
     "pruning": lambda: ModelPruning("l1_unstructured", amount=0.3, verbose=0),
     "pruning_kept": lambda: ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False, verbose=0),
 }
+#: Needs a LightningModule with a ``backbone``: run with :class:`BackboneDigitsCNN`, apart from the others.
+OTHERS_WITH_BACKBONE: dict[str, Callable[[], pl.Callback]] = {
+    "backbone": lambda: BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01),
+}
 
 
-def run(other: str, with_fuse: bool, first: bool, root: Path) -> tuple[DigitsCNN, FuseOnExport | None]:
+class BackboneDigitsCNN(DigitsCNN):
+    """DigitsCNN split into the ``backbone`` (the Conv-BN-ReLU blocks) and ``head`` that BackboneFinetuning needs;
+    the optimizer starts with the head alone, BackboneFinetuning adds the backbone when it unfreezes it."""
+
+    def __init__(self, width: int = 4, lr: float = 0.05) -> None:
+        super().__init__(width=width, lr=lr)
+        self.backbone, self.head = self.net[:5], self.net[5:]
+        del self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.head.parameters(), lr=self.hparams.lr)
+
+
+def run(
+    other: str, with_fuse: bool, first: bool, root: Path, model_class: type[DigitsCNN] = DigitsCNN
+) -> tuple[DigitsCNN, FuseOnExport | None]:
     pl.seed_everything(0, verbose=False)
-    model = DigitsCNN(width=4, lr=0.05)
+    model = model_class(width=4, lr=0.05)
     fuse = FuseOnExport(export_dir=str(root / "fused"), export_formats=["pt2", "ckpt"]) if with_fuse else None
-    callbacks: list[Any] = [OTHERS[other]()]
+    callbacks: list[Any] = [(OTHERS | OTHERS_WITH_BACKBONE)[other]()]
     if fuse is not None:
         callbacks.insert(0 if first else 1, fuse)
     trainer = pl.Trainer(
@@ -92,4 +120,36 @@ def test_fuse_on_export_artifacts_equal_the_model_without_it(
             deployed = DigitsCNN.load_from_checkpoint(result.artifacts["ckpt"], strict=True).eval()
         assert relative(fuse.fused["net"](x), expected) <= RELATIVE
         assert relative(program(x), expected) <= RELATIVE
+        assert relative(deployed(x), expected) <= RELATIVE
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["fuse_first", "fuse_last"])
+def test_fuse_on_export_backbone_finetuning_artifacts_equal_the_model_without_it(tmp_path: Path, first: bool) -> None:
+    reference, _ = run(
+        "backbone", with_fuse=False, first=False, root=tmp_path / "reference", model_class=BackboneDigitsCNN
+    )
+    model, fuse = run("backbone", with_fuse=True, first=first, root=tmp_path / "fused", model_class=BackboneDigitsCNN)
+    assert fuse is not None
+    # The user's model ends exactly as without FuseOnExport, its backbone unfrozen at epoch 1 in both runs.
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert type(model.backbone) is type(reference.backbone)
+
+    result = fuse.last_result
+    assert result.outcome is Outcome.FUSED
+    assert result.attributes == ["backbone"]
+    assert result.num_folded == 3
+    # The backbone returns features, which the accuracy cannot score: its artifacts are checked on their outputs.
+    assert any("its output is not laid out as BackboneDigitsCNN.forward's" in n for n in result.notes)
+    assert set(result.artifacts) == {"pt2", "ckpt"}
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        reference.eval()
+        expected = reference(x)
+        program = torch.export.load(result.artifacts["pt2"]).module()
+        deployed = BackboneDigitsCNN.load_from_checkpoint(result.artifacts["ckpt"], strict=True).eval()
+        assert relative(fuse.fused["backbone"](x), reference.backbone(x)) <= RELATIVE
+        assert relative(program(x), reference.backbone(x)) <= RELATIVE
         assert relative(deployed(x), expected) <= RELATIVE

@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback as _LightningCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning import lightning_compat as compat
@@ -626,6 +626,13 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): "
                 f"the network does not take {type(pl_module).__name__}.forward's input"
             )
+        elif takes_batch and not self._gives_forward_layout(run, original, call):
+            # A backbone takes the forward's input but returns features the task metric cannot score.
+            takes_batch = False
+            notes.append(
+                f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): "
+                f"its output is not laid out as {type(pl_module).__name__}.forward's"
+            )
         if not takes_batch:
             return verify_artifacts(
                 written,
@@ -655,6 +662,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             latency_budget_s=self.deploy_latency_budget,
             strict=self.strict,
         )
+
+    def _gives_forward_layout(self, run: _Run, network: nn.Module, call: Call) -> bool:
+        """Whether ``network``'s output has the tree structure and leaf shapes of the forward's output, so that the
+        metric computed on the forward's outputs accepts the network's."""
+        with eval_mode(run.pl_module), run.trainer.precision_plugin.forward_context():
+            mine = network(*call.args, **call.kwargs)
+            theirs = self._forward(run.pl_module, run.example, list(run.fused))
+        return _layout(mine) == _layout(theirs)
 
     def _artifact_metric(self, run: _Run) -> Metric | MetricCollection | None:
         """A fresh copy of the metric the fused network was verified with (the user's, or the default chosen)."""
@@ -926,6 +941,12 @@ def _takes_example(call: Call, example: Any) -> bool:
     """Whether the network received the forward's input itself, so that the batches' inputs can feed its artifacts."""
     args = example if isinstance(example, tuple) else (example,)
     return not call.kwargs and len(call.args) == len(args) and all(a is b for a, b in zip(call.args, args))
+
+
+def _layout(tree: Any) -> tuple[Any, list[Any]]:
+    """The pytree structure of ``tree`` and the shape of each leaf (its type for non-tensors)."""
+    leaves, spec = tree_flatten(tree)
+    return spec, [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in leaves]
 
 
 def _checkpoint_artifact(pl_module: Any, network: Network, checkpoint: DeployCheckpoint) -> Artifact:
