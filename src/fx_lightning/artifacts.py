@@ -86,6 +86,9 @@ class ArtifactReport:
         seconds: time to write it, load it back and verify it.
         error: why it could not be loaded or run, or ``""``.
         notes: what the user should know (a fixed batch size verified in chunks, ...).
+        base: the artifact of the same runtime this one derives from (``"onnx"`` for ``"onnx-int8"``), or ``None``.
+        latency_ratio_base: latency relative to ``base``'s (median of per-round ratios), or ``None``.
+        details: facts about how it was made (``{"int8": {...}}``), reported with it.
     """
 
     format: str
@@ -97,6 +100,9 @@ class ArtifactReport:
     seconds: float = 0.0
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    base: str | None = None
+    latency_ratio_base: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -115,8 +121,11 @@ class ArtifactReport:
             "tolerance": v.tolerance if v else None,
             "output_tolerance": v.output_tolerance if v else None,
             "top1_agreement": v.top1_agreement if v else None,
+            "metric_drop": {k: value - v.metric_fused.get(k, math.nan) for k, value in v.metric_original.items()}
+            if v
+            else {},
         }
-        return {
+        entry = {
             "path": str(self.path),
             "runtime": self.runtime,
             "verification": verification,
@@ -126,6 +135,10 @@ class ArtifactReport:
             "error": self.error or None,
             "notes": [*self.notes, *(v.notes if v else [])],
         }
+        if self.base is not None:
+            entry["base"] = self.base
+            entry["latency_ratio_base"] = self.latency_ratio_base
+        return entry | self.details
 
     def failure(self) -> str:
         """One sentence naming the artifact and the figures that failed it ("" when it passed)."""
@@ -135,11 +148,14 @@ class ArtifactReport:
         if self.error or self.verification is None:
             return f"{where} could not be checked: {self.error}"
         v = self.verification
-        figures = [
-            f"{name} original {v.metric_original[name]:.6g}, artifact {v.metric_fused.get(name, math.nan):.6g} "
-            f"(|diff| {abs(v.metric_fused.get(name, math.nan) - value):.3g}, tolerance {v.tolerance:g})"
-            for name, value in v.metric_original.items()
-        ]
+        figures = []
+        for name, value in v.metric_original.items():
+            diff = abs(v.metric_fused.get(name, math.nan) - value)
+            missed = f", missed by {diff - v.tolerance:.3g}" if diff > v.tolerance else ""
+            figures.append(
+                f"{name} original {value:.6g}, artifact {v.metric_fused.get(name, math.nan):.6g} "
+                f"(|diff| {diff:.3g}, tolerance {v.tolerance:g}{missed})"
+            )
         figures.append(
             f"max abs diff {v.max_abs_diff:.3g}"
             + (f" (tolerance {v.output_tolerance:g})" if v.output_tolerance is not None else "")
@@ -278,40 +294,19 @@ def verify_artifacts(
         output_tolerance = check_tolerance("verify_artifacts", "output_tolerance", output_tolerance)
     budget = _check_budget(latency_budget_s)
     inputs = tuple(example_inputs)
-    with torch.no_grad(), eval_mode(fused):
-        spec = tree_flatten(fused(*_like_module(inputs, fused)))[1]
-
-    reports: dict[str, ArtifactReport] = {}
-    loaded: dict[str, Runner] = {}  # as the runtime runs them: timed on the example inputs
-    runners: dict[str, Runner] = {}  # fed any verification batch
-    for fmt, artifact in items.items():
-        start = time.perf_counter()
-        report = ArtifactReport(fmt, artifact.path, artifact.runtime or fmt, None, seconds=artifact.seconds)
-        try:
-            loaded[fmt] = artifact.load(fused, spec)
-            runners[fmt] = _conformed(loaded[fmt], inputs, artifact.batch_size, report.notes)
-        except Exception as err:  # noqa: BLE001 - any loader failure fails this artifact, not the others
-            report.error = f"loading it failed: {type(err).__name__}: {first_line(err)}"
-        report.seconds += time.perf_counter() - start
-        reports[fmt] = report
-
-    verifiers = {
-        fmt: Verifier(
-            metric.clone() if metric is not None else None,
-            tolerance,
-            get_input,
-            get_target,
-            output_tolerance=output_tolerance,
-        )
-        for fmt in runners
-    }
-    _verification_pass(original, runners, verifiers, reports, batches, get_input, max_batches)
-    for fmt, verifier in verifiers.items():
-        if not reports[fmt].error:
-            start = time.perf_counter()
-            reports[fmt].verification = _on_this_process(verifier).compute()
-            reports[fmt].seconds += time.perf_counter() - start
-
+    reports, loaded = check_in_runtimes(
+        items,
+        original,
+        fused,
+        batches,
+        inputs,
+        metric=metric,
+        tolerance=tolerance,
+        output_tolerance=output_tolerance,
+        get_input=get_input,
+        get_target=get_target,
+        max_batches=max_batches,
+    )
     deploy = DeployReport(
         artifacts=reports,
         eager={
@@ -335,6 +330,69 @@ def verify_artifacts(
         warnings.warn(message, ArtifactMismatchWarning, stacklevel=2)
     return deploy
 
+
+
+def check_in_runtimes(
+    items: Mapping[str, Artifact],
+    original: nn.Module,
+    fused: nn.Module,
+    batches: Iterable[Any],
+    inputs: tuple[Any, ...],
+    *,
+    metric: Metric | MetricCollection | None,
+    tolerance: float,
+    output_tolerance: float | None,
+    get_input: GetInput,
+    get_target: GetTarget,
+    max_batches: int | None,
+) -> tuple[dict[str, ArtifactReport], dict[str, Runner]]:
+    """Load every artifact in its runtime and verify it over ``batches`` in one pass (arguments already checked):
+    the reports, and the loaded runners for timing. Nothing is renamed, warned about or timed.
+
+    An artifact with its own ``tolerance`` (an int8 budget) is held to it on the metric, and not to
+    ``output_tolerance``.
+    """
+    with torch.no_grad(), eval_mode(fused):
+        spec = tree_flatten(fused(*_like_module(inputs, fused)))[1]
+    reports: dict[str, ArtifactReport] = {}
+    loaded: dict[str, Runner] = {}  # as the runtime runs them: timed on the example inputs
+    runners: dict[str, Runner] = {}  # fed any verification batch
+    for fmt, artifact in items.items():
+        start = time.perf_counter()
+        report = ArtifactReport(
+            fmt,
+            artifact.path,
+            artifact.runtime or fmt,
+            None,
+            seconds=artifact.seconds,
+            base=artifact.base,
+            details=dict(artifact.details),
+        )
+        try:
+            loaded[fmt] = artifact.load(fused, spec)
+            runners[fmt] = _conformed(loaded[fmt], inputs, artifact.batch_size, report.notes)
+        except Exception as err:  # noqa: BLE001 - any loader failure fails this artifact, not the others
+            report.error = f"loading it failed: {type(err).__name__}: {first_line(err)}"
+        report.seconds += time.perf_counter() - start
+        reports[fmt] = report
+
+    verifiers = {
+        fmt: Verifier(
+            metric.clone() if metric is not None else None,
+            tolerance if items[fmt].tolerance is None else items[fmt].tolerance,
+            get_input,
+            get_target,
+            output_tolerance=output_tolerance if items[fmt].tolerance is None else None,
+        )
+        for fmt in runners
+    }
+    _verification_pass(original, runners, verifiers, reports, batches, get_input, max_batches)
+    for fmt, verifier in verifiers.items():
+        if not reports[fmt].error:
+            start = time.perf_counter()
+            reports[fmt].verification = _on_this_process(verifier).compute()
+            reports[fmt].seconds += time.perf_counter() - start
+    return reports, loaded
 
 def export_and_verify(
     original: nn.Module,
@@ -548,6 +606,9 @@ def _time(
         timing = timings.get(f"artifact:{fmt}")
         if timing is not None:
             report.latency_ms, report.latency_ratio = timing.median_ms, timing.ratio
+            base = timings.get(f"artifact:{report.base}")
+            if base is not None:
+                report.latency_ratio_base = timing.ratio_to(base)
     deploy.rounds = timings["unfused"].rounds
 
 
@@ -683,7 +744,10 @@ def deploy_table(report: Mapping[str, Any]) -> str:
             if key not in names:
                 names.append(key)
         samples.add(verification.get("num_samples"))
+    derived = any("base" in entry for entry in artifacts.values())
     header = ["format", "runtime", *names, "max abs diff", "passed", "latency ms", "ratio"]
+    if derived:  # int8 rows: latency against the float artifact of the same runtime, layers kept in float
+        header += ["vs float", "float layers", "calib s"]
     rows = []
     for key, label in (("unfused", "unfused"), ("fused", "fused")):
         eager = (report.get("eager") or {}).get(key)
@@ -697,6 +761,7 @@ def deploy_table(report: Mapping[str, Any]) -> str:
                     "",
                     _num(eager["latency_ms"]),
                     _num(eager["latency_ratio"]),
+                    *(["", "", ""] if derived else []),
                 ]
             )
     for fmt, entry in artifacts.items():
@@ -712,6 +777,7 @@ def deploy_table(report: Mapping[str, Any]) -> str:
                 "yes" if verification.get("passed") else "NO",
                 _num(entry.get("latency_ms")),
                 _num(entry.get("latency_ratio")),
+                *(_derived_cells(entry) if derived else []),
             ]
         )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -721,6 +787,19 @@ def deploy_table(report: Mapping[str, Any]) -> str:
     reference = ", ".join(f"{k} {v:.4f}" for k, v in original.items())
     title = f"deploy artifacts, {on} against the original" + (f" ({reference})" if reference else "")
     return "\n".join([title, *lines])
+
+
+def _derived_cells(entry: Mapping[str, Any]) -> list[str]:
+    """The int8 columns of a row: latency ratio to its float artifact, layers kept in float, calibration time."""
+    if "base" not in entry:
+        return ["", "", ""]
+    int8 = entry.get("int8") or {}
+    layers = int8.get("float_layers")
+    return [
+        _num(entry.get("latency_ratio_base")),
+        str(len(layers)) if isinstance(layers, list) else "-",
+        _num(int8.get("calibration_s"), 1),
+    ]
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -72,6 +72,13 @@ class Artifact:
         batch_size: the only batch size a traced artifact with fixed shapes runs; ``None`` when any runs.
         runner: the artifact already loaded, for formats outside the registry (e.g. a checkpoint reloaded by
             the caller); ``None`` to load it with its exporter.
+        loader: the registered format whose runtime loads it, when its own name is not one (an int8 ONNX file,
+            ``"onnx-int8"``, is loaded as ``"onnx"``); ``None`` for ``format``.
+        tolerance: its own verification tolerance (an int8 artifact's metric budget), instead of the one
+            :func:`fx_lightning.artifacts.verify_artifacts` is given; ``None`` for that one.
+        base: the artifact of the same runtime it derives from (``"onnx"`` for ``"onnx-int8"``): its latency is also
+            reported relative to that one's.
+        details: facts about how it was made (the int8 calibration, the layers kept in float), reported with it.
     """
 
     format: str
@@ -81,6 +88,10 @@ class Artifact:
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None
     runner: Runner | None = None
+    loader: str | None = None
+    tolerance: float | None = None
+    base: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def load(self, module: nn.Module, output_spec: Any = None) -> Runner:
         """The artifact in the runtime that will run it (``runner`` when given).
@@ -94,11 +105,12 @@ class Artifact:
         """
         if self.runner is not None:
             return self.runner
-        exporter = registered_exporters().get(self.format)
+        exporter = registered_exporters().get(self.loader or self.format)
         if exporter is None:
             raise ValueError(
-                f"Artifact(format={self.format!r}) is not a registered format ({list(registered_exporters())}); "
-                "pass runner=... with the artifact loaded, or register its exporter with register_exporter()."
+                f"Artifact(format={self.format!r}, loader={self.loader!r}) names no registered format "
+                f"({list(registered_exporters())}); pass runner=... with the artifact loaded, or register its "
+                "exporter with register_exporter()."
             )
         return exporter.load(self.path, LoadContext(module, self.options, output_spec))
 

@@ -11,7 +11,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,12 +26,27 @@ class Latency:
         ratio: median over rounds of (this variant's time / the reference's time in the same round).
         rounds: timed rounds.
         calls_per_sample: calls averaged in each timed sample.
+        samples: the time of one call in each round, in seconds, in round order.
     """
 
     median_ms: float
     ratio: float
     rounds: int
     calls_per_sample: int
+    samples: tuple[float, ...] = field(default=(), repr=False)
+
+    def ratio_to(self, other: Latency) -> float:
+        """Median over rounds of (this variant's time / ``other``'s time in the same round).
+
+        Raises:
+            ValueError: if the two were not timed in the same rounds.
+        """
+        if not self.samples or len(self.samples) != len(other.samples):
+            raise ValueError(
+                f"Latency.ratio_to: {len(self.samples)} and {len(other.samples)} samples; both variants must come "
+                "from the same measure_latency call."
+            )
+        return statistics.median(s / o for s, o in zip(self.samples, other.samples))
 
 
 def measure_latency(
@@ -96,6 +111,7 @@ def measure_latency(
             ratio=statistics.median(s / ref for s, ref in zip(samples[name], samples[reference])),
             rounds=rounds,
             calls_per_sample=calls[name],
+            samples=tuple(samples[name]),
         )
         for name in names
     }
