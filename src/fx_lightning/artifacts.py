@@ -331,7 +331,6 @@ def verify_artifacts(
     return deploy
 
 
-
 def check_in_runtimes(
     items: Mapping[str, Artifact],
     original: nn.Module,
@@ -393,6 +392,7 @@ def check_in_runtimes(
             reports[fmt].verification = _on_this_process(verifier).compute()
             reports[fmt].seconds += time.perf_counter() - start
     return reports, loaded
+
 
 def export_and_verify(
     original: nn.Module,
