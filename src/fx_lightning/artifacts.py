@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,9 @@ from fx_lightning.verify import (
     eval_mode,
     preserved_rng,
 )
+
+if TYPE_CHECKING:
+    from fx_lightning.int8 import Int8Options
 
 FAILED_MARK = "FAILED"
 
@@ -160,6 +163,9 @@ class ArtifactReport:
             f"max abs diff {v.max_abs_diff:.3g}"
             + (f" (tolerance {v.output_tolerance:g})" if v.output_tolerance is not None else "")
         )
+        summary = (self.details.get("int8") or {}).get("summary")
+        if summary:
+            figures.append(f"int8: {summary}")
         return f"{where} failed verification over {v.num_samples} samples: {'; '.join(figures)}"
 
 
@@ -367,6 +373,10 @@ def check_in_runtimes(
             base=artifact.base,
             details=dict(artifact.details),
         )
+        if artifact.error:
+            report.error = artifact.error
+            reports[fmt] = report
+            continue
         try:
             loaded[fmt] = artifact.load(fused, spec)
             runners[fmt] = _conformed(loaded[fmt], inputs, artifact.batch_size, report.notes)
@@ -405,6 +415,8 @@ def export_and_verify(
     name: str = "model",
     dynamic_batch: bool = False,
     options: ExportOptions | None = None,
+    int8: Int8Options | Mapping[str, Any] | None = None,
+    calibration: Iterable[Any] | None = None,
     **verify_kwargs: Any,
 ) -> DeployReport:
     """:func:`~fx_lightning.export.write_artifacts` then :func:`verify_artifacts`: write, check, time, report.
@@ -419,6 +431,10 @@ def export_and_verify(
         name: file name stem.
         dynamic_batch: export the traced formats with a dynamic batch dimension.
         options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``.
+        int8: int8 versions to make of the float artifacts, checked against their own metric budget
+            (:class:`fx_lightning.int8.Int8Options` or a dict of its fields, e.g. ``{"formats": ["onnx"],
+            "max_metric_drop": 0.01}``); each one's float format is written too. ``None``: no int8.
+        calibration: the batches int8 calibrates on (the training data); required with ``int8``.
         **verify_kwargs: :func:`verify_artifacts`'s keyword arguments (``metric``, ``tolerance``, ``strict``, ...).
 
     Returns:
@@ -434,9 +450,33 @@ def export_and_verify(
         >>> sorted(report.announced()), report.artifacts["weights"].verification.num_samples
         (['pt2', 'weights'], 24)
     """
+    from fx_lightning.int8 import int8_options, quantize_artifacts  # it builds on this module
+
+    int8_wanted = int8_options(int8, "export_and_verify")
+    if int8_wanted is not None:
+        if calibration is None or isinstance(calibration, (Tensor, Mapping)) or not isinstance(calibration, Iterable):
+            raise TypeError(
+                f"export_and_verify(int8=..., calibration={type(calibration).__name__}) needs the batches to "
+                "calibrate on: pass calibration=<the training DataLoader or a list of batches>."
+            )
+        formats = [*formats, *(f for f in int8_wanted.formats if f not in formats)]
+        if isinstance(batches, Iterator):  # checked once per int8 attempt, then once more with the float artifacts
+            batches = list(batches)
     written = write_artifacts(
         fused, example_inputs, directory, formats, name=name, dynamic_batch=dynamic_batch, options=options
     )
+    if int8_wanted is not None:
+        keys = ("metric", "get_input", "get_target", "max_batches")
+        written |= quantize_artifacts(
+            written,
+            original,
+            fused,
+            calibration,
+            batches,
+            example_inputs,
+            int8_wanted,
+            **{k: v for k, v in verify_kwargs.items() if k in keys},
+        )
     return verify_artifacts(written, original, fused, batches, example_inputs, **verify_kwargs)
 
 

@@ -79,6 +79,7 @@ class Artifact:
         base: the artifact of the same runtime it derives from (``"onnx"`` for ``"onnx-int8"``): its latency is also
             reported relative to that one's.
         details: facts about how it was made (the int8 calibration, the layers kept in float), reported with it.
+        error: why it could not be made (then it is reported as failed, never loaded), or ``""``.
     """
 
     format: str
@@ -92,6 +93,7 @@ class Artifact:
     tolerance: float | None = None
     base: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
 
     def load(self, module: nn.Module, output_spec: Any = None) -> Runner:
         """The artifact in the runtime that will run it (``runner`` when given).
