@@ -224,7 +224,9 @@ class _Gate:
         artifact = self._artifact(path, details)
         quantizer = None
         try:
-            quantizer = OnnxQuantizer(self.base.path, calibration, self.base.batch_size, self.options.calibration_method)
+            quantizer = OnnxQuantizer(
+                self.base.path, calibration, self.base.batch_size, self.options.calibration_method
+            )
             details["calibration_samples"] = quantizer.num_samples
             details["layers"] = len(quantizer.layers)
             details["notes"] = quantizer.notes
@@ -328,9 +330,11 @@ def _calibration_inputs(
         args = x if isinstance(x, tuple) else (x,)
         taken.append(
             tree_map(
-                lambda t: (t.detach().cpu().to(dtype) if dtype is not None and t.is_floating_point() else t.cpu())
-                if isinstance(t, Tensor)
-                else t,
+                lambda t: (
+                    (t.detach().cpu().to(dtype) if dtype is not None and t.is_floating_point() else t.cpu())
+                    if isinstance(t, Tensor)
+                    else t
+                ),
                 args,
             )
         )
@@ -360,9 +364,7 @@ def _check_fields(options: Int8Options, owner: str) -> None:
     from fx_lightning.runtimes.onnx_int8 import METHODS, import_quantization
 
     if options.calibration_method not in METHODS:
-        raise ValueError(
-            f"{where}: calibration_method={options.calibration_method!r} is not one of {list(METHODS)}."
-        )
+        raise ValueError(f"{where}: calibration_method={options.calibration_method!r} is not one of {list(METHODS)}.")
     try:
         import_quantization()
     except ModuleNotFoundError as err:

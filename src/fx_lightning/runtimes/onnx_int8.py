@@ -72,7 +72,9 @@ class OnnxQuantizer:
             quantization.shape_inference.quant_pre_process(str(self.source), str(self._prepared))
         except Exception as err:  # noqa: BLE001 - pre-processing is an optimisation; quantize the file as written
             shutil.copyfile(self.source, self._prepared)
-            self.notes.append(f"quant_pre_process failed ({type(err).__name__}: {first_line(err)}); quantized as written")
+            self.notes.append(
+                f"quant_pre_process failed ({type(err).__name__}: {first_line(err)}); quantized as written"
+            )
         onnx, ort = import_onnx()
         model = onnx.load(str(self._prepared), load_external_data=False)
         #: The quantizable layers (ONNX node names), in graph order.
