@@ -45,7 +45,15 @@ from fx_lightning.artifacts import DeployReport, verify_artifacts
 from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
-from fx_lightning.loop_data import Batches, keep_one_shot, to_device, verification_batches
+from fx_lightning.int8 import Int8Options, int8_options, quantize_artifacts
+from fx_lightning.loop_data import (
+    Batches,
+    OnDevice,
+    calibration_batches,
+    keep_one_shot,
+    to_device,
+    verification_batches,
+)
 from fx_lightning.pipeline import fuse
 from fx_lightning.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.report import FusionReport
@@ -165,6 +173,18 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             (see :mod:`fx_lightning.runtimes`). Checked here, against ``export_formats``.
         deploy_latency_budget: seconds spent timing the artifacts and both eager networks on the example input
             after they are checked; ``0`` skips the timing.
+        int8: opt-in int8 versions of the float artifacts (:class:`fx_lightning.int8.Int8Options`, or a dict of
+            its fields from YAML): ``{"formats": ["onnx"], "calibration_batches": 8, "max_metric_drop": 0.01,
+            "max_float_layers": 4}``. Each is static post-training quantization (per-channel weights) of the
+            float artifact of its format, which is written too, calibrated on the first ``calibration_batches``
+            training batches (read in eval mode; the network, its BatchNorm statistics and the random state are
+            untouched), checked in its runtime with ``metric`` against ``max_metric_drop`` (absolute) instead of
+            ``tolerance``. Over budget, the layers with the largest error alone on the calibration data are kept
+            in float one at a time, up to ``max_float_layers``; still over budget, it is not announced and the
+            warning says by how much it missed. The deploy table and ``fuse_report.json`` show the int8 rows
+            (``"onnx-int8"``) with the metric drop, the latency against the float artifact, the layers kept in
+            float and the calibration time. ``None``: no int8.
+        calibration_dataloader: data to calibrate int8 on instead of the training dataloader (set from Python).
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
             ``False`` fixes the batch size of the example input. A network that receives a list of tensors, or
             batches of one, is exported with fixed shapes, with a note.
@@ -209,6 +229,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         export_stages: list[ExportStage] | None = None,
         export_options: dict[str, dict[str, Any]] | None = None,
         deploy_latency_budget: float = 1.0,
+        int8: dict[str, Any] | None = None,
+        calibration_dataloader: Iterable[Any] | None = None,
         dynamic_batch: bool = True,
         passes: list[str] | None = None,
         strict: bool = False,
@@ -235,6 +257,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         self.export_stages: list[str] = list(export_stages) if export_stages is not None else ["fit", "test"]
         self.export_options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (export_options or {}).items()}
         self.deploy_latency_budget = float(deploy_latency_budget)
+        self.int8: Int8Options | None = int8_options(int8, "FuseOnExport")
+        self.calibration_dataloader = calibration_dataloader
         self.dynamic_batch = dynamic_batch
         self.passes = list(passes) if passes is not None else None
         self.strict = strict
@@ -551,6 +575,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         of the artifacts that passed, the deploy report and its table."""
         directory.mkdir(parents=True, exist_ok=True)
         formats = [f for f in self.export_formats if f != CHECKPOINT_FORMAT]
+        if self.int8 is not None:  # an int8 artifact is made from (and compared with) its float one
+            formats += [f for f in self.int8.formats if f not in formats]
         checkpoint = None
         if CHECKPOINT_FORMAT in self.export_formats:
             checkpoint = write_deploy_checkpoint(run.trainer, run.pl_module, run.fused, run.calls, directory)
@@ -589,7 +615,19 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
             if not written:
                 continue
-            reports[network.name] = self._verify_artifacts(run, network, module, call, written, status["notes"])
+            data = self._artifact_data(run, network, call, status["notes"])
+            if self.int8 is not None and formats:
+                written |= self._int8_artifacts(run, network, module, call, written, data, status["notes"])
+            reports[network.name] = verify_artifacts(
+                written,
+                network.module(run.pl_module),
+                module,
+                example_inputs=call.args,
+                tolerance=self.tolerance,
+                latency_budget_s=self.deploy_latency_budget,
+                strict=self.strict,
+                **data,
+            )
         announced: dict[str, str] = {}
         for name, report in reports.items():
             prefix = f"{name}." if several else ""
@@ -605,18 +643,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             (f"{name}: " if several else "") + report.table() for name, report in reports.items()
         )
 
-    def _verify_artifacts(
-        self,
-        run: _Run,
-        network: Network,
-        module: nn.Module,
-        call: Call,
-        written: dict[str, Artifact],
-        notes: list[str],
-    ) -> DeployReport:
-        """:func:`fx_lightning.artifacts.verify_artifacts` on the batches the fused network was verified on, with
-        the same metric and tolerance; on the example input alone when the network does not take the batch's
-        input (or nothing was verified)."""
+    def _artifact_data(self, run: _Run, network: Network, call: Call, notes: list[str]) -> dict[str, Any]:
+        """What the artifacts are checked on (:func:`fx_lightning.artifacts.verify_artifacts`'s data arguments): the
+        batches the fused network was verified on, with the same metric, re-iterable; the example input alone,
+        outputs compared, when the network does not take the batch's input (or nothing was verified)."""
         trainer, pl_module = run.trainer, run.pl_module
         original = network.module(pl_module)
         takes_batch = run.batches is not None and run.first is not None and self.verify
@@ -634,34 +664,66 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"its output is not laid out as {type(pl_module).__name__}.forward's"
             )
         if not takes_batch:
-            return verify_artifacts(
-                written,
-                original,
-                module,
-                [call.args],
-                call.args,
-                tolerance=self.tolerance,
-                get_input=lambda batch: batch,
-                get_target=lambda batch: None,
-                latency_budget_s=self.deploy_latency_budget,
-                strict=self.strict,
-            )
+            return {"batches": [call.args], "get_input": _as_given, "get_target": _no_target}
         assert run.batches is not None
-        batches = (to_device(trainer, pl_module, batch) for batch in run.batches)
-        return verify_artifacts(
-            written,
-            original,
-            module,
-            batches,
-            call.args,
-            metric=self._artifact_metric(run),
-            tolerance=self.tolerance,
-            get_input=self.get_input or default_get_input,
-            get_target=self.get_target or default_get_target,
-            max_batches=self.max_verify_batches,
-            latency_budget_s=self.deploy_latency_budget,
-            strict=self.strict,
+        return {
+            "batches": OnDevice(run.batches, lambda batch: to_device(trainer, pl_module, batch)),
+            "metric": self._artifact_metric(run),
+            "get_input": self.get_input or default_get_input,
+            "get_target": self.get_target or default_get_target,
+            "max_batches": self.max_verify_batches,
+        }
+
+    def _int8_artifacts(
+        self,
+        run: _Run,
+        network: Network,
+        module: nn.Module,
+        call: Call,
+        written: dict[str, Artifact],
+        data: dict[str, Any],
+        notes: list[str],
+    ) -> dict[str, Artifact]:
+        """The int8 artifacts, calibrated on training batches and gated by the task metric
+        (:func:`fx_lightning.int8.quantize_artifacts`); none, with a note, when there is no metric to gate them
+        with or no training data to calibrate on."""
+        assert self.int8 is not None
+        if "metric" not in data:
+            notes.append(
+                f"'{network.name}' int8 not made: its artifacts are checked on outputs only, so no task metric "
+                "could hold int8 to max_metric_drop"
+            )
+            return {}
+        trainer, pl_module = run.trainer, run.pl_module
+        source = self.calibration_dataloader
+        if source is None:
+            source = compat.training_dataloader(trainer)
+        if source is None:
+            notes.append(
+                f"'{network.name}' int8 not made: no training data to calibrate on in `trainer.{_fn(trainer)}`. "
+                "int8 is made after fit, or give FuseOnExport(calibration_dataloader=...)"
+            )
+            return {}
+        batches = calibration_batches(source, self.int8.calibration_batches)
+        _info(
+            trainer,
+            f"FuseOnExport: int8 {list(self.int8.formats)} of '{network.name}': calibrating on {len(batches)} "
+            f"training batch(es), then checking against max_metric_drop={self.int8.max_metric_drop:g}",
         )
+        with eval_mode(pl_module):
+            return quantize_artifacts(
+                written,
+                network.module(pl_module),
+                module,
+                [to_device(trainer, pl_module, batch) for batch in batches],
+                data["batches"],
+                call.args,
+                self.int8,
+                metric=data["metric"],
+                get_input=data["get_input"],
+                get_target=data["get_target"],
+                max_batches=data["max_batches"],
+            )
 
     def _gives_forward_layout(self, run: _Run, network: nn.Module, call: Call) -> bool:
         """Whether ``network``'s output has the tree structure and leaf shapes of the forward's output, so that the
@@ -1034,6 +1096,14 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of {len(batch)}"
     return type(batch).__name__
+
+
+def _as_given(batch: Any) -> Any:
+    return batch
+
+
+def _no_target(batch: Any) -> None:
+    return None
 
 
 def _callable_name(fn: Any) -> str:

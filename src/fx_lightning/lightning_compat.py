@@ -45,6 +45,24 @@ def unsharded_dataloaders(trainer: Any, loop: str) -> Any:
         return None
 
 
+def training_dataloader(trainer: Any) -> Any:
+    """The training dataloader(s) of the Trainer's ``fit`` (public ``trainer.train_dataloader`` once fit loaded it;
+    before that, the fit loop's source), or ``None`` when the Trainer has no training data (a ``test`` alone).
+
+    Private: ``fit_loop._data_source``, only when the public property is not set yet.
+    """
+    loaders = trainer.train_dataloader
+    if loaders is not None:
+        return loaders
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    try:
+        return source.dataloader()
+    except Exception:  # noqa: BLE001 - a datamodule that builds its training split only for "fit": no data here
+        return None
+
+
 def batch_limit(trainer: Any, loop: str, length: int | None) -> int | None:
     """How many batches of a loader of ``length`` batches the Trainer's ``limit_<loop>_batches`` allows
     (``None``: no limit known). The same rule as Lightning's: an int caps, a float is a fraction of the length."""

@@ -8,7 +8,7 @@ one-shot iterable (a generator) is read once, up to the cap, and kept, so that e
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,28 @@ class Batches:
         if self.max_batches is not None:
             caps.append(f"at most {self.max_batches} (max_verify_batches)")
         return ", ".join([self.source, *caps])
+
+
+@dataclass
+class OnDevice:
+    """Batches mapped by ``prepare`` (the transfer to the module's device) as they are read, re-iterable as the
+    batches are: every pass of a check reads them afresh."""
+
+    batches: Iterable[Any]
+    prepare: Callable[[Any], Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.prepare(batch) for batch in self.batches)
+
+
+def calibration_batches(loaders: Any, count: int) -> list[Any]:
+    """The first ``count`` batches of the (first) training dataloader, read once, as the user's loader gives them.
+
+    Reading a shuffling loader draws a seed from torch's generator; the caller runs this under
+    :func:`fx_lightning.verify.preserved_rng`.
+    """
+    found = _as_list(loaders)
+    return list(itertools.islice(found[0], count)) if found else []
 
 
 def verification_batches(trainer: Any, stage: str, given: Iterable[Any] | None, max_batches: int | None) -> Batches:
