@@ -4,7 +4,8 @@ Folding BatchNorm changes outputs by rounding; int8 changes them by whole accura
 made from a float artifact that already passed, checked in the same runtime with the same metric and data, and
 held to its own budget: ``|metric_int8 - metric_original| <= max_metric_drop`` (absolute, for each metric value).
 
-For each format asked for (``"onnx"``: ONNX Runtime static QDQ quantization, :mod:`fx_lightning.runtimes.onnx_int8`):
+For each format asked for (``"onnx"``: ONNX Runtime static QDQ quantization, :mod:`fx_lightning.runtimes.onnx_int8`;
+``"aoti"``: torchao's PT2E flow compiled by AOTInductor, :mod:`fx_lightning.runtimes.aoti_int8`):
 
 1. calibrate on the calibration inputs (training batches, read by the caller) and quantize every layer;
 2. verify it in its runtime over the verification data (:func:`fx_lightning.artifacts.check_in_runtimes`);
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import Metric, MetricCollection
@@ -40,8 +42,9 @@ from fx_lightning.runtimes.base import first_line
 from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target
 
 #: The float formats an int8 version can be made of; ``<format>-int8`` names the int8 artifact.
-INT8_FORMATS = ("onnx",)
+INT8_FORMATS = ("onnx", "aoti")
 SUFFIX = "-int8"
+_HOW = {"onnx": "int8 QDQ", "aoti": "int8 PT2E x86 Inductor"}
 
 __all__ = ["INT8_FORMATS", "Int8Options", "int8_options", "quantize_artifacts"]
 
@@ -51,7 +54,9 @@ class Int8Options:
     """What int8 artifacts to make and the budget they must meet.
 
     Attributes:
-        formats: float formats to make int8 versions of (``"onnx"``); the int8 artifact is ``"<format>-int8"``.
+        formats: float formats to make int8 versions of: ``"onnx"`` (ONNX Runtime static QDQ quantization) and
+            ``"aoti"`` (torchao's PT2E flow with the x86 Inductor quantizer, compiled by AOTInductor; needs the
+            ``torchao`` extra and a C++ compiler). The int8 artifact is ``"<format>-int8"``.
         calibration_batches: training batches the activation ranges are calibrated on.
         max_metric_drop: the largest allowed ``|metric_int8 - metric_original|`` (absolute) of each metric value.
         max_float_layers: the most layers kept in float when the int8 artifact is over budget (``0``: none).
@@ -209,10 +214,9 @@ class _Gate:
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, calibration: list[tuple[Any, ...]]) -> Artifact:
-        from fx_lightning.runtimes.onnx_int8 import OnnxQuantizer
-
         start = time.perf_counter()
         path = self.base.path.with_name(f"{self.base.path.stem}.int8{self.base.path.suffix}")
+        calibration = conform_batches(calibration, self.base.batch_size)
         details: dict[str, Any] = {
             "float_artifact": self.base.format,
             "max_metric_drop": self.options.max_metric_drop,
@@ -224,10 +228,10 @@ class _Gate:
         artifact = self._artifact(path, details)
         quantizer = None
         try:
-            quantizer = OnnxQuantizer(
-                self.base.path, calibration, self.base.batch_size, self.options.calibration_method
-            )
+            quantizer = _quantizer(self.base, self.fused, self.inputs, calibration, self.options)
             details["calibration_samples"] = quantizer.num_samples
+            if hasattr(quantizer, "reduce_range"):
+                details["reduce_range"] = quantizer.reduce_range
             details["layers"] = len(quantizer.layers)
             details["notes"] = quantizer.notes
             quantizer.write(path)
@@ -257,7 +261,7 @@ class _Gate:
             self.base,
             format=self.name,
             path=path,
-            runtime=f"{self.base.runtime}, int8 QDQ",
+            runtime=f"{self.base.runtime}, {_HOW[self.base.format]}",
             loader=self.base.loader or self.base.format,
             tolerance=self.options.max_metric_drop,
             base=self.base.format,
@@ -341,6 +345,54 @@ def _calibration_inputs(
     return taken
 
 
+def _quantizer(
+    base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
+) -> Any:
+    """The quantizer of ``base``'s format: ``layers``, ``write(path, float_layers)``, ``sensitivity()``,
+    ``close()``, ``calibration_s``, ``num_samples``, ``notes``."""
+    if base.format == "onnx":
+        from fx_lightning.runtimes.onnx_int8 import OnnxQuantizer
+
+        return OnnxQuantizer(base.path, calibration, options.calibration_method)
+    from fx_lightning.runtimes.aoti_int8 import Pt2eQuantizer
+
+    return Pt2eQuantizer(
+        fused,
+        inputs,
+        calibration,
+        dynamic_batch=base.batch_size is None,
+        inductor_configs=dict(base.options.get("inductor_configs") or {}),
+    )
+
+
+def conform_batches(calibration: list[tuple[Any, ...]], batch_size: int | None) -> list[tuple[Any, ...]]:
+    """The calibration inputs in batches an artifact of fixed ``batch_size`` runs: each batch cut in chunks of that
+    size (a short last chunk dropped, unless it is all the batch has: then padded with copies of its last sample).
+
+    Example:
+        >>> import torch
+        >>> [a[0].shape[0] for a in conform_batches([(torch.zeros(10, 2),), (torch.zeros(3, 2),)], 4)]
+        [4, 4, 4]
+    """
+    if batch_size is None:
+        return calibration
+    conformed = []
+    for args in calibration:
+        size = next((t.shape[0] for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0), batch_size)
+        for start in range(0, size - batch_size + 1, batch_size) if size >= batch_size else [0]:
+            conformed.append(tree_map(lambda t, s=start: _chunk(t, s, batch_size), args))
+    return conformed
+
+
+def _chunk(t: Any, start: int, size: int) -> Any:
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return t
+    part = t[start : start + size]
+    if part.shape[0] < size:
+        part = torch.cat([part, part[-1:].expand(size - part.shape[0], *part.shape[1:])])
+    return part.contiguous()
+
+
 def _check_fields(options: Int8Options, owner: str) -> None:
     """Raise for a field of the wrong type or out of range, an unknown format, or a missing extra."""
     where = f"{owner}(int8=...)"
@@ -364,8 +416,19 @@ def _check_fields(options: Int8Options, owner: str) -> None:
     from fx_lightning.runtimes.onnx_int8 import METHODS, import_quantization
 
     if options.calibration_method not in METHODS:
-        raise ValueError(f"{where}: calibration_method={options.calibration_method!r} is not one of {list(METHODS)}.")
-    try:
-        import_quantization()
-    except ModuleNotFoundError as err:
-        raise type(err)(f"{where} with formats={list(options.formats)!r}: {err}") from err
+        raise ValueError(
+            f"{where}: calibration_method={options.calibration_method!r} is not one of {list(METHODS)} (ONNX "
+            "Runtime's calibrators; torchao's PT2E flow calibrates min/max)."
+        )
+    for fmt in options.formats:
+        try:
+            if fmt == "onnx":
+                import_quantization()
+            else:
+                from fx_lightning.runtimes.aoti import find_compiler
+                from fx_lightning.runtimes.aoti_int8 import import_torchao
+
+                import_torchao()
+                find_compiler()
+        except (ModuleNotFoundError, RuntimeError) as err:
+            raise type(err)(f"{where} with formats={list(options.formats)!r}: {err}") from err

@@ -2,9 +2,11 @@
 
 The float file is pre-processed (``quant_pre_process``: shape inference and graph clean-up), calibrated once on
 the calibration inputs (activation ranges, MinMax by default), then quantized with per-channel int8 weights and
-uint8 activations, the layout ONNX Runtime's x86 kernels run fastest (``QuantType.QUInt8`` / ``QInt8``, no range
-reduction: VNNI cores accumulate without saturating). Quantizing again with some layers kept in float reuses the
-calibration. The result is run by the same ONNX Runtime session as the float file (:mod:`.onnx`).
+uint8 activations, the layout ONNX Runtime's x86 kernels run fastest (``QuantType.QUInt8`` / ``QInt8``). On an
+x86 CPU without VNNI the weights use 7 bits (``reduce_range``), as ONNX Runtime advises: the AVX2 kernels add
+pairs of 8-bit products in 16 bits, which full-range weights can saturate. Quantizing again with some layers
+kept in float reuses the calibration. The result is run by the same ONNX Runtime session as the float file
+(:mod:`.onnx`).
 
 Nothing here runs a PyTorch network: calibration feeds ONNX Runtime, so the network, its BatchNorm statistics and
 the random state are never touched.
@@ -53,15 +55,16 @@ class OnnxQuantizer:
 
     Args:
         source: the float ``.onnx`` file.
-        calibration: positional inputs of the calibration calls (CPU tensors in the example's dtype).
-        batch_size: the only batch size the file runs (fixed shapes), or ``None``.
+        calibration: positional inputs of the calibration calls (CPU tensors in the example's dtype, in batches
+            the file runs).
         method: the calibration method, a key of :data:`METHODS`.
+        reduce_range: 7-bit weights; ``None`` chooses them on an x86 CPU without VNNI (:func:`cpu_has_vnni`).
     """
 
     source: Path
     calibration: Sequence[tuple[Any, ...]]
-    batch_size: int | None = None
     method: str = "minmax"
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         quantization = import_quantization()
@@ -81,7 +84,7 @@ class OnnxQuantizer:
         self.layers = [node.name for node in model.graph.node if node.op_type in LAYER_OPS]
         session = ort.InferenceSession(str(self._prepared), providers=["CPUExecutionProvider"])
         self._names = [arg.name for arg in session.get_inputs()]
-        self._feeds = list(_feeds(self.calibration, self._names, self.batch_size))
+        self._feeds = list(_feeds(self.calibration, self._names))
         if not self._feeds:
             raise ValueError("int8 calibration got no inputs: give at least one calibration batch")
         self._cache = self._work / "calibration.json"
@@ -89,6 +92,8 @@ class OnnxQuantizer:
         self._float_outputs: list[list[np.ndarray]] | None = None
         #: Seconds spent calibrating (the first quantization's activation-range pass).
         self.calibration_s = 0.0
+        if self.reduce_range is None:
+            self.reduce_range = _is_x86() and not cpu_has_vnni()
 
     @property
     def num_samples(self) -> int:
@@ -140,7 +145,7 @@ class OnnxQuantizer:
             quant_format=q.QuantFormat.QDQ,
             op_types_to_quantize=None,
             per_channel=True,
-            reduce_range=False,
+            reduce_range=bool(self.reduce_range),
             activation_type=q.QuantType.QUInt8,
             weight_type=q.QuantType.QInt8,
             nodes_to_quantize=only,
@@ -175,24 +180,24 @@ class _Reader:
         return self._iter
 
 
-def _feeds(
-    calibration: Sequence[tuple[Any, ...]], names: list[str], batch_size: int | None
-) -> Iterator[dict[str, np.ndarray]]:
-    """ONNX Runtime feeds of the calibration inputs; with a fixed batch size, in chunks of that size (a short
-    last chunk is dropped unless it is all there is, then padded with copies of its last sample)."""
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), read from ``/proc/cpuinfo``
+    (``False`` where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _feeds(calibration: Sequence[tuple[Any, ...]], names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """ONNX Runtime feeds of the calibration inputs (already in batches the file runs)."""
     for args in calibration:
         tensors = [t.detach().cpu().contiguous() for t in tree_leaves(args) if isinstance(t, Tensor)]
-        if batch_size is None:
-            yield {name: t.numpy() for name, t in zip(names, tensors)}
-            continue
-        size = tensors[0].shape[0] if tensors and tensors[0].dim() else batch_size
-        starts = list(range(0, size - batch_size + 1, batch_size)) or [0]
-        for start in starts:
-            yield {name: _rows(t, start, batch_size).numpy() for name, t in zip(names, tensors)}
-
-
-def _rows(t: Tensor, start: int, size: int) -> Tensor:
-    part = t[start : start + size]
-    if part.shape[0] < size:
-        part = torch.cat([part, part[-1:].expand(size - part.shape[0], *part.shape[1:])])
-    return part.contiguous()
+        yield {name: t.numpy() for name, t in zip(names, tensors)}
