@@ -239,11 +239,11 @@ class _Gate:
             passed = self._attempt(artifact, [])
             if not passed and self.options.max_float_layers and quantizer.layers:
                 ranking = quantizer.sensitivity()
-                details["sensitivity"] = [{"layer": layer, "error": error} for layer, error in ranking]
+                details["sensitivity"] = [{"layer": quantizer.label(layer), "error": error} for layer, error in ranking]
                 for count in range(1, min(self.options.max_float_layers, len(ranking)) + 1):
                     float_layers = [layer for layer, _ in ranking[:count]]
                     quantizer.write(path, float_layers)
-                    details["float_layers"] = float_layers
+                    details["float_layers"] = [quantizer.label(layer) for layer in float_layers]
                     if self._attempt(artifact, float_layers):
                         break
         except Exception as err:  # noqa: BLE001 - a quantizer failure fails this artifact, not the run
@@ -348,8 +348,8 @@ def _calibration_inputs(
 def _quantizer(
     base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
 ) -> Any:
-    """The quantizer of ``base``'s format: ``layers``, ``write(path, float_layers)``, ``sensitivity()``,
-    ``close()``, ``calibration_s``, ``num_samples``, ``notes``."""
+    """The quantizer of ``base``'s format: ``layers``, ``label(layer)``, ``write(path, float_layers)``,
+    ``sensitivity()``, ``close()``, ``calibration_s``, ``num_samples``, ``notes``."""
     if base.format == "onnx":
         from fx_lightning.runtimes.onnx_int8 import OnnxQuantizer
 

@@ -97,6 +97,10 @@ class Pt2eQuantizer:
         """Calibration samples seen (rows of the first input over all calibration calls)."""
         return sum(_rows(args) for args in self.calibration)
 
+    def label(self, layer: str) -> str:
+        """The layer as users know it: its module path."""
+        return layer
+
     def write(self, path: Path, float_layers: Sequence[str] = ()) -> Path:
         """Quantize every layer but ``float_layers``, calibrate, convert and compile into ``path``."""
         start = time.perf_counter()

@@ -80,8 +80,10 @@ class OnnxQuantizer:
             )
         onnx, ort = import_onnx()
         model = onnx.load(str(self._prepared), load_external_data=False)
+        nodes = [node for node in model.graph.node if node.op_type in LAYER_OPS]
         #: The quantizable layers (ONNX node names), in graph order.
-        self.layers = [node.name for node in model.graph.node if node.op_type in LAYER_OPS]
+        self.layers = [node.name for node in nodes]
+        self._modules = {node.name: _module_path(node) for node in nodes}
         session = ort.InferenceSession(str(self._prepared), providers=["CPUExecutionProvider"])
         self._names = [arg.name for arg in session.get_inputs()]
         self._feeds = list(_feeds(self.calibration, self._names))
@@ -99,6 +101,12 @@ class OnnxQuantizer:
     def num_samples(self) -> int:
         """Calibration samples seen (rows of the first input over all calibration calls)."""
         return sum(next(iter(feed.values())).shape[0] for feed in self._feeds)
+
+    def label(self, layer: str) -> str:
+        """The layer as users know it: the network's module path the exporter recorded (``layer1.0.conv1``),
+        with the ONNX node name (``layer1.0.conv1 (node_conv2d_1)``); the node name alone when none was recorded."""
+        module = self._modules.get(layer)
+        return f"{module} ({layer})" if module else layer
 
     def write(self, path: Path, float_layers: Sequence[str] = ()) -> Path:
         """Quantize every layer but ``float_layers`` into ``path``; the first call calibrates."""
@@ -178,6 +186,20 @@ class _Reader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._iter
+
+
+def _module_path(node: Any) -> str:
+    """The module path ``torch.onnx`` (dynamo) recorded for a node in ``pkg.torch.onnx.name_scopes``, or ``""``."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
+    return ""
 
 
 def cpu_has_vnni() -> bool:
