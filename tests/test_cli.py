@@ -37,13 +37,25 @@ FASTER = {
         "--trainer.callbacks.init_args.export_stages=[fit]",
         "--trainer.callbacks.init_args.export_formats=[weights]",
     ],
+    # The int8 plumbing on a barely trained network: a loose budget (tests/test_int8.py runs the config as written).
+    "resnet18_int8.yaml": [
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.callbacks.init_args.int8={formats: [onnx], calibration_batches: 2, max_metric_drop: 1.0}",
+        "--trainer.callbacks.init_args.deploy_latency_budget=0.1",
+    ],
     # The AOTInductor compile is the slow part: tests/test_callback_deploy.py runs this config as written.
     "digits_deploy.yaml": [
         "--trainer.callbacks.init_args.export_formats=[pt2,onnx,weights]",
         "--trainer.callbacks.init_args.export_stages=[fit]",
     ],
 }
-FORMATS = {"resnet18_finetune.yaml": {"weights"}, "digits_deploy.yaml": {"pt2", "onnx", "weights"}}
+FORMATS = {
+    "resnet18_finetune.yaml": {"weights"},
+    "digits_deploy.yaml": {"pt2", "onnx", "weights"},
+    "resnet18_int8.yaml": {"onnx", "onnx-int8", "ckpt"},
+}
 
 
 def print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

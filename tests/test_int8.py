@@ -4,22 +4,14 @@ gated by the task metric, with layers kept in float while over budget."""
 from __future__ import annotations
 
 import json
-import random
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from fx_lightning import FuseOnExport, fuse
-from fx_lightning.artifacts import ArtifactMismatchWarning, export_and_verify
-from fx_lightning.int8 import Int8Options, int8_options
-from fx_lightning.runtimes import MissingExtraError
-
-pytest.importorskip("onnxruntime.quantization")
+from fx_lightning import FuseOnExport
 
 
 def test_fuse_on_export_writes_an_int8_onnx_artifact_checked_against_its_budget(
@@ -50,15 +42,20 @@ def test_fuse_on_export_writes_an_int8_onnx_artifact_checked_against_its_budget(
         verification["metric_original"]["MulticlassAccuracy"] - verification["metric_artifact"]["MulticlassAccuracy"]
     )
     assert verification["max_abs_diff"] > 1e-4  # int8, not a copy of the float file
-    assert entry["latency_ms"] > 0 and entry["latency_ratio"] > 0 and entry["latency_ratio_base"] > 0
+    assert entry["latency_ms"] > 0
+    assert entry["latency_ratio"] > 0
+    assert entry["latency_ratio_base"] > 0
     int8 = entry["int8"]
-    assert int8["calibration_batches"] == 2 and int8["calibration_samples"] == 256
+    assert int8["calibration_batches"] == 2
+    assert int8["calibration_samples"] == 256
     assert int8["calibration_s"] > 0
     assert int8["layers"] == 4  # three convolutions and the linear head
-    assert int8["float_layers"] == [] and len(int8["attempts"]) == 1
+    assert int8["float_layers"] == []
+    assert len(int8["attempts"]) == 1
     assert set(callback.last_result.artifacts) == {"pt2", "onnx", "onnx-int8"}
     table = callback.last_result.deploy_table
-    assert "vs float" in table and "onnx-int8" in table
+    assert "vs float" in table
+    assert "onnx-int8" in table
 
     # the file is a QDQ model: ONNX Runtime runs it on any batch size, close to the float file
     import onnx
@@ -74,3 +71,130 @@ def test_fuse_on_export_writes_an_int8_onnx_artifact_checked_against_its_budget(
     float_out, int8_out = outputs
     assert int8_out.shape == (5, 10)
     assert np.abs(int8_out - float_out).max() < 0.5 * np.abs(float_out).max()
+
+
+def _fit(tiny_cnn: Any, digits: Any, make_trainer: Any, directory: Path, **kwargs: Any) -> tuple[Any, FuseOnExport]:
+    model = tiny_cnn(width=8)
+    callback = FuseOnExport(export_dir=str(directory), export_formats=["onnx"], deploy_latency_budget=0, **kwargs)
+    make_trainer(callbacks=[callback], limit_val_batches=2).fit(model, datamodule=digits)
+    return model, callback
+
+
+def test_int8_calibration_leaves_the_model_its_batch_norm_statistics_and_the_random_state_as_without_it(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    # Calibration reads shuffled training batches (a draw from torch's generator) after training: the same seeded
+    # run without int8 must end with the same weights, BatchNorm statistics and random numbers.
+    plain, _ = _fit(tiny_cnn, digits, make_trainer, tmp_path / "plain")
+    after_plain = (torch.rand(4), np.random.rand(), __import__("random").random())
+    quantized, callback = _fit(
+        tiny_cnn, digits, make_trainer, tmp_path / "int8", int8={"calibration_batches": 3, "max_metric_drop": 1.0}
+    )
+    after_int8 = (torch.rand(4), np.random.rand(), __import__("random").random())
+    assert "onnx-int8" in callback.last_result.artifacts  # calibration did run
+    assert torch.equal(after_plain[0], after_int8[0])
+    assert after_plain[1:] == after_int8[1:]
+    assert quantized.training == plain.training
+    mine, theirs = quantized.state_dict(), plain.state_dict()
+    assert list(mine) == list(theirs)
+    for key in mine:  # weights, running_mean, running_var, num_batches_tracked
+        assert torch.equal(mine[key], theirs[key]), key
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in quantized.net.modules())
+
+
+def test_int8_at_test_calibrates_on_the_datamodule_training_split(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    callback = FuseOnExport(
+        export_dir=str(tmp_path / "out"),
+        export_formats=["onnx"],
+        export_stages=["test"],
+        int8={"calibration_batches": 1, "max_metric_drop": 1.0},
+        deploy_latency_budget=0,
+    )
+    make_trainer(callbacks=[callback], limit_test_batches=1).test(tiny_cnn(width=8), datamodule=digits)
+    entry = callback.last_result.deploy["artifacts"]["onnx-int8"]
+    assert entry["int8"]["calibration_samples"] == 128  # one training batch of 128
+    assert entry["verification"]["num_samples"] == 270  # the validation split, as the fused network's check
+
+
+def test_int8_without_training_data_is_skipped_with_a_note(tiny_cnn: Any, make_trainer: Any, tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))), batch_size=32)
+    callback = FuseOnExport(
+        export_dir=str(tmp_path / "out"),
+        export_formats=["onnx"],
+        export_stages=["test"],
+        int8={"max_metric_drop": 1.0},
+        deploy_latency_budget=0,
+    )
+    make_trainer(callbacks=[callback]).test(tiny_cnn(width=8), dataloaders=data)
+    result = callback.last_result
+    assert set(result.artifacts) == {"onnx"}
+    assert any("int8 not made: no training data to calibrate on in `trainer.test`" in n for n in result.notes)
+
+
+def test_int8_calibrates_on_a_given_calibration_dataloader(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    given = [(torch.rand(16, 1, 8, 8) * 16, torch.zeros(16, dtype=torch.long)) for _ in range(5)]
+    _, callback = _fit(
+        tiny_cnn,
+        digits,
+        make_trainer,
+        tmp_path,
+        int8={"calibration_batches": 3, "max_metric_drop": 1.0},
+        calibration_dataloader=given,
+    )
+    int8 = callback.last_result.deploy["artifacts"]["onnx-int8"]["int8"]
+    assert int8["calibration_batches"] == 3
+    assert int8["calibration_samples"] == 48
+
+
+@pytest.mark.parametrize(
+    ("int8", "error", "match"),
+    [
+        (
+            {"formats": ["pt2"]},
+            ValueError,
+            r"FuseOnExport\(int8=\.\.\.\): formats=\['pt2'\] names .*\['onnx', 'aoti'\]",
+        ),
+        ({"budget": 0.1}, ValueError, r"FuseOnExport\(int8=\{'budget': 0\.1\}\) has unknown key\(s\) \['budget'\]"),
+        ({"max_metric_drop": -0.1}, ValueError, r"max_metric_drop=-0\.1 expects a finite number >= 0"),
+        ("onnx", TypeError, r"FuseOnExport\(int8='onnx'\) expects a dict of int8 options"),
+    ],
+)
+def test_fuse_on_export_rejects_bad_int8_options_before_training(int8: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        FuseOnExport(int8=int8)
+
+
+def test_int8_aoti_with_torchao_compiles_a_package_checked_in_aoti(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("torchao", reason="the torchao extra: pip install 'fx-lightning[torchao]'")
+    model = tiny_cnn(width=8)
+    callback = FuseOnExport(
+        export_dir=str(tmp_path / "out"),
+        export_formats=[],
+        int8={"formats": ["aoti"], "calibration_batches": 2, "max_metric_drop": 0.05},
+        deploy_latency_budget=0.1,
+    )
+    make_trainer(callbacks=[callback], limit_val_batches=2).fit(model, datamodule=digits)
+    artifacts = callback.last_result.deploy["artifacts"]
+    assert list(artifacts) == ["aoti", "aoti-int8"]
+    entry = artifacts["aoti-int8"]
+    assert entry["verification"]["passed"], entry
+    assert entry["path"] == str(tmp_path / "out" / "net.aoti.int8.pt2")
+    assert entry["runtime"].endswith("int8 PT2E x86 Inductor")
+    assert entry["verification"]["max_abs_diff"] > 1e-4  # quantized, not the float package again
+    assert entry["int8"]["layers"] == 4
+    assert entry["latency_ratio_base"] > 0
+    loaded = torch._inductor.aoti_load_package(entry["path"])
+    x = next(iter(digits.val_dataloader()))[0][:3]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    out = loaded(x)
+    assert out.shape == (3, 10)
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 2 / 3

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import math
 import time
@@ -282,6 +283,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             _info(trainer, f"FuseOnExport: put the original network(s) back before `trainer.{_fn(trainer)}`.")
         self._networks(pl_module)
         self.verify_dataloader = keep_one_shot(self.verify_dataloader, self.max_verify_batches)
+        if self.int8 is not None:
+            self.calibration_dataloader = keep_one_shot(self.calibration_dataloader, self.int8.calibration_batches)
         if stage == "fit" and self.fuse_after_fit:
             compat.move_to_end(trainer, self)
 
@@ -695,16 +698,17 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             )
             return {}
         trainer, pl_module = run.trainer, run.pl_module
-        source = self.calibration_dataloader
-        if source is None:
-            source = compat.training_dataloader(trainer)
-        if source is None:
+        count = self.int8.calibration_batches
+        if self.calibration_dataloader is not None:
+            batches = list(itertools.islice(self.calibration_dataloader, count))
+        else:  # the Trainer's form: a loader, or a list/dict of loaders
+            batches = calibration_batches(compat.training_dataloader(trainer), count)
+        if not batches:
             notes.append(
                 f"'{network.name}' int8 not made: no training data to calibrate on in `trainer.{_fn(trainer)}`. "
                 "int8 is made after fit, or give FuseOnExport(calibration_dataloader=...)"
             )
             return {}
-        batches = calibration_batches(source, self.int8.calibration_batches)
         _info(
             trainer,
             f"FuseOnExport: int8 {list(self.int8.formats)} of '{network.name}': calibrating on {len(batches)} "

@@ -39,7 +39,7 @@ from torchmetrics import Metric, MetricCollection
 from fx_lightning.artifacts import ArtifactReport, check_in_runtimes
 from fx_lightning.export import Artifact
 from fx_lightning.runtimes.base import first_line
-from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target
+from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target, preserved_rng
 
 #: The float formats an int8 version can be made of; ``<format>-int8`` names the int8 artifact.
 INT8_FORMATS = ("onnx", "aoti")
@@ -171,7 +171,8 @@ def quantize_artifacts(
         ValueError: if no calibration input could be read.
     """
     inputs = tuple(example_inputs)
-    calibration_inputs = _calibration_inputs(calibration, options.calibration_batches, get_input, inputs)
+    with preserved_rng():  # reading a DataLoader draws its seed from torch's generator
+        calibration_inputs = _calibration_inputs(calibration, options.calibration_batches, get_input, inputs)
     if not calibration_inputs:
         raise ValueError(
             "quantize_artifacts(calibration=...) gave no batches: int8 calibration needs training batches. Pass "
@@ -216,7 +217,6 @@ class _Gate:
     def run(self, calibration: list[tuple[Any, ...]]) -> Artifact:
         start = time.perf_counter()
         path = self.base.path.with_name(f"{self.base.path.stem}.int8{self.base.path.suffix}")
-        calibration = conform_batches(calibration, self.base.batch_size)
         details: dict[str, Any] = {
             "float_artifact": self.base.format,
             "max_metric_drop": self.options.max_metric_drop,
@@ -226,6 +226,7 @@ class _Gate:
             "attempts": self.attempts,
         }
         artifact = self._artifact(path, details)
+        calibration = conform_batches(calibration, self.base.batch_size)
         quantizer = None
         try:
             quantizer = _quantizer(self.base, self.fused, self.inputs, calibration, self.options)
@@ -405,17 +406,24 @@ def _check_fields(options: Int8Options, owner: str) -> None:
     for key in ("calibration_batches", "max_float_layers"):
         value = getattr(options, key)
         lowest = 1 if key == "calibration_batches" else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{where}: {key}={value!r} expects an integer >= {lowest}, got {type(value).__name__}.")
+        if value < lowest:
             raise ValueError(f"{where}: {key}={value!r} expects an integer >= {lowest}.")
     drop = options.max_metric_drop
-    if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not (drop >= 0 and math.isfinite(drop)):
+    if not isinstance(drop, (int, float)) or isinstance(drop, bool):
+        raise TypeError(
+            f"{where}: max_metric_drop={drop!r} expects a number (the largest allowed absolute change of the metric), "
+            f"got {type(drop).__name__}."
+        )
+    if not (drop >= 0 and math.isfinite(drop)):
         raise ValueError(
             f"{where}: max_metric_drop={drop!r} expects a finite number >= 0, the largest allowed absolute change of "
             "the metric (0.01 is one accuracy point)."
         )
     from fx_lightning.runtimes.onnx_int8 import METHODS, import_quantization
 
-    if options.calibration_method not in METHODS:
+    if not isinstance(options.calibration_method, str) or options.calibration_method not in METHODS:
         raise ValueError(
             f"{where}: calibration_method={options.calibration_method!r} is not one of {list(METHODS)} (ONNX "
             "Runtime's calibrators; torchao's PT2E flow calibrates min/max)."

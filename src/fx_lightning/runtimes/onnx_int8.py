@@ -39,12 +39,14 @@ METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile",
 
 def import_quantization() -> Any:
     """``onnxruntime.quantization``, or a :class:`MissingExtraError` naming the extra that installs it."""
-    import_onnx()
     try:
+        import_onnx()
         from onnxruntime import quantization
-    except ImportError as err:  # pragma: no cover - part of every onnxruntime wheel
+    except ImportError as err:
+        cause = err.__cause__ or err
         raise MissingExtraError(
-            f"int8 'onnx' needs onnxruntime.quantization ({err}). Install it with: pip install \"fx-lightning[onnx]\""
+            f"int8 'onnx' needs onnx and onnxruntime (with onnxruntime.quantization): {cause}. Install them with: "
+            'pip install "fx-lightning[onnx]"'
         ) from err
     return quantization
 
