@@ -85,3 +85,22 @@ def test_digits_deploy_config_runs_as_written(tmp_path: Path, monkeypatch: pytes
         assert entry["verification"]["num_samples"] == 270, fmt  # the digits validation split
         assert entry["latency_ms"] > 0, fmt
     assert "deploy artifacts, verified on 270 samples" in str(callback.last_result)
+
+
+def test_a_test_after_fit_does_not_overwrite_the_deploy_report(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    callback = FuseOnExport(
+        export_dir=str(tmp_path / "out"), export_formats=["weights"], export_stages=["fit"], deploy_latency_budget=0
+    )
+    trainer = make_trainer(callbacks=[callback], limit_val_batches=1, limit_test_batches=1)
+    model = tiny_cnn()
+    trainer.fit(model, datamodule=digits)
+    trainer.test(model, datamodule=digits)
+    deploy = json.loads((tmp_path / "out" / "fuse_report.json").read_text())
+    tested = json.loads((tmp_path / "out" / "fuse_report.test.json").read_text())
+    assert (deploy["stage"], tested["stage"]) == ("fit", "test")
+    assert list(deploy["artifacts"]) == ["weights"]
+    assert deploy["artifacts"]["weights"]["verification"]["passed"]
+    assert tested["artifacts"] == {}
+    assert callback.history[1]["report_path"] == str(tmp_path / "out" / "fuse_report.test.json")

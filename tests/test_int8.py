@@ -198,3 +198,24 @@ def test_int8_aoti_with_torchao_compiles_a_package_checked_in_aoti(
     out = loaded(x)
     assert out.shape == (3, 10)
     assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 2 / 3
+
+
+@pytest.mark.slow
+def test_resnet18_int8_config_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fx_lightning.cli import run
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "resnet18_int8.yaml"
+    monkeypatch.chdir(tmp_path)  # the config writes under runs/, relative to the working directory
+    cli: Any = run(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, FuseOnExport))
+    fit = callback.history[0]
+    assert set(fit["artifacts"]) == {"onnx", "onnx-int8", "ckpt"}
+    deploy = fit["deploy"]
+    assert deploy["latency"]["batch_size"] == 8
+    entry = deploy["artifacts"]["onnx-int8"]
+    assert entry["verification"]["passed"]
+    assert abs(entry["verification"]["metric_drop"]["MulticlassAccuracy"]) <= 0.01
+    assert entry["verification"]["metric_original"]["MulticlassAccuracy"] > 0.8  # a trained network
+    assert entry["int8"]["calibration_batches"] == 16
+    assert entry["latency_ratio_base"] > 0  # timed beside the float file (figures in the README, not asserted)
+    assert deploy["artifacts"]["onnx"]["verification"]["passed"]

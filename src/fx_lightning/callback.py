@@ -157,6 +157,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         example_input: the forward input used for shape propagation, kernel counts and export; ``None`` takes
             it from the first verification batch.
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
+            The fusions that export write ``fuse_report.json``; the others ``fuse_report.<stage>.json``, so that
+            a test after fit never overwrites the deploy report.
         export_formats: artifacts to write: ``"pt2"`` (``torch.export``), ``"weights"`` (a state dict as
             ``.safetensors``, or ``.pt`` for ``torch.load(weights_only=True)`` without safetensors), ``"onnx"``
             (needs ``pip install "fx-lightning[onnx]"``), any other format registered in
@@ -379,7 +381,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         with torch.inference_mode(False), torch.no_grad(), preserved_rng():
             # trainer.log_dir broadcasts under DDP: every rank asks for it, before anything can fail.
             directory = self._export_directory(trainer)
-            result.report_path = str(directory / REPORT_FILE)
+            result.report_path = str(directory / report_file(stage, self.export_stages))
             run = _Run(trainer, pl_module, stage, result)
             failure = None
             try:
@@ -614,13 +616,13 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     dynamic_batch=dynamic,
                     options={f: o for f, o in self.export_options.items() if f in formats},
                 )
-            if checkpoint is not None:
-                written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
-            if not written:
+            if not written and checkpoint is None:
                 continue
             data = self._artifact_data(run, network, call, status["notes"])
-            if self.int8 is not None and formats:
+            if self.int8 is not None and written:
                 written |= self._int8_artifacts(run, network, module, call, written, data, status["notes"])
+            if checkpoint is not None:
+                written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
             reports[network.name] = verify_artifacts(
                 written,
                 network.module(run.pl_module),
@@ -1100,6 +1102,19 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of {len(batch)}"
     return type(batch).__name__
+
+
+def report_file(stage: str, export_stages: list[str]) -> str:
+    """The JSON report's file name for a fusion before ``stage``: ``fuse_report.json`` when that fusion exports
+    (the deploy report), ``fuse_report.<stage>.json`` otherwise.
+
+    Example:
+        >>> report_file("fit", ["fit"]), report_file("test", ["fit"])
+        ('fuse_report.json', 'fuse_report.test.json')
+    """
+    if stage in export_stages:
+        return REPORT_FILE
+    return REPORT_FILE.replace(".json", f".{stage}.json")
 
 
 def _as_given(batch: Any) -> Any:
