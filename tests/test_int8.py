@@ -174,6 +174,9 @@ def test_int8_aoti_with_torchao_compiles_a_package_checked_in_aoti(
     tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
 ) -> None:
     pytest.importorskip("torchao", reason="the torchao extra: pip install 'fx-lightning[torchao]'")
+    from torch._inductor import config as inductor_config
+
+    pass_before = inductor_config.pre_grad_custom_pass
     model = tiny_cnn(width=8)
     callback = FuseOnExport(
         export_dir=str(tmp_path / "out"),
@@ -196,8 +199,31 @@ def test_int8_aoti_with_torchao_compiles_a_package_checked_in_aoti(
     with torch.no_grad():
         expected = model.eval()(x)
     out = loaded(x)
+    assert inductor_config.pre_grad_custom_pass is pass_before  # torchao's global pass is not left behind
     assert out.shape == (3, 10)
     assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 2 / 3
+
+
+@pytest.mark.parametrize(
+    ("fmt", "hidden", "extra"),
+    [("aoti", "torchao", "torchao"), ("onnx", "onnxruntime", "onnx")],
+)
+def test_int8_without_its_extra_names_the_extra_before_training(
+    fmt: str, hidden: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from fx_lightning.runtimes import MissingExtraError
+
+    for name in [m for m in sys.modules if m == hidden or m.startswith(hidden + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, hidden, None)  # import fails as when it is not installed
+    with pytest.raises(
+        MissingExtraError,
+        match=rf"FuseOnExport\(int8=\.\.\.\) with formats=\['{fmt}'\]: .*pip install "
+        rf'"fx-lightning\[{extra}\]"',
+    ):
+        FuseOnExport(int8={"formats": [fmt]})
 
 
 @pytest.mark.slow

@@ -54,8 +54,9 @@ def import_torchao() -> tuple[Any, Any, Any]:
             f"int8 'aoti' needs torchao's PT2E quantization ({err}). Install it with: "
             'pip install "fx-lightning[torchao]"'
         ) from err
-    finally:
+    else:
         _LIFT_UP.setdefault("pass", inductor_config.pre_grad_custom_pass)
+    finally:
         inductor_config.pre_grad_custom_pass = before
     return prepare_pt2e, convert_pt2e, x86_inductor_quantizer
 
