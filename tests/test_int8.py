@@ -245,3 +245,66 @@ def test_resnet18_int8_config_runs_as_written(tmp_path: Path, monkeypatch: pytes
     assert entry["int8"]["calibration_batches"] == 16
     assert entry["latency_ratio_base"] > 0  # timed beside the float file (figures in the README, not asserted)
     assert deploy["artifacts"]["onnx"]["verification"]["passed"]
+
+
+def _tiny_classifier() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 3),
+    ).eval()
+    xs = [torch.randn(8, 1, 4, 4) for _ in range(3)]
+    with torch.no_grad():
+        return net, [(x, net(x).argmax(1)) for x in xs]
+
+
+def test_int8_without_a_task_metric_fails_instead_of_passing_on_outputs(tmp_path: Path) -> None:
+    from fx_lightning import fuse
+    from fx_lightning.artifacts import ArtifactMismatchWarning, export_and_verify
+
+    net, data = _tiny_classifier()
+    x = data[0][0]
+    with pytest.warns(ArtifactMismatchWarning, match=r"'onnx-int8' .* could not be checked: no task metric"):
+        report = export_and_verify(
+            net,
+            fuse(net, (x,)),
+            (x,),
+            tmp_path,
+            data,
+            formats=["onnx"],
+            get_target=lambda batch: None,
+            int8={"max_metric_drop": 100.0},
+            calibration=data,
+            latency_budget_s=0,
+        )
+    assert set(report.announced()) == {"onnx"}  # outputs alone never pass an int8 budget, however loose
+
+
+def test_int8_that_cannot_be_made_never_reports_an_earlier_run_file(tmp_path: Path) -> None:
+    from fx_lightning import fuse
+    from fx_lightning.artifacts import ArtifactMismatchWarning, export_and_verify
+
+    net, data = _tiny_classifier()
+    x = data[0][0]
+    (tmp_path / "model.int8.onnx").write_bytes(b"an earlier run's file")
+    (tmp_path / "model.int8.FAILED.onnx").write_bytes(b"an earlier run's failure")
+    wrong = [(torch.randn(8, 2, 4, 4), None)]  # two channels: the ONNX file takes one, calibration fails
+    with pytest.warns(ArtifactMismatchWarning, match=r"int8 quantization failed"):
+        report = export_and_verify(
+            net,
+            fuse(net, (x,)),
+            (x,),
+            tmp_path,
+            data,
+            formats=["onnx"],
+            int8={},
+            calibration=wrong,
+            latency_budget_s=0,
+        )
+    assert not (tmp_path / "model.int8.onnx").exists()
+    assert not (tmp_path / "model.int8.FAILED.onnx").exists()
+    assert set(report.announced()) == {"onnx"}
+    assert report.artifacts["onnx-int8"].error.startswith("int8 quantization failed")

@@ -355,7 +355,7 @@ def check_in_runtimes(
     the reports, and the loaded runners for timing. Nothing is renamed, warned about or timed.
 
     An artifact with its own ``tolerance`` (an int8 budget) is held to it on the metric, and not to
-    ``output_tolerance``.
+    ``output_tolerance``; without a task metric it fails (its outputs alone prove nothing).
     """
     with torch.no_grad(), eval_mode(fused):
         spec = tree_flatten(fused(*_like_module(inputs, fused)))[1]
@@ -401,6 +401,12 @@ def check_in_runtimes(
             start = time.perf_counter()
             reports[fmt].verification = _on_this_process(verifier).compute()
             reports[fmt].seconds += time.perf_counter() - start
+            if items[fmt].tolerance is not None and not reports[fmt].verification.metric_original:
+                # its own budget is a metric budget: outputs alone (int8 logits move by far more) prove nothing
+                reports[fmt].error = (
+                    "no task metric was computed on the verification data (no targets, or no metric given), and "
+                    f"its budget ({items[fmt].tolerance:g}) is on the metric: pass metric=... and batches with targets"
+                )
     return reports, loaded
 
 

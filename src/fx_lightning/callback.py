@@ -46,7 +46,7 @@ from fx_lightning.artifacts import DeployReport, verify_artifacts
 from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
-from fx_lightning.int8 import Int8Options, int8_options, quantize_artifacts
+from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts
 from fx_lightning.loop_data import (
     Batches,
     OnDevice,
@@ -239,7 +239,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         strict: bool = False,
     ) -> None:
         _check_arguments(attributes, stages, on_mismatch, max_verify_batches, export_formats, export_stages)
-        _check_export_options(export_options, export_formats, deploy_latency_budget)
+        self.int8: Int8Options | None = int8_options(int8, "FuseOnExport")
+        _check_export_options(export_options, export_formats, deploy_latency_budget, self.int8)
         check_metric("FuseOnExport", metric)
         self.attributes = list(attributes) if attributes is not None else None
         self.stages: list[str] = list(stages) if stages is not None else ["test", "predict"]
@@ -260,7 +261,6 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         self.export_stages: list[str] = list(export_stages) if export_stages is not None else ["fit", "test"]
         self.export_options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (export_options or {}).items()}
         self.deploy_latency_budget = float(deploy_latency_budget)
-        self.int8: Int8Options | None = int8_options(int8, "FuseOnExport")
         self.calibration_dataloader = calibration_dataloader
         self.dynamic_batch = dynamic_batch
         self.passes = list(passes) if passes is not None else None
@@ -693,15 +693,36 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         (:func:`fx_lightning.int8.quantize_artifacts`); none, with a note, when there is no metric to gate them
         with or no training data to calibrate on."""
         assert self.int8 is not None
-        if "metric" not in data:
+        if data.get("metric") is None:
             notes.append(
-                f"'{network.name}' int8 not made: its artifacts are checked on outputs only, so no task metric "
-                "could hold int8 to max_metric_drop"
+                f"'{network.name}' int8 not made: no task metric checks its artifacts (checked on outputs only, or "
+                "no metric could be chosen: give FuseOnExport(metric=...)), and max_metric_drop is a metric budget"
             )
             return {}
+        try:
+            return self._calibrated_int8(run, network, module, call, written, data, notes)
+        except Exception as err:  # noqa: BLE001 - int8 is opt-in: its failure fails the int8 artifacts, not the export
+            error = f"int8 calibration data could not be read: {type(err).__name__}: {err}"
+            return {
+                f + SUFFIX: Artifact(f + SUFFIX, written[f].path if f in written else Path(f + SUFFIX), error=error)
+                for f in self.int8.formats
+            }
+
+    def _calibrated_int8(
+        self,
+        run: _Run,
+        network: Network,
+        module: nn.Module,
+        call: Call,
+        written: dict[str, Artifact],
+        data: dict[str, Any],
+        notes: list[str],
+    ) -> dict[str, Artifact]:
+        assert self.int8 is not None
         trainer, pl_module = run.trainer, run.pl_module
         count = self.int8.calibration_batches
-        if self.calibration_dataloader is not None:
+        given = self.calibration_dataloader is not None
+        if given:
             batches = list(itertools.islice(self.calibration_dataloader, count))
         else:  # the Trainer's form: a loader, or a list/dict of loaders
             batches = calibration_batches(compat.training_dataloader(trainer), count)
@@ -714,7 +735,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         _info(
             trainer,
             f"FuseOnExport: int8 {list(self.int8.formats)} of '{network.name}': calibrating on {len(batches)} "
-            f"training batch(es), then checking against max_metric_drop={self.int8.max_metric_drop:g}",
+            f"{'calibration_dataloader' if given else 'training'} batch(es), then checking against "
+            f"max_metric_drop={self.int8.max_metric_drop:g}",
         )
         with eval_mode(pl_module):
             return quantize_artifacts(
@@ -973,9 +995,11 @@ def _check_arguments(
         )
 
 
-def _check_export_options(export_options: Any, export_formats: Any, budget: Any) -> None:
-    """``export_options`` as ``write_artifacts`` takes it, for formats that are written, each checked by its format."""
+def _check_export_options(export_options: Any, export_formats: Any, budget: Any, int8: Int8Options | None) -> None:
+    """``export_options`` as ``write_artifacts`` takes it, for formats that are written (those int8 is made of
+    included), each checked by its format."""
     formats = list(export_formats) if export_formats is not None else ["pt2", "weights", CHECKPOINT_FORMAT]
+    formats += [f for f in (int8.formats if int8 is not None else ()) if f not in formats]
     written = [f for f in formats if f != CHECKPOINT_FORMAT]
     if export_options is not None:
         if not isinstance(export_options, dict) or not all(

@@ -1,8 +1,9 @@
 """Opt-in int8 post-training quantization of the deploy artifacts, gated by the task metric.
 
 Folding BatchNorm changes outputs by rounding; int8 changes them by whole accuracy points. So an int8 artifact is
-made from a float artifact that already passed, checked in the same runtime with the same metric and data, and
-held to its own budget: ``|metric_int8 - metric_original| <= max_metric_drop`` (absolute, for each metric value).
+made from the float artifact of its format (and timed against it), checked in the same runtime with the same
+metric and data, and held to its own budget: ``|metric_int8 - metric_original| <= max_metric_drop``
+(absolute, for each metric value).
 
 For each format asked for (``"onnx"``: ONNX Runtime static QDQ quantization, :mod:`fx_lightning.runtimes.onnx_int8`;
 ``"aoti"``: torchao's PT2E flow compiled by AOTInductor, :mod:`fx_lightning.runtimes.aoti_int8`):
@@ -24,6 +25,7 @@ statistics nor the random state change.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.artifacts import ArtifactReport, check_in_runtimes
+from fx_lightning.artifacts import ArtifactReport, check_in_runtimes, failed_path
 from fx_lightning.export import Artifact
 from fx_lightning.runtimes.base import first_line
 from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target, preserved_rng
@@ -190,7 +192,8 @@ def quantize_artifacts(
             )
             continue
         gate = _Gate(name, base, options, original, fused, batches, inputs, metric, get_input, get_target, max_batches)
-        made[name] = gate.run(calibration_inputs)
+        with preserved_rng():
+            made[name] = gate.run(calibration_inputs)
     return made
 
 
@@ -226,9 +229,11 @@ class _Gate:
             "attempts": self.attempts,
         }
         artifact = self._artifact(path, details)
-        calibration = conform_batches(calibration, self.base.batch_size)
+        for stale in (path, failed_path(path)):  # an earlier run's file is never reported as this one's
+            stale.unlink(missing_ok=True)
         quantizer = None
         try:
+            calibration = conform_batches(calibration, self.base.batch_size)
             quantizer = _quantizer(self.base, self.fused, self.inputs, calibration, self.options)
             details["calibration_samples"] = quantizer.num_samples
             if hasattr(quantizer, "reduce_range"):
@@ -260,6 +265,7 @@ class _Gate:
     def _artifact(self, path: Path, details: dict[str, Any]) -> Artifact:
         return replace(
             self.base,
+            runner=None,
             format=self.name,
             path=path,
             runtime=f"{self.base.runtime}, {_HOW[self.base.format]}",
@@ -297,6 +303,8 @@ class _Gate:
         layers = f"{len(kept)} layer(s) kept in float ({', '.join(kept)})" if kept else "every layer quantized"
         if last["passed"]:
             return f"{layers}; metric drop {last['worst_drop']:.4g} within {self.options.max_metric_drop:g}"
+        if last["error"]:
+            return f"{layers}; it could not be checked: {last['error']}"
         tried = f" after {len(self.attempts)} attempt(s)" if len(self.attempts) > 1 else ""
         return (
             f"over budget{tried}: {layers}, metric drop {last['worst_drop']:.4g}, budget "
@@ -328,9 +336,7 @@ def _calibration_inputs(
     """The positional inputs of the first ``count`` batches, on the CPU, floating tensors in the example's dtype."""
     dtype = next((t.dtype for t in tree_leaves(example) if isinstance(t, Tensor) and t.is_floating_point()), None)
     taken: list[tuple[Any, ...]] = []
-    for batch in calibration:
-        if len(taken) >= count:
-            break
+    for batch in itertools.islice(calibration, count):
         x = get_input(batch)
         args = x if isinstance(x, tuple) else (x,)
         taken.append(

@@ -20,8 +20,7 @@ Needs ``pip install "fx-lightning[torchao]"`` (torchao 0.18 was checked with tor
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.runtimes.aoti import DEFAULT_INDUCTOR_CONFIGS, find_compiler
-from fx_lightning.runtimes.base import MissingExtraError
+from fx_lightning.runtimes.base import MissingExtraError, module_device
 
 #: Layers the x86 Inductor quantizer makes int8 (and a float fallback can name).
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -85,10 +84,15 @@ class Pt2eQuantizer:
     def __post_init__(self) -> None:
         import_torchao()
         find_compiler()
+        device = module_device(self.module)
+        if device.type != "cpu":
+            raise ValueError(
+                f"int8 'aoti' builds an x86 CPU package with torchao's x86 Inductor quantizer, but the network is on "
+                f"{device}. Make int8 versions of the 'onnx' format instead, or export from a CPU copy of the network."
+            )
         self.notes: list[str] = []
         #: The quantizable layers (module names), in module order.
         self.layers = [name for name, m in self.module.named_modules() if isinstance(m, LAYER_TYPES)]
-        self._work = Path(tempfile.mkdtemp(prefix="fx_lightning_int8_"))
         self._captured: torch.fx.GraphModule | None = None
         self._float_outputs: list[list[Tensor]] | None = None
         self.calibration_s = 0.0
@@ -135,11 +139,10 @@ class Pt2eQuantizer:
                     for q, f in zip(_leaves(converted(*args)), fs)
                 )
             errors.append((layer, squared / energy))
-        return sorted(errors, key=lambda item: -item[1])
+        return sorted(errors, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)  # NaN: most sensitive
 
     def close(self) -> None:
-        """Remove the working files."""
-        shutil.rmtree(self._work, ignore_errors=True)
+        """Nothing to remove: the package is written where asked, the rest stays in memory."""
 
     def _capture(self) -> torch.fx.GraphModule:
         if self._captured is None:

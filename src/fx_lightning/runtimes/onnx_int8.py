@@ -15,6 +15,7 @@ the random state are never touched.
 from __future__ import annotations
 
 import inspect
+import math
 import shutil
 import tempfile
 import time
@@ -71,6 +72,13 @@ class OnnxQuantizer:
     def __post_init__(self) -> None:
         quantization = import_quantization()
         self._work = Path(tempfile.mkdtemp(prefix="fx_lightning_int8_"))
+        try:
+            self._prepare(quantization)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, quantization: Any) -> None:
         self._prepared = self._work / "float.onnx"
         self.notes: list[str] = []
         try:
@@ -137,7 +145,7 @@ class OnnxQuantizer:
                 for q, f in zip(qs, fs)
             )
             errors.append((layer, squared / energy))
-        return sorted(errors, key=lambda item: -item[1])
+        return sorted(errors, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)  # NaN: most sensitive
 
     def close(self) -> None:
         """Remove the working files."""
@@ -224,4 +232,9 @@ def _feeds(calibration: Sequence[tuple[Any, ...]], names: list[str]) -> Iterator
     """ONNX Runtime feeds of the calibration inputs (already in batches the file runs)."""
     for args in calibration:
         tensors = [t.detach().cpu().contiguous() for t in tree_leaves(args) if isinstance(t, Tensor)]
+        if any(t.dtype == torch.bfloat16 for t in tensors):
+            raise TypeError(
+                "int8 'onnx' calibrates through NumPy, which has no bfloat16: export the network in float32 "
+                "(e.g. a float32 copy of a bf16-true model) to quantize it"
+            )
         yield {name: t.numpy() for name, t in zip(names, tensors)}
