@@ -28,10 +28,10 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +43,74 @@ from fx_lightning.export import Artifact
 from fx_lightning.runtimes.base import first_line
 from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target, preserved_rng
 
-#: The float formats an int8 version can be made of; ``<format>-int8`` names the int8 artifact.
-INT8_FORMATS = ("onnx", "aoti")
 SUFFIX = "-int8"
-_HOW = {"onnx": "int8 QDQ", "aoti": "int8 PT2E x86 Inductor"}
 
-__all__ = ["INT8_FORMATS", "Int8Options", "int8_options", "quantize_artifacts"]
+__all__ = [
+    "BACKENDS",
+    "INT8_FORMATS",
+    "Int8Backend",
+    "Int8Options",
+    "Int8Quantizer",
+    "conform_batches",
+    "int8_options",
+    "quantize_artifacts",
+]
+
+
+class Int8Quantizer(Protocol):
+    """One float artifact's int8 maker, calibrated once on the calibration inputs.
+
+    Attributes:
+        layers: the quantizable layers, by the names ``write`` and ``sensitivity`` use.
+        notes: what the user should know about how it was made.
+        calibration_s: seconds the first ``write`` spent calibrating.
+    """
+
+    layers: list[str]
+    notes: list[str]
+    calibration_s: float
+
+    @property
+    def num_samples(self) -> int:
+        """Calibration samples seen."""
+        ...
+
+    def facts(self) -> dict[str, Any]:
+        """How it quantizes (calibration method, weight range, ...), for the report."""
+        ...
+
+    def label(self, layer: str) -> str:
+        """The layer as users know it (its module path)."""
+        ...
+
+    def write(self, path: Path, float_layers: Sequence[str] = ()) -> Path:
+        """Quantize every layer but ``float_layers`` into ``path``."""
+        ...
+
+    def sensitivity(self) -> list[tuple[str, float]]:
+        """Each layer's error quantized alone on the calibration inputs, most sensitive first."""
+        ...
+
+    def close(self) -> None:
+        """Remove working files."""
+        ...
+
+
+@dataclass(frozen=True)
+class Int8Backend:
+    """How int8 versions of one float format are made.
+
+    Attributes:
+        format: the float format it quantizes (the int8 artifact is ``format + "-int8"``).
+        how: what the runtime description gains, e.g. ``"int8 QDQ"``.
+        check: raises (a missing extra, no C++ compiler) when it cannot run here.
+        make: ``make(base, fused, inputs, calibration, options) -> Int8Quantizer`` for the float artifact ``base``.
+    """
+
+    format: str
+    how: str
+    check: Callable[[], None]
+    make: Callable[[Artifact, nn.Module, tuple[Any, ...], list[tuple[Any, ...]], Int8Options], Int8Quantizer]
 
 
 @dataclass(frozen=True)
@@ -224,7 +286,6 @@ class _Gate:
             "float_artifact": self.base.format,
             "max_metric_drop": self.options.max_metric_drop,
             "calibration_batches": len(calibration),
-            "calibration_method": self.options.calibration_method,
             "float_layers": [],
             "attempts": self.attempts,
         }
@@ -234,10 +295,9 @@ class _Gate:
         quantizer = None
         try:
             calibration = conform_batches(calibration, self.base.batch_size)
-            quantizer = _quantizer(self.base, self.fused, self.inputs, calibration, self.options)
+            quantizer = BACKENDS[self.base.format].make(self.base, self.fused, self.inputs, calibration, self.options)
             details["calibration_samples"] = quantizer.num_samples
-            if hasattr(quantizer, "reduce_range"):
-                details["reduce_range"] = quantizer.reduce_range
+            details |= quantizer.facts()
             details["layers"] = len(quantizer.layers)
             details["notes"] = quantizer.notes
             quantizer.write(path)
@@ -268,7 +328,7 @@ class _Gate:
             runner=None,
             format=self.name,
             path=path,
-            runtime=f"{self.base.runtime}, {_HOW[self.base.format]}",
+            runtime=f"{self.base.runtime}, {BACKENDS[self.base.format].how}",
             loader=self.base.loader or self.base.format,
             tolerance=self.options.max_metric_drop,
             base=self.base.format,
@@ -352,15 +412,23 @@ def _calibration_inputs(
     return taken
 
 
-def _quantizer(
+def _onnx_quantizer(
     base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
-) -> Any:
-    """The quantizer of ``base``'s format: ``layers``, ``label(layer)``, ``write(path, float_layers)``,
-    ``sensitivity()``, ``close()``, ``calibration_s``, ``num_samples``, ``notes``."""
-    if base.format == "onnx":
-        from fx_lightning.runtimes.onnx_int8 import OnnxQuantizer
+) -> Int8Quantizer:
+    from fx_lightning.runtimes.onnx_int8 import OnnxQuantizer
 
-        return OnnxQuantizer(base.path, calibration, options.calibration_method)
+    return OnnxQuantizer(base.path, calibration, options.calibration_method)
+
+
+def _check_onnx() -> None:
+    from fx_lightning.runtimes.onnx_int8 import import_quantization
+
+    import_quantization()
+
+
+def _pt2e_quantizer(
+    base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
+) -> Int8Quantizer:
     from fx_lightning.runtimes.aoti_int8 import Pt2eQuantizer
 
     return Pt2eQuantizer(
@@ -370,6 +438,23 @@ def _quantizer(
         dynamic_batch=base.batch_size is None,
         inductor_configs=dict(base.options.get("inductor_configs") or {}),
     )
+
+
+def _check_pt2e() -> None:
+    from fx_lightning.runtimes.aoti import find_compiler
+    from fx_lightning.runtimes.aoti_int8 import import_torchao
+
+    import_torchao()
+    find_compiler()
+
+
+#: float format -> how its int8 version is made; ``INT8_FORMATS`` are its keys.
+BACKENDS: dict[str, Int8Backend] = {
+    "onnx": Int8Backend("onnx", "int8 QDQ", _check_onnx, _onnx_quantizer),
+    "aoti": Int8Backend("aoti", "int8 PT2E x86 Inductor", _check_pt2e, _pt2e_quantizer),
+}
+#: The float formats an int8 version can be made of; ``<format>-int8`` names the int8 artifact.
+INT8_FORMATS = tuple(BACKENDS)
 
 
 def conform_batches(calibration: list[tuple[Any, ...]], batch_size: int | None) -> list[tuple[Any, ...]]:
@@ -427,7 +512,7 @@ def _check_fields(options: Int8Options, owner: str) -> None:
             f"{where}: max_metric_drop={drop!r} expects a finite number >= 0, the largest allowed absolute change of "
             "the metric (0.01 is one accuracy point)."
         )
-    from fx_lightning.runtimes.onnx_int8 import METHODS, import_quantization
+    from fx_lightning.runtimes.onnx_int8 import METHODS
 
     if not isinstance(options.calibration_method, str) or options.calibration_method not in METHODS:
         raise ValueError(
@@ -436,13 +521,6 @@ def _check_fields(options: Int8Options, owner: str) -> None:
         )
     for fmt in options.formats:
         try:
-            if fmt == "onnx":
-                import_quantization()
-            else:
-                from fx_lightning.runtimes.aoti import find_compiler
-                from fx_lightning.runtimes.aoti_int8 import import_torchao
-
-                import_torchao()
-                find_compiler()
+            BACKENDS[fmt].check()
         except (ModuleNotFoundError, RuntimeError) as err:
             raise type(err)(f"{where} with formats={list(options.formats)!r}: {err}") from err

@@ -102,6 +102,13 @@ class Pt2eQuantizer:
         """Calibration samples seen (rows of the first input over all calibration calls)."""
         return sum(_rows(args) for args in self.calibration)
 
+    def facts(self) -> dict[str, Any]:
+        """How it quantizes: the x86 Inductor quantizer's default static configuration, min/max observers."""
+        return {
+            "quantizer": "X86InductorQuantizer, per-channel int8 weights, static uint8 activations",
+            "calibration_method": "minmax",
+        }
+
     def label(self, layer: str) -> str:
         """The layer as users know it: its module path."""
         return layer

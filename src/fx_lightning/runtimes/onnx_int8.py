@@ -112,6 +112,10 @@ class OnnxQuantizer:
         """Calibration samples seen (rows of the first input over all calibration calls)."""
         return sum(next(iter(feed.values())).shape[0] for feed in self._feeds)
 
+    def facts(self) -> dict[str, Any]:
+        """How it quantizes: the calibration method and whether weights use 7 bits."""
+        return {"calibration_method": self.method, "reduce_range": self.reduce_range}
+
     def label(self, layer: str) -> str:
         """The layer as users know it: the network's module path the exporter recorded (``layer1.0.conv1``),
         with the ONNX node name (``layer1.0.conv1 (node_conv2d_1)``); the node name alone when none was recorded."""
