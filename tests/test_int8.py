@@ -4,6 +4,7 @@ gated by the task metric, with layers kept in float while over budget."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +309,58 @@ def test_int8_that_cannot_be_made_never_reports_an_earlier_run_file(tmp_path: Pa
     assert not (tmp_path / "model.int8.FAILED.onnx").exists()
     assert set(report.announced()) == {"onnx"}
     assert report.artifacts["onnx-int8"].error.startswith("int8 quantization failed")
+
+
+@pytest.mark.parametrize(("max_float_layers", "announced"), [(4, True), (0, False)])
+def test_fuse_on_export_keeps_a_sensitive_layer_in_float_or_does_not_announce_int8(
+    max_float_layers: int, announced: bool, make_trainer: Any, tmp_path: Path
+) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fx_lightning.artifacts import ArtifactMismatchWarning
+    from test_int8_gate import BUDGET, accuracy, labelled, sensitive_net
+
+    class Module(pl.LightningModule):  # a network whose first convolution cannot take an int8 input
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sensitive_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    model = Module().eval()
+    data = labelled(model.net, 4, seed=1)
+    callback = FuseOnExport(
+        metric=accuracy(),
+        export_dir=str(tmp_path / "out"),
+        export_formats=["onnx"],
+        export_stages=["test"],
+        verify_dataloader=data,
+        calibration_dataloader=labelled(model.net, 4, seed=2),
+        int8={"max_metric_drop": BUDGET, "max_float_layers": max_float_layers},
+        deploy_latency_budget=0,
+    )
+    loader = DataLoader(TensorDataset(*(torch.cat(parts) for parts in zip(*data))), batch_size=16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[callback]).test(model, dataloaders=loader)
+    entry = callback.last_result.deploy["artifacts"]["onnx-int8"]
+    int8 = entry["int8"]
+    assert int8["attempts"][0]["passed"] is False  # every layer quantized: over budget
+    assert int8["attempts"][0]["worst_drop"] > BUDGET
+    assert ("onnx-int8" in callback.last_result.artifacts) is announced
+    mismatches = [str(w.message) for w in record if issubclass(w.category, ArtifactMismatchWarning)]
+    if announced:
+        assert int8["float_layers"][0].startswith("0 (")  # the first convolution, by its module path
+        assert entry["verification"]["passed"]
+        assert not mismatches
+    else:
+        assert int8["float_layers"] == []
+        assert (tmp_path / "out" / "net.int8.FAILED.onnx").is_file()
+        assert len(mismatches) == 1
+        assert "missed by" in mismatches[0]
+        assert "onnx" in callback.last_result.artifacts  # the float file is still handed out
