@@ -186,7 +186,9 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             in float one at a time, up to ``max_float_layers``; still over budget, it is not announced and the
             warning says by how much it missed. The deploy table and ``fuse_report.json`` show the int8 rows
             (``"onnx-int8"``) with the metric drop, the latency against the float artifact, the layers kept in
-            float and the calibration time. ``None``: no int8.
+            float and the calibration time. ``"aoti"`` (torchao's PT2E flow, the ``torchao`` extra) makes an x86
+            CPU package. Without a task metric (outputs-only checks) int8 is skipped with a note; a failure in
+            int8 fails only the int8 artifacts. ``None``: no int8.
         calibration_dataloader: data to calibrate int8 on instead of the training dataloader (set from Python).
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
             ``False`` fixes the batch size of the example input. A network that receives a list of tensors, or
