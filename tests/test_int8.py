@@ -74,11 +74,14 @@ def test_fuse_on_export_writes_an_int8_onnx_artifact_checked_against_its_budget(
     assert np.abs(int8_out - float_out).max() < 0.5 * np.abs(float_out).max()
 
 
-def _fit(tiny_cnn: Any, digits: Any, make_trainer: Any, directory: Path, **kwargs: Any) -> tuple[Any, FuseOnExport]:
+def _fit(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, directory: Path, **kwargs: Any
+) -> tuple[Any, FuseOnExport, Any]:
     model = tiny_cnn(width=8)
     callback = FuseOnExport(export_dir=str(directory), export_formats=["onnx"], deploy_latency_budget=0, **kwargs)
-    make_trainer(callbacks=[callback], limit_val_batches=2).fit(model, datamodule=digits)
-    return model, callback
+    trainer = make_trainer(callbacks=[callback], limit_val_batches=2)
+    trainer.fit(model, datamodule=digits)
+    return model, callback, trainer
 
 
 def test_int8_calibration_leaves_the_model_its_batch_norm_statistics_and_the_random_state_as_without_it(
@@ -86,12 +89,16 @@ def test_int8_calibration_leaves_the_model_its_batch_norm_statistics_and_the_ran
 ) -> None:
     # Calibration reads shuffled training batches (a draw from torch's generator) after training: the same seeded
     # run without int8 must end with the same weights, BatchNorm statistics and random numbers.
-    plain, _ = _fit(tiny_cnn, digits, make_trainer, tmp_path / "plain")
+    plain, _, plain_trainer = _fit(tiny_cnn, digits, make_trainer, tmp_path / "plain")
     after_plain = (torch.rand(4), np.random.rand(), __import__("random").random())
-    quantized, callback = _fit(
+    quantized, callback, trainer = _fit(
         tiny_cnn, digits, make_trainer, tmp_path / "int8", int8={"calibration_batches": 3, "max_metric_drop": 1.0}
     )
     after_int8 = (torch.rand(4), np.random.rand(), __import__("random").random())
+    # the training loader's own generator (DigitsDataModule shuffles with a seeded one) is left as without int8:
+    # a further epoch would shuffle alike
+    shuffles = [t.train_dataloader.generator.get_state() for t in (plain_trainer, trainer)]
+    assert torch.equal(*shuffles)
     assert "onnx-int8" in callback.last_result.artifacts  # calibration did run
     assert torch.equal(after_plain[0], after_int8[0])
     assert after_plain[1:] == after_int8[1:]
@@ -140,7 +147,7 @@ def test_int8_calibrates_on_a_given_calibration_dataloader(
     tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
 ) -> None:
     given = [(torch.rand(16, 1, 8, 8) * 16, torch.zeros(16, dtype=torch.long)) for _ in range(5)]
-    _, callback = _fit(
+    _, callback, _ = _fit(
         tiny_cnn,
         digits,
         make_trainer,
