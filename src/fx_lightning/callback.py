@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import json
 import math
 import time
@@ -46,7 +45,7 @@ from fx_lightning.artifacts import DeployReport, verify_artifacts
 from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
-from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts
+from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, read_batches
 from fx_lightning.loop_data import (
     Batches,
     OnDevice,
@@ -725,7 +724,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         count = self.int8.calibration_batches
         given = self.calibration_dataloader is not None
         if given:
-            batches = list(itertools.islice(self.calibration_dataloader, count))
+            batches = read_batches(self.calibration_dataloader, count)
         else:  # the Trainer's form: a loader, or a list/dict of loaders
             batches = calibration_batches(compat.training_dataloader(trainer), count)
         if not batches:

@@ -54,6 +54,7 @@ __all__ = [
     "conform_batches",
     "int8_options",
     "quantize_artifacts",
+    "read_batches",
 ]
 
 
@@ -390,13 +391,34 @@ def _attempt_record(report: ArtifactReport, float_layers: list[str], budget: flo
 # ----------------------------------------------------------------------------------------- helpers
 
 
+def read_batches(batches: Iterable[Any], count: int) -> list[Any]:
+    """The first ``count`` batches, read once. A shuffling DataLoader draws from its own generator
+    (``DataLoader(generator=...)``, its sampler's), which is put back as found, so that the user's next epoch
+    shuffles as it would have; the global generators are the caller's to keep (``preserved_rng``).
+
+    Example:
+        >>> loader = torch.utils.data.DataLoader(range(10), shuffle=True, generator=torch.Generator().manual_seed(0))
+        >>> state = loader.generator.get_state()
+        >>> len(read_batches(loader, 2)), torch.equal(state, loader.generator.get_state())
+        (2, True)
+    """
+    candidates = (getattr(batches, "generator", None), getattr(getattr(batches, "sampler", None), "generator", None))
+    generators = list({id(g): g for g in candidates if isinstance(g, torch.Generator)}.values())
+    states = [g.get_state() for g in generators]
+    try:
+        return list(itertools.islice(batches, count))
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+
+
 def _calibration_inputs(
     calibration: Iterable[Any], count: int, get_input: GetInput, example: tuple[Any, ...]
 ) -> list[tuple[Any, ...]]:
     """The positional inputs of the first ``count`` batches, on the CPU, floating tensors in the example's dtype."""
     dtype = next((t.dtype for t in tree_leaves(example) if isinstance(t, Tensor) and t.is_floating_point()), None)
     taken: list[tuple[Any, ...]] = []
-    for batch in itertools.islice(calibration, count):
+    for batch in read_batches(calibration, count):
         x = get_input(batch)
         args = x if isinstance(x, tuple) else (x,)
         taken.append(

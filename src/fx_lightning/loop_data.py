@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fx_lightning import lightning_compat as compat
+from fx_lightning.int8 import read_batches
 
 _OWN_LOOP = {"test": "test", "predict": "predict", "validate": "validate"}
 
@@ -77,24 +76,10 @@ class OnDevice:
 
 
 def calibration_batches(loaders: Any, count: int) -> list[Any]:
-    """The first ``count`` batches of the (first) training dataloader, read once, as the user's loader gives them.
-
-    Reading a shuffling loader draws from its own generator (``DataLoader(generator=...)``, its sampler's), which
-    is put back as found, so that the next epoch shuffles as it would have; the global generators are the
-    caller's to keep (:func:`fx_lightning.verify.preserved_rng`).
-    """
+    """The first ``count`` batches of the (first) training dataloader, read once, as the user's loader gives them
+    (:func:`fx_lightning.int8.read_batches`: the loader's own generator is put back as found)."""
     found = _as_list(loaders)
-    if not found:
-        return []
-    loader = found[0]
-    candidates = (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None))
-    generators = list({id(g): g for g in candidates if isinstance(g, torch.Generator)}.values())
-    states = [g.get_state() for g in generators]
-    try:
-        return list(itertools.islice(loader, count))
-    finally:
-        for generator, state in zip(generators, states):
-            generator.set_state(state)
+    return read_batches(found[0], count) if found else []
 
 
 def verification_batches(trainer: Any, stage: str, given: Iterable[Any] | None, max_batches: int | None) -> Batches:
