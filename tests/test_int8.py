@@ -371,3 +371,17 @@ def test_fuse_on_export_keeps_a_sensitive_layer_in_float_or_does_not_announce_in
         assert len(mismatches) == 1
         assert "missed by" in mismatches[0]
         assert "onnx" in callback.last_result.artifacts  # the float file is still handed out
+
+
+def test_int8_calibration_data_that_cannot_be_read_fails_only_the_int8_artifact(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Path
+) -> None:
+    given = [{"pixels": torch.zeros(4, 1, 8, 8)}]  # no key the default get_input knows
+    with pytest.warns(UserWarning, match=r"'onnx-int8' artifact .* could not be checked: int8 could not be made: "):
+        _, callback, _ = _fit(
+            tiny_cnn, digits, make_trainer, tmp_path, int8={"max_metric_drop": 1.0}, calibration_dataloader=given
+        )
+    assert set(callback.last_result.artifacts) == {"onnx"}  # the float file is checked and handed out
+    assert (tmp_path / "net.onnx").is_file()
+    assert not (tmp_path / "net.FAILED.onnx").exists()
+    assert not callback.last_result.error

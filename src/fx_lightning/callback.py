@@ -45,7 +45,7 @@ from fx_lightning.artifacts import DeployReport, verify_artifacts
 from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
-from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, read_batches
+from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, int8_path, quantize_artifacts, read_batches
 from fx_lightning.loop_data import (
     Batches,
     OnDevice,
@@ -701,58 +701,47 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             )
             return {}
         try:
-            return self._calibrated_int8(run, network, module, call, written, data, notes)
+            trainer, pl_module = run.trainer, run.pl_module
+            count = self.int8.calibration_batches
+            given = self.calibration_dataloader is not None
+            if given:
+                batches = read_batches(self.calibration_dataloader, count)
+            else:  # the Trainer's form: a loader, or a list/dict of loaders
+                batches = calibration_batches(compat.training_dataloader(trainer), count)
+            if not batches:
+                notes.append(
+                    f"'{network.name}' int8 not made: no training data to calibrate on in `trainer.{_fn(trainer)}`. "
+                    "int8 is made after fit, or give FuseOnExport(calibration_dataloader=...)"
+                )
+                return {}
+            _info(
+                trainer,
+                f"FuseOnExport: int8 {list(self.int8.formats)} of '{network.name}': calibrating on {len(batches)} "
+                f"{'calibration_dataloader' if given else 'training'} batch(es), then checking against "
+                f"max_metric_drop={self.int8.max_metric_drop:g}",
+            )
+            with eval_mode(pl_module):
+                return quantize_artifacts(
+                    written,
+                    network.module(pl_module),
+                    module,
+                    [to_device(trainer, pl_module, batch) for batch in batches],
+                    data["batches"],
+                    call.args,
+                    self.int8,
+                    metric=data["metric"],
+                    get_input=data["get_input"],
+                    get_target=data["get_target"],
+                    max_batches=data["max_batches"],
+                )
         except Exception as err:  # noqa: BLE001 - int8 is opt-in: its failure fails the int8 artifacts, not the export
-            error = f"int8 calibration data could not be read: {type(err).__name__}: {err}"
+            error = f"int8 could not be made: {type(err).__name__}: {err}"
             return {
-                f + SUFFIX: Artifact(f + SUFFIX, written[f].path if f in written else Path(f + SUFFIX), error=error)
+                f + SUFFIX: Artifact(
+                    f + SUFFIX, int8_path(written[f].path) if f in written else Path(f), base=f, error=error
+                )
                 for f in self.int8.formats
             }
-
-    def _calibrated_int8(
-        self,
-        run: _Run,
-        network: Network,
-        module: nn.Module,
-        call: Call,
-        written: dict[str, Artifact],
-        data: dict[str, Any],
-        notes: list[str],
-    ) -> dict[str, Artifact]:
-        assert self.int8 is not None
-        trainer, pl_module = run.trainer, run.pl_module
-        count = self.int8.calibration_batches
-        given = self.calibration_dataloader is not None
-        if given:
-            batches = read_batches(self.calibration_dataloader, count)
-        else:  # the Trainer's form: a loader, or a list/dict of loaders
-            batches = calibration_batches(compat.training_dataloader(trainer), count)
-        if not batches:
-            notes.append(
-                f"'{network.name}' int8 not made: no training data to calibrate on in `trainer.{_fn(trainer)}`. "
-                "int8 is made after fit, or give FuseOnExport(calibration_dataloader=...)"
-            )
-            return {}
-        _info(
-            trainer,
-            f"FuseOnExport: int8 {list(self.int8.formats)} of '{network.name}': calibrating on {len(batches)} "
-            f"{'calibration_dataloader' if given else 'training'} batch(es), then checking against "
-            f"max_metric_drop={self.int8.max_metric_drop:g}",
-        )
-        with eval_mode(pl_module):
-            return quantize_artifacts(
-                written,
-                network.module(pl_module),
-                module,
-                [to_device(trainer, pl_module, batch) for batch in batches],
-                data["batches"],
-                call.args,
-                self.int8,
-                metric=data["metric"],
-                get_input=data["get_input"],
-                get_target=data["get_target"],
-                max_batches=data["max_batches"],
-            )
 
     def _gives_forward_layout(self, run: _Run, network: nn.Module, call: Call) -> bool:
         """Whether ``network``'s output has the tree structure and leaf shapes of the forward's output, so that the

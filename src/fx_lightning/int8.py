@@ -53,6 +53,7 @@ __all__ = [
     "Int8Quantizer",
     "conform_batches",
     "int8_options",
+    "int8_path",
     "quantize_artifacts",
     "read_batches",
 ]
@@ -250,7 +251,8 @@ def quantize_artifacts(
         if base is None or base.error or not base.path.exists():
             made[name] = Artifact(
                 name,
-                base.path if base is not None else Path(name),
+                int8_path(base.path) if base is not None else Path(name),
+                base=fmt,
                 error=f"its float '{fmt}' artifact was not written, so there is nothing to quantize",
             )
             continue
@@ -282,7 +284,7 @@ class _Gate:
 
     def run(self, calibration: list[tuple[Any, ...]]) -> Artifact:
         start = time.perf_counter()
-        path = self.base.path.with_name(f"{self.base.path.stem}.int8{self.base.path.suffix}")
+        path = int8_path(self.base.path)
         details: dict[str, Any] = {
             "float_artifact": self.base.format,
             "max_metric_drop": self.options.max_metric_drop,
@@ -389,6 +391,16 @@ def _attempt_record(report: ArtifactReport, float_layers: list[str], budget: flo
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def int8_path(float_path: Path) -> Path:
+    """Where the int8 version of a float artifact is written: ``.int8`` before the last suffix.
+
+    Example:
+        >>> int8_path(Path("out/model.onnx")).name, int8_path(Path("out/model.aoti.pt2")).name
+        ('model.int8.onnx', 'model.aoti.int8.pt2')
+    """
+    return float_path.with_name(f"{float_path.stem}.int8{float_path.suffix}")
 
 
 def read_batches(batches: Iterable[Any], count: int) -> list[Any]:
