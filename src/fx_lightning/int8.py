@@ -355,7 +355,7 @@ class _Gate:
             max_batches=self.max_batches,
         )
         report = reports[self.name]
-        self.attempts.append(_attempt_record(report, float_layers, self.options.max_metric_drop))
+        self.attempts.append(_attempt_record(report, float_layers))
         return report.passed
 
     def _summary(self, details: dict[str, Any]) -> str:
@@ -375,7 +375,7 @@ class _Gate:
         )
 
 
-def _attempt_record(report: ArtifactReport, float_layers: list[str], budget: float) -> dict[str, Any]:
+def _attempt_record(report: ArtifactReport, float_layers: list[str]) -> dict[str, Any]:
     v = report.verification
     drops = {k: value - v.metric_fused.get(k, math.nan) for k, value in v.metric_original.items()} if v else {}
     worst = max((abs(d) for d in drops.values()), default=math.nan)
