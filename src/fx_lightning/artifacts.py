@@ -595,7 +595,7 @@ def _conformed(runner: Runner, example: tuple[Any, ...], batch_size: int | None,
             )
         chunks = []
         for start in range(0, size, batch_size):
-            part = tree_map(lambda t, s=start: _rows(t, s, batch_size), args)
+            part = tree_map(lambda t, s=start: padded_rows(t, s, batch_size), args)
             taken = min(batch_size, size - start)
             out = runner(*part)
             chunks.append(tree_map(lambda o, n=taken: o[:n] if isinstance(o, Tensor) and o.dim() > 0 else o, out))
@@ -604,7 +604,9 @@ def _conformed(runner: Runner, example: tuple[Any, ...], batch_size: int | None,
     return run
 
 
-def _rows(t: Any, start: int, size: int) -> Any:
+def padded_rows(t: Any, start: int, size: int) -> Any:
+    """Rows ``start:start + size`` of a batched tensor, padded with copies of its last row up to ``size`` (anything
+    else as it is): the chunks a fixed-batch artifact runs."""
     if not isinstance(t, Tensor) or t.dim() == 0:
         return t
     part = t[start : start + size]

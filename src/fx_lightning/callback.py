@@ -45,7 +45,7 @@ from fx_lightning.artifacts import DeployReport, verify_artifacts
 from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
-from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, int8_path, quantize_artifacts, read_batches
+from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, read_batches, unmade
 from fx_lightning.loop_data import (
     Batches,
     OnDevice,
@@ -736,12 +736,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
         except Exception as err:  # noqa: BLE001 - int8 is opt-in: its failure fails the int8 artifacts, not the export
             error = f"int8 could not be made: {type(err).__name__}: {err}"
-            return {
-                f + SUFFIX: Artifact(
-                    f + SUFFIX, int8_path(written[f].path) if f in written else Path(f), base=f, error=error
-                )
-                for f in self.int8.formats
-            }
+            return {f + SUFFIX: unmade(f, written.get(f), error) for f in self.int8.formats}
 
     def _gives_forward_layout(self, run: _Run, network: nn.Module, call: Call) -> bool:
         """Whether ``network``'s output has the tree structure and leaf shapes of the forward's output, so that the

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.artifacts import ArtifactReport, check_in_runtimes, failed_path
+from fx_lightning.artifacts import ArtifactReport, check_in_runtimes, failed_path, padded_rows
 from fx_lightning.export import Artifact
 from fx_lightning.runtimes.base import first_line
 from fx_lightning.verify import GetInput, GetTarget, default_get_input, default_get_target, preserved_rng
@@ -249,12 +249,8 @@ def quantize_artifacts(
         name = fmt + SUFFIX
         base = written.get(fmt)
         if base is None or base.error or not base.path.exists():
-            made[name] = Artifact(
-                name,
-                int8_path(base.path) if base is not None else Path(name),
-                base=fmt,
-                error=f"its float '{fmt}' artifact was not written, so there is nothing to quantize",
-            )
+            error = f"its float '{fmt}' artifact was not written, so there is nothing to quantize"
+            made[name] = unmade(fmt, base, error)
             continue
         gate = _Gate(name, base, options, original, fused, batches, inputs, metric, get_input, get_target, max_batches)
         with preserved_rng():
@@ -393,6 +389,13 @@ def _attempt_record(report: ArtifactReport, float_layers: list[str]) -> dict[str
 # ----------------------------------------------------------------------------------------- helpers
 
 
+def unmade(fmt: str, base: Artifact | None, error: str) -> Artifact:
+    """The int8 artifact of ``fmt`` that could not be made: reported (never loaded) under its own int8 path, never
+    under the float file's, which a failure would rename."""
+    path = int8_path(base.path) if base is not None else Path(fmt + SUFFIX)
+    return Artifact(fmt + SUFFIX, path, base=fmt, error=error)
+
+
 def int8_path(float_path: Path) -> Path:
     """Where the int8 version of a float artifact is written: ``.int8`` before the last suffix.
 
@@ -506,17 +509,8 @@ def conform_batches(calibration: list[tuple[Any, ...]], batch_size: int | None) 
     for args in calibration:
         size = next((t.shape[0] for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0), batch_size)
         for start in range(0, size - batch_size + 1, batch_size) if size >= batch_size else [0]:
-            conformed.append(tree_map(lambda t, s=start: _chunk(t, s, batch_size), args))
+            conformed.append(tree_map(lambda t, s=start: padded_rows(t, s, batch_size), args))
     return conformed
-
-
-def _chunk(t: Any, start: int, size: int) -> Any:
-    if not isinstance(t, Tensor) or t.dim() == 0:
-        return t
-    part = t[start : start + size]
-    if part.shape[0] < size:
-        part = torch.cat([part, part[-1:].expand(size - part.shape[0], *part.shape[1:])])
-    return part.contiguous()
 
 
 def _check_fields(options: Int8Options, owner: str) -> None:
