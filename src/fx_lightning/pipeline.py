@@ -180,7 +180,9 @@ def _wrapper_hint(model: nn.Module) -> str:
 class _Unit:
     """One module replacement made in the copy: ``container._modules[name]`` went from ``old`` to ``new``.
 
-    ``container`` is ``None`` for the model itself (the whole model replaced by a graph).
+    ``container`` is ``None`` for the model itself (the whole model replaced by a graph). ``scope`` is the path of
+    the smallest module whose forward holds the rewrite and every reader of what it changed: the self-check runs
+    that module, as it was and as rewritten, on the inputs it gets from the example inputs.
     """
 
     path: str
@@ -189,6 +191,7 @@ class _Unit:
     old: nn.Module
     new: nn.Module
     group: int = 0  # replacements made for one rewrite share a group and are kept or reverted together
+    scope: str = ""
 
     def set(self, applied: bool) -> None:
         if self.container is not None:
@@ -227,6 +230,20 @@ class _Sites:
                 return True
         return False
 
+    def enclosing(self, scope: str) -> str:
+        """The smallest module holding ``scope`` and every forward that calls or fetches one of its parts.
+
+        Generated code replaces a module as a whole: a forward kept as written that indexes, iterates or calls a
+        part of it (``self.seq0[0](x)``) must be inside the module replaced, or it would reach into generated code.
+        """
+        while scope:
+            parts = self.fetches + self.part_calls
+            readers = [s for t, s in parts if t.startswith(scope + ".") and not _within(s, scope)]
+            if not readers:
+                return scope
+            scope = _common_scope([scope, *readers])
+        return scope
+
 
 class _Engine:
     """Fuses one module tree: traced regions, their rewrites, and every module replacement made (``units``)."""
@@ -239,6 +256,9 @@ class _Engine:
         self.report = report
         self.units: list[_Unit] = []
         self.groups = 0
+        # Paths of untraced (or opaque) modules whose own code reaches into the region being fused: what a rewrite
+        # there changes is also read by that code, so the self-check runs the outermost of them.
+        self.readers: list[str] = []
 
     # -- regions
 
@@ -265,19 +285,20 @@ class _Engine:
                     )
                     self.report.skipped += [Skipped(_join(child_path, n), why) for n in _batch_norm_paths(child)]
                 elif contains_batch_norm(child) and not _is_torch_leaf(child):
-                    new = self.fuse_region(child, child_path, None, below_untraced=True)
-                    self._replace(module, name, new, child_path)
+                    with self._read_by(path if name in reached else None):
+                        new = self.fuse_region(child, child_path, None, below_untraced=True)
+                        self._replace(module, name, new, child_path)
             return module
         if example_inputs is not None:
             _propagate_shapes(gm, example_inputs)
         self.report.traced.append(path or "<model>")
+        sites = _Sites(gm)
         if self.form == "graph" and not path:
             changes = _run_passes(gm, self.passes)
             result: nn.Module = _finish(gm)
             self.report.merge(_report_of(changes), path)
             self._replace(None, "", result, "", old=module)
         else:
-            sites = _Sites(gm)
             originals = dict(module.named_modules(remove_duplicate=False))
             changes = _run_passes(gm, self.passes)
             result = self._write_back(module, path, gm, changes, sites, originals, example_inputs, below_untraced)
@@ -289,10 +310,23 @@ class _Engine:
                 if opaque:
                     self.report.untraced.append(Untraced(_join(path, name), traced.opaque[name]))
                 continue
-            new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
-            parent, _, last = name.rpartition(".")
-            self._replace(_find(result, parent), last, new, _join(path, name))
+            # The traced code around it may call or fetch its parts too (``self.blk.conv(x)`` beside ``self.blk(x)``).
+            with self._read_by(path if sites.reached_otherwise(name) else None):
+                new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
+                parent, _, last = name.rpartition(".")
+                self._replace(_find(result, parent), last, new, _join(path, name))
         return result
+
+    @contextlib.contextmanager
+    def _read_by(self, reader: str | None) -> Any:
+        """Within it, rewrites are also read by the module at ``reader`` (``None``: by nothing more)."""
+        if reader is not None:
+            self.readers.append(reader)
+        try:
+            yield
+        finally:
+            if reader is not None:
+                self.readers.pop()
 
     def _write_back(
         self,
@@ -311,7 +345,7 @@ class _Engine:
         for rewrite in changes.rewrites:
             pass_through = self._tree_form(rewrite, sites, originals) if rewrite.swaps is not None else None
             if pass_through is None:
-                scoped.setdefault(rewrite.scope, []).append(rewrite)
+                scoped.setdefault(sites.enclosing(rewrite.scope), []).append(rewrite)
                 continue
             group = self._new_group()
             for target, new in (rewrite.swaps or {}).items():
@@ -319,7 +353,14 @@ class _Engine:
                 assert replacement is not None
                 for alias in _aliases(originals, originals[target]):
                     parent, _, last = alias.rpartition(".")
-                    self._replace(module.get_submodule(parent), last, replacement, _join(path, alias), group=group)
+                    self._replace(
+                        module.get_submodule(parent),
+                        last,
+                        replacement,
+                        _join(path, alias),
+                        group=group,
+                        scope=_join(path, rewrite.scope),
+                    )
             for record in rewrite.records:
                 if isinstance(record, Folded):
                     placed = _in_place(record, writable=not below_untraced)
@@ -440,19 +481,21 @@ class _Engine:
         path: str,
         old: nn.Module | None = None,
         group: int | None = None,
+        scope: str | None = None,
     ) -> None:
-        """Put ``new`` at ``container._modules[name]`` and remember it (in ``group``, or a group of its own);
-        ``container=None`` stands for the model itself (replaced by returning ``new``), recorded only for the
-        model's own root."""
+        """Put ``new`` at ``container._modules[name]`` and remember it (in ``group``, or a group of its own, checked
+        by running the module at ``scope``, by default ``path`` itself); ``container=None`` stands for the model
+        itself (replaced by returning ``new``), recorded only for the model's own root."""
         group = self._new_group() if group is None else group
+        scope = self.readers[0] if self.readers else (path if scope is None else scope)
         if container is None:
             if not path and old is not None:
-                self.units.append(_Unit(path, None, name, old, new, group))
+                self.units.append(_Unit(path, None, name, old, new, group, ""))
             return
         old = container._modules[name]
         if old is new:
             return
-        unit = _Unit(path, container, name, old, new, group)
+        unit = _Unit(path, container, name, old, new, group, scope)
         unit.set(True)
         self.units.append(unit)
 
@@ -779,6 +822,17 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
         return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _common_scope(scopes: list[str]) -> str:
+    """The deepest module path that holds every one of ``scopes``."""
+    parts = [s.split(".") if s else [] for s in scopes]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
 
 
 def _within(path: str, scope: str) -> bool:
