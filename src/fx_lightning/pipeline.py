@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import inspect
 import io
 import textwrap
@@ -26,13 +25,13 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.matching import match_batch_norm, value_users
 from fx_lightning.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
 from fx_lightning.report import Folded, FusionReport, Merged, Skipped, Untraced
+from fx_lightning.self_check import check_units
 from fx_lightning.tracing import (
     contains_batch_norm,
     detached_copy,
@@ -46,8 +45,6 @@ MAX_ROUNDS = 8
 Form = Literal["modules", "graph"]
 _FORMS = ("modules", "graph")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-# Above this many bytes of parameters, the self-check compares in the model's own dtype instead of float64.
-_FLOAT64_CHECK_BYTES = 1 << 30
 
 
 def fuse(
@@ -113,7 +110,7 @@ def fuse(
         engine.checked = example_inputs is not None
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
-            fused = _SelfCheck(model, tuple(example_inputs)).run(fused, engine)
+            fused = check_units(fused, engine.units, tuple(example_inputs), report)
     if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
     report.seconds = time.perf_counter() - start
@@ -674,139 +671,11 @@ def _capture_inputs(
     return captured
 
 
-# ----------------------------------------------------------------------------------------------- self-check
-
-
-class _SelfCheck:
-    """Compares the fused copy with the original on the example inputs, and reverts rewrites until it agrees.
-
-    The reference is the original in float64 (when it fits in memory), and the fused output must be as close to
-    it as the original's own output in its dtype, up to a few units of rounding; a float32 mismatch is looked at
-    again with a float64 copy of the fused module, so that rounding alone never reverts a rewrite.
-    """
-
-    def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self.inputs = inputs
-        reference = detached_copy(model)
-        self.own = _run(reference, inputs)
-        self.exact = self.own
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        if size <= _FLOAT64_CHECK_BYTES and self.dtype != torch.float64:
-            try:
-                self.exact = _run(copy.deepcopy(reference).double(), _as_double(inputs))
-            except Exception:  # noqa: BLE001 - a model that cannot run in float64 is compared in its own dtype
-                self.exact = self.own
-
-    def agrees(self, fused: nn.Module) -> bool:
-        try:
-            outputs = _run(fused, self.inputs)
-        except Exception:  # noqa: BLE001 - a fused module that fails where the original ran is wrong
-            return False
-        if _close(outputs, self.exact, self.own, self.dtype, slack=2.0):
-            return True
-        if self.exact is self.own or self.dtype == torch.float64:
-            return False
-        try:
-            outputs64 = _run(copy.deepcopy(fused).double(), _as_double(self.inputs))
-        except Exception:  # noqa: BLE001
-            return False
-        return _close(outputs64, self.exact, self.exact, self.dtype, slack=0.0)
-
-    def run(self, fused: nn.Module, engine: _Engine) -> nn.Module:
-        """``fused`` if it agrees; else the largest set of module replacements that does, the rest reverted."""
-        if self.agrees(fused):
-            return fused
-        units = engine.units
-        root_unit = next((u for u in units if u.container is None), None)
-
-        def build(chosen: list[_Unit]) -> nn.Module:
-            for unit in reversed(units):
-                unit.set(False)
-            for unit in chosen:
-                unit.set(True)
-            if root_unit is None:
-                return fused
-            return root_unit.new if root_unit in chosen else root_unit.old
-
-        accepted: list[_Unit] = []
-
-        def add_groups(candidates: list[list[_Unit]]) -> None:
-            """Accept all ``candidates`` if the result agrees, else bisect them (a group stays whole)."""
-            chosen = [u for group in candidates for u in group]
-            trial = [u for u in units if u in accepted or u in chosen]
-            if self.agrees(build(trial)):
-                accepted.extend(chosen)
-            elif len(candidates) > 1:
-                half = len(candidates) // 2
-                add_groups(candidates[:half])
-                add_groups(candidates[half:])
-
-        groups: dict[int, list[_Unit]] = {}
-        for unit in units:
-            groups.setdefault(unit.group, []).append(unit)
-        add_groups(list(groups.values()))
-        result = build([u for u in units if u in accepted])
-        report = engine.report
-        reverted = [u.path for u in units if u not in accepted]
-        report.reverted += reverted
-        kept = [r for r in report.folded if not any(_touches(p, r) for p in reverted)]
-        why = "folding it changed the output on example_inputs (the self-check reverted it)"
-        report.skipped += [Skipped(r.bn, why) for r in report.folded if r not in kept]
-        report.folded = kept
-        report.merged = [m for m in report.merged if not any(_within(m.into, p) for p in reverted)]
-        report.removed = [r for r in report.removed if not any(_within(r.name, p) for p in reverted)]
-        report.graphs = [g for g in report.graphs if not any(_within(g, p) for p in reverted)]
-        return result
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _touches(path: str, record: Folded) -> bool:
     return any(_within(p, path) or _within(path, p) for p in (record.bn, *record.layers))
-
-
-def _run(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return module.eval()(*inputs)
-
-
-def _as_double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
-
-
-def _close(outputs: Any, exact: Any, own: Any, dtype: torch.dtype, slack: float) -> bool:
-    """Whether each output leaf is within ``slack`` times the original's own error of the reference, plus rounding."""
-    got, want, base = tree_leaves(outputs), tree_leaves(exact), tree_leaves(own)
-    if len(got) != len(want):
-        return False
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    for out, ref, mine in zip(got, want, base):
-        if not isinstance(ref, torch.Tensor):
-            if out != ref:
-                return False
-            continue
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
-            return False
-        if not ref.is_floating_point():
-            if not torch.equal(out.cpu(), ref.cpu()):
-                return False
-            continue
-        ref64, out64, own64 = (t.detach().cpu().double() for t in (ref, out, mine))
-        finite = torch.isfinite(ref64)
-        if not torch.equal(finite, torch.isfinite(out64)):
-            return False
-        if not finite.any():
-            continue
-        scale = max(1.0, float(ref64[finite].abs().max()))
-        own_error = float((own64 - ref64)[finite].abs().max())
-        error = float((out64 - ref64)[finite].abs().max())
-        rounding = (16 * eps if slack else max(1e-4, 16 * eps)) * scale
-        if error > slack * own_error + rounding:
-            return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _in_place(record: Folded, writable: bool) -> Folded:
