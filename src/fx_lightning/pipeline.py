@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import io
 import textwrap
@@ -716,12 +717,32 @@ def _reached_into(module: nn.Module) -> set[str]:
     child's parts, which may then run or be read outside the child's own forward.
     """
     children = set(module._modules)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
-    except (OSError, TypeError, SyntaxError):
-        return children
-    methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name != "__init__"]
-    nodes = [n for m in methods for n in ast.walk(m)]
+    reached = _attributes_reached(type(module))
+    return children if reached is None else children & reached
+
+
+@functools.cache
+def _attributes_reached(cls: type) -> frozenset[str] | None:
+    """The ``self.<name>`` that the methods of ``cls`` and its own bases read other than to call, test or compare.
+
+    Read once per class (parsing source is slow: a model repeats a few classes many times), from each method's
+    own source rather than the class's (which makes ``inspect`` parse the whole file). ``None`` without source.
+    """
+    functions = []
+    for klass in cls.__mro__:
+        if klass is object or (klass is not cls and klass.__module__.startswith("torch.")):
+            continue
+        for name, value in vars(klass).items():
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if inspect.isfunction(fn) and name != "__init__":
+                functions.append(fn)
+    nodes = []
+    for fn in functions:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return None
+        nodes += list(ast.walk(tree))
     called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
     # `self.x is None` and `isinstance(self.x, ...)` look at the child, not into it.
     called |= {
@@ -735,9 +756,9 @@ def _reached_into(module: nn.Module) -> set[str]:
     reached = set()
     for node in nodes:
         on_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
-        if on_self and node.attr in children and isinstance(node.ctx, ast.Load) and id(node) not in called:
+        if on_self and isinstance(node.ctx, ast.Load) and id(node) not in called:
             reached.add(node.attr)
-    return reached
+    return frozenset(reached)
 
 
 def _batch_norm_paths(module: nn.Module) -> list[str]:
