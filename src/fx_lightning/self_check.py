@@ -294,7 +294,15 @@ def _report_reverted(report: FusionReport, check: _Check, reverted: list[int]) -
                 return f"the self-check reverted '{path or '<model>'}': {why_of[path]}"
         return ""
 
-    kept = [r for r in report.folded if not any(_touches(p, r) for p in paths)]
+    # A fold inside a reverted module stays where its own replacement (the layer, the BatchNorm) was kept: the
+    # module reverted to holds it.
+    kept_paths = {u.path for u in check.units if u.group not in set(reverted)}
+
+    def undone(record: Folded) -> bool:
+        own = {record.bn, *record.layers}
+        return any(_touches(p, record) for p in paths) and not own & kept_paths
+
+    kept = [r for r in report.folded if not undone(r)]
     report.skipped += [Skipped(r.bn, reason(r)) for r in report.folded if r not in kept]
     report.folded = kept
     report.merged = [m for m in report.merged if not any(_within(m.into, p) for p in paths)]
