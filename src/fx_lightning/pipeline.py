@@ -77,8 +77,9 @@ def fuse(
         model: the network to fuse, in train or eval mode.
         example_inputs: optional positional inputs for one forward call. With them, tensor shapes are
             propagated (which settles ranks the graph alone leaves open, e.g. ``Linear`` + ``BatchNorm1d``), and
-            the fused copy is checked against the original on them before it is returned: a rewrite that changes
-            the output beyond rounding is reverted and listed in the report's ``reverted``.
+            each rewrite is checked where it happens (see :mod:`fx_lightning.self_check`): the module holding it
+            runs, as it was and as rewritten, on what it receives from them; a rewrite that changes its output
+            beyond rounding is reverted and listed in the report's ``reverted`` with the reason.
         passes: names of the registered passes to run, in registry order; all by default
             (see :func:`fx_lightning.passes.registered_passes`).
         leaf_modules: module classes to keep as single calls instead of tracing through them.

@@ -141,6 +141,8 @@ class FusionReport:
         merged = f", {len(self.merged)} re-parameterised layer(s)" if self.merged else ""
         graphs = f", {len(self.graphs)} module(s) as generated code" if self.graphs else ""
         reverted = f", {len(self.reverted)} rewrite(s) reverted by the self-check" if self.reverted else ""
+        if self.max_rel_error is not None:
+            reverted += f", max rel error {self.max_rel_error:.1e} on example_inputs"
         return (
             f"{self.model or 'model'}: folded {len(self.folded)} BatchNorm, left {len(self.skipped)}, "
             f"removed {len(self.removed)} no-op calls{merged}{graphs}{reverted}, {len(self.untraced)} untraced "
