@@ -3,8 +3,9 @@
 :func:`generate` draws one small network from a seed: a few blocks of convolutions (1d/2d/3d, transposed,
 functional, weight-standardised, parametrised, tied, shared), Linear layers and BatchNorm in every form torch,
 torchvision and timm users write, joined by residual sums, concatenations, reshapes, in-place ops, constant scales,
-hooks, and children torch.fx cannot trace. BatchNorm statistics and affine parameters are random, so a wrong fold
-changes the output.
+hooks, children torch.fx cannot trace, and forwards that index, iterate or call parts of a child that gets
+rewritten (``self.seq0[0](x)`` beside ``self.seq0(x)``). BatchNorm statistics and affine parameters are random,
+so a wrong fold changes the output.
 
 The network is a :class:`FuzzNet`, whose ``forward`` interprets a list of steps fixed at construction
 (``y3 = self.conv1(y2)``, ``y4 = y3 * self.gamma0.view(1, -1, 1, 1)``): torch.fx traces it like hand-written code,
@@ -97,6 +98,9 @@ FEATURES = frozenset(
         "root hook",
         "root pre-hook",
         "untraceable child",
+        "indexes a child",
+        "iterates a child",
+        "calls a child's part",
         "reads bn weight",
         "reads layer weight",
         "weight.abs().sum()",
@@ -416,6 +420,17 @@ def _iadd(net: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     return a
 
 
+def _iterate(net: nn.Module, a: Tensor, module: str) -> Tensor:
+    for layer in getattr(net, module):
+        a = layer(a)
+    return a
+
+
+def _part_text(step: Step, module: str, part: str) -> str:
+    where = f"[{part}]" if part.isdigit() else f".{part}"
+    return f"{step.out} = self.{module}{where}({step.args[0]})"
+
+
 def _relu_(net: nn.Module, a: Tensor) -> Tensor:
     a.relu_()
     return a
@@ -478,6 +493,8 @@ def _read_weight_text(step: Step, *, module: str, dims: int) -> str:
 #: op name -> (function(net, *tensors, **attrs), the line it prints as: a format string or a function of the step)
 _OPS: dict[str, tuple[Callable[..., Tensor], str | Callable[..., str]]] = {
     "call": (lambda net, a, module: getattr(net, module)(a), "{out} = self.{module}({0})"),
+    "part": (lambda net, a, module, part: getattr(net, module).get_submodule(part)(a), _part_text),
+    "iterate": (_iterate, "{out} = functools.reduce(lambda h, layer: layer(h), self.{module}, {0})"),
     "sum": (_sum, "{out} = {terms}"),
     "iadd": (_iadd, "{0} += {1}"),
     "relu_": (_relu_, "{0}.relu_()"),
@@ -985,6 +1002,7 @@ class _Drawer:
                 "tied": 0.5,
                 "conv_scale": 0.4,
                 "untraceable": 0.6,
+                "reach_into": 0.5,
                 "misc": 0.6,
                 "to_flat": 0.3,
             }
@@ -1182,6 +1200,34 @@ class _Drawer:
         seq = call(nn.Sequential, *(conv_norm() for _ in range(self.rng.randint(1, 2))))
         block = call(DataDependentBlock, seq, conv_norm(affine=read_bn), **({"read_bn": True} if read_bn else {}))
         return self.step("call", x, module=self.member("gate", block)), shape
+
+    def _block_reach_into(self, x: str, shape: Shape) -> tuple[str, Shape]:
+        """A child called whole, and by the same forward indexed, iterated or called in parts: ``self.seq0(x)`` and
+        ``self.seq0[0](x)``. Folding the child's BatchNorm into its layer then needs generated code, and the
+        forward that reaches into the child must be inside what that code replaces."""
+        c = shape.channels
+        geo = self.geometry(shape, c, same=True)
+        self.note_geometry(geo, shape.dims)
+        bn, _ = self.norm_call(len(shape.size), c, math.prod(shape.size) // c, module_only=True)
+        layer = geo.module_call(_CONVS[shape.dims])
+        kind = self.rng.choice(("index", "iterate", "part"))
+        if kind == "part":
+            self.feature("calls a child's part")
+            child, part = self.member("cn", call(ConvNorm, layer, bn)), "conv"
+        else:
+            act = [call(nn.ReLU)] if self.rng.random() < 0.5 else []
+            child, part = self.member("seq", call(nn.Sequential, layer, bn, *act)), "0"
+        y = self.step("call", x, module=child)
+        if kind == "iterate":
+            self.feature("iterates a child")
+            z = self.step("iterate", x, module=child)
+        else:
+            if kind == "index":
+                self.feature("indexes a child")
+            z = self.step("part", x, module=child, part=part)
+            if self.rng.random() < 0.5:
+                z, _, _ = self.norm(z, shape.size)
+        return self.step("sum", y, z), shape
 
     def _block_nested(self, x: str, shape: Shape) -> tuple[str, Shape]:
         self.feature("nested net")

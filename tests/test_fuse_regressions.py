@@ -470,3 +470,34 @@ def test_fuse_traces_a_caching_block_twice_without_mixing_graphs() -> None:
     # The whole-model trace fills the copy's cache with a traced value; the block's own trace must not read it.
     fused = check(lambda: nn.Sequential(CachingBlock(), CachingBlock()), torch.randn(2, 3, 4, 4))
     assert fused.fusion_report.graphs == ["0", "1"]
+
+
+class IndexesItsChild(nn.Module):
+    """Calls ``seq0`` whole and its first layer alone: folding ``seq0.1`` into ``seq0.0`` needs generated code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq0 = nn.Sequential(nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3), nn.SiLU())
+        self.bn0 = nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.seq0(x), self.bn0(self.seq0[0](x))
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_fuse_kept_forward_that_indexes_a_rewritten_child(with_inputs: bool) -> None:
+    # The generated code must replace a module that holds the forward indexing `self.seq0[0]` (here the model),
+    # or that forward raises "'GraphModule' object is not subscriptable" (it did, without example inputs).
+    x = torch.randn(3, 4, 4, 7)
+    torch.manual_seed(0)
+    model = randomize_batch_norm(IndexesItsChild()).eval()
+    fused = fuse(model, example_inputs=(x,) if with_inputs else None)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        got = fused(x)
+    for a, b in zip(got, want):
+        assert float((a.double() - b).abs().max() / b.abs().max()) <= 1e-5
+    report = fused.fusion_report
+    assert [r.bn for r in report.folded] == ["seq0.1"]
+    assert report.graphs == [""]
+    assert report.reverted == []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
+import functools
 import inspect
 import io
 import textwrap
@@ -26,13 +26,13 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves, tree_map
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.matching import match_batch_norm, value_users
 from fx_lightning.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
 from fx_lightning.report import Folded, FusionReport, Merged, Skipped, Untraced
+from fx_lightning.self_check import check_units
 from fx_lightning.tracing import (
     contains_batch_norm,
     detached_copy,
@@ -46,8 +46,6 @@ MAX_ROUNDS = 8
 Form = Literal["modules", "graph"]
 _FORMS = ("modules", "graph")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-# Above this many bytes of parameters, the self-check compares in the model's own dtype instead of float64.
-_FLOAT64_CHECK_BYTES = 1 << 30
 
 
 def fuse(
@@ -79,8 +77,9 @@ def fuse(
         model: the network to fuse, in train or eval mode.
         example_inputs: optional positional inputs for one forward call. With them, tensor shapes are
             propagated (which settles ranks the graph alone leaves open, e.g. ``Linear`` + ``BatchNorm1d``), and
-            the fused copy is checked against the original on them before it is returned: a rewrite that changes
-            the output beyond rounding is reverted and listed in the report's ``reverted``.
+            each rewrite is checked where it happens (see :mod:`fx_lightning.self_check`): the module holding it
+            runs, as it was and as rewritten, on what it receives from them; a rewrite that changes its output
+            beyond rounding is reverted and listed in the report's ``reverted`` with the reason.
         passes: names of the registered passes to run, in registry order; all by default
             (see :func:`fx_lightning.passes.registered_passes`).
         leaf_modules: module classes to keep as single calls instead of tracing through them.
@@ -113,7 +112,7 @@ def fuse(
         engine.checked = example_inputs is not None
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
-            fused = _SelfCheck(model, tuple(example_inputs)).run(fused, engine)
+            fused = check_units(fused, engine.units, tuple(example_inputs), report)
     if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
     report.seconds = time.perf_counter() - start
@@ -180,7 +179,9 @@ def _wrapper_hint(model: nn.Module) -> str:
 class _Unit:
     """One module replacement made in the copy: ``container._modules[name]`` went from ``old`` to ``new``.
 
-    ``container`` is ``None`` for the model itself (the whole model replaced by a graph).
+    ``container`` is ``None`` for the model itself (the whole model replaced by a graph). ``scope`` is the path of
+    the smallest module whose forward holds the rewrite and every reader of what it changed: the self-check runs
+    that module, as it was and as rewritten, on the inputs it gets from the example inputs.
     """
 
     path: str
@@ -189,6 +190,7 @@ class _Unit:
     old: nn.Module
     new: nn.Module
     group: int = 0  # replacements made for one rewrite share a group and are kept or reverted together
+    scope: str = ""
 
     def set(self, applied: bool) -> None:
         if self.container is not None:
@@ -227,6 +229,20 @@ class _Sites:
                 return True
         return False
 
+    def enclosing(self, scope: str) -> str:
+        """The smallest module holding ``scope`` and every forward that calls or fetches one of its parts.
+
+        Generated code replaces a module as a whole: a forward kept as written that indexes, iterates or calls a
+        part of it (``self.seq0[0](x)``) must be inside the module replaced, or it would reach into generated code.
+        """
+        while scope:
+            parts = self.fetches + self.part_calls
+            readers = [s for t, s in parts if t.startswith(scope + ".") and not _within(s, scope)]
+            if not readers:
+                return scope
+            scope = _common_scope([scope, *readers])
+        return scope
+
 
 class _Engine:
     """Fuses one module tree: traced regions, their rewrites, and every module replacement made (``units``)."""
@@ -239,6 +255,9 @@ class _Engine:
         self.report = report
         self.units: list[_Unit] = []
         self.groups = 0
+        # Paths of untraced (or opaque) modules whose own code reaches into the region being fused: what a rewrite
+        # there changes is also read by that code, so the self-check runs the outermost of them.
+        self.readers: list[str] = []
 
     # -- regions
 
@@ -265,19 +284,20 @@ class _Engine:
                     )
                     self.report.skipped += [Skipped(_join(child_path, n), why) for n in _batch_norm_paths(child)]
                 elif contains_batch_norm(child) and not _is_torch_leaf(child):
-                    new = self.fuse_region(child, child_path, None, below_untraced=True)
-                    self._replace(module, name, new, child_path)
+                    with self._read_by(path if name in reached else None):
+                        new = self.fuse_region(child, child_path, None, below_untraced=True)
+                        self._replace(module, name, new, child_path)
             return module
         if example_inputs is not None:
             _propagate_shapes(gm, example_inputs)
         self.report.traced.append(path or "<model>")
+        sites = _Sites(gm)
         if self.form == "graph" and not path:
             changes = _run_passes(gm, self.passes)
             result: nn.Module = _finish(gm)
             self.report.merge(_report_of(changes), path)
             self._replace(None, "", result, "", old=module)
         else:
-            sites = _Sites(gm)
             originals = dict(module.named_modules(remove_duplicate=False))
             changes = _run_passes(gm, self.passes)
             result = self._write_back(module, path, gm, changes, sites, originals, example_inputs, below_untraced)
@@ -289,10 +309,23 @@ class _Engine:
                 if opaque:
                     self.report.untraced.append(Untraced(_join(path, name), traced.opaque[name]))
                 continue
-            new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
-            parent, _, last = name.rpartition(".")
-            self._replace(_find(result, parent), last, new, _join(path, name))
+            # The traced code around it may call or fetch its parts too (``self.blk.conv(x)`` beside ``self.blk(x)``).
+            with self._read_by(path if sites.reached_otherwise(name) else None):
+                new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
+                parent, _, last = name.rpartition(".")
+                self._replace(_find(result, parent), last, new, _join(path, name))
         return result
+
+    @contextlib.contextmanager
+    def _read_by(self, reader: str | None) -> Any:
+        """Within it, rewrites are also read by the module at ``reader`` (``None``: by nothing more)."""
+        if reader is not None:
+            self.readers.append(reader)
+        try:
+            yield
+        finally:
+            if reader is not None:
+                self.readers.pop()
 
     def _write_back(
         self,
@@ -311,7 +344,7 @@ class _Engine:
         for rewrite in changes.rewrites:
             pass_through = self._tree_form(rewrite, sites, originals) if rewrite.swaps is not None else None
             if pass_through is None:
-                scoped.setdefault(rewrite.scope, []).append(rewrite)
+                scoped.setdefault(sites.enclosing(rewrite.scope), []).append(rewrite)
                 continue
             group = self._new_group()
             for target, new in (rewrite.swaps or {}).items():
@@ -319,7 +352,14 @@ class _Engine:
                 assert replacement is not None
                 for alias in _aliases(originals, originals[target]):
                     parent, _, last = alias.rpartition(".")
-                    self._replace(module.get_submodule(parent), last, replacement, _join(path, alias), group=group)
+                    self._replace(
+                        module.get_submodule(parent),
+                        last,
+                        replacement,
+                        _join(path, alias),
+                        group=group,
+                        scope=_join(path, rewrite.scope),
+                    )
             for record in rewrite.records:
                 if isinstance(record, Folded):
                     placed = _in_place(record, writable=not below_untraced)
@@ -440,19 +480,21 @@ class _Engine:
         path: str,
         old: nn.Module | None = None,
         group: int | None = None,
+        scope: str | None = None,
     ) -> None:
-        """Put ``new`` at ``container._modules[name]`` and remember it (in ``group``, or a group of its own);
-        ``container=None`` stands for the model itself (replaced by returning ``new``), recorded only for the
-        model's own root."""
+        """Put ``new`` at ``container._modules[name]`` and remember it (in ``group``, or a group of its own, checked
+        by running the module at ``scope``, by default ``path`` itself); ``container=None`` stands for the model
+        itself (replaced by returning ``new``), recorded only for the model's own root."""
         group = self._new_group() if group is None else group
+        scope = self.readers[0] if self.readers else (path if scope is None else scope)
         if container is None:
             if not path and old is not None:
-                self.units.append(_Unit(path, None, name, old, new, group))
+                self.units.append(_Unit(path, None, name, old, new, group, ""))
             return
         old = container._modules[name]
         if old is new:
             return
-        unit = _Unit(path, container, name, old, new, group)
+        unit = _Unit(path, container, name, old, new, group, scope)
         unit.set(True)
         self.units.append(unit)
 
@@ -631,139 +673,11 @@ def _capture_inputs(
     return captured
 
 
-# ----------------------------------------------------------------------------------------------- self-check
-
-
-class _SelfCheck:
-    """Compares the fused copy with the original on the example inputs, and reverts rewrites until it agrees.
-
-    The reference is the original in float64 (when it fits in memory), and the fused output must be as close to
-    it as the original's own output in its dtype, up to a few units of rounding; a float32 mismatch is looked at
-    again with a float64 copy of the fused module, so that rounding alone never reverts a rewrite.
-    """
-
-    def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self.inputs = inputs
-        reference = detached_copy(model)
-        self.own = _run(reference, inputs)
-        self.exact = self.own
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        if size <= _FLOAT64_CHECK_BYTES and self.dtype != torch.float64:
-            try:
-                self.exact = _run(copy.deepcopy(reference).double(), _as_double(inputs))
-            except Exception:  # noqa: BLE001 - a model that cannot run in float64 is compared in its own dtype
-                self.exact = self.own
-
-    def agrees(self, fused: nn.Module) -> bool:
-        try:
-            outputs = _run(fused, self.inputs)
-        except Exception:  # noqa: BLE001 - a fused module that fails where the original ran is wrong
-            return False
-        if _close(outputs, self.exact, self.own, self.dtype, slack=2.0):
-            return True
-        if self.exact is self.own or self.dtype == torch.float64:
-            return False
-        try:
-            outputs64 = _run(copy.deepcopy(fused).double(), _as_double(self.inputs))
-        except Exception:  # noqa: BLE001
-            return False
-        return _close(outputs64, self.exact, self.exact, self.dtype, slack=0.0)
-
-    def run(self, fused: nn.Module, engine: _Engine) -> nn.Module:
-        """``fused`` if it agrees; else the largest set of module replacements that does, the rest reverted."""
-        if self.agrees(fused):
-            return fused
-        units = engine.units
-        root_unit = next((u for u in units if u.container is None), None)
-
-        def build(chosen: list[_Unit]) -> nn.Module:
-            for unit in reversed(units):
-                unit.set(False)
-            for unit in chosen:
-                unit.set(True)
-            if root_unit is None:
-                return fused
-            return root_unit.new if root_unit in chosen else root_unit.old
-
-        accepted: list[_Unit] = []
-
-        def add_groups(candidates: list[list[_Unit]]) -> None:
-            """Accept all ``candidates`` if the result agrees, else bisect them (a group stays whole)."""
-            chosen = [u for group in candidates for u in group]
-            trial = [u for u in units if u in accepted or u in chosen]
-            if self.agrees(build(trial)):
-                accepted.extend(chosen)
-            elif len(candidates) > 1:
-                half = len(candidates) // 2
-                add_groups(candidates[:half])
-                add_groups(candidates[half:])
-
-        groups: dict[int, list[_Unit]] = {}
-        for unit in units:
-            groups.setdefault(unit.group, []).append(unit)
-        add_groups(list(groups.values()))
-        result = build([u for u in units if u in accepted])
-        report = engine.report
-        reverted = [u.path for u in units if u not in accepted]
-        report.reverted += reverted
-        kept = [r for r in report.folded if not any(_touches(p, r) for p in reverted)]
-        why = "folding it changed the output on example_inputs (the self-check reverted it)"
-        report.skipped += [Skipped(r.bn, why) for r in report.folded if r not in kept]
-        report.folded = kept
-        report.merged = [m for m in report.merged if not any(_within(m.into, p) for p in reverted)]
-        report.removed = [r for r in report.removed if not any(_within(r.name, p) for p in reverted)]
-        report.graphs = [g for g in report.graphs if not any(_within(g, p) for p in reverted)]
-        return result
+# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _touches(path: str, record: Folded) -> bool:
     return any(_within(p, path) or _within(path, p) for p in (record.bn, *record.layers))
-
-
-def _run(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return module.eval()(*inputs)
-
-
-def _as_double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
-
-
-def _close(outputs: Any, exact: Any, own: Any, dtype: torch.dtype, slack: float) -> bool:
-    """Whether each output leaf is within ``slack`` times the original's own error of the reference, plus rounding."""
-    got, want, base = tree_leaves(outputs), tree_leaves(exact), tree_leaves(own)
-    if len(got) != len(want):
-        return False
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    for out, ref, mine in zip(got, want, base):
-        if not isinstance(ref, torch.Tensor):
-            if out != ref:
-                return False
-            continue
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
-            return False
-        if not ref.is_floating_point():
-            if not torch.equal(out.cpu(), ref.cpu()):
-                return False
-            continue
-        ref64, out64, own64 = (t.detach().cpu().double() for t in (ref, out, mine))
-        finite = torch.isfinite(ref64)
-        if not torch.equal(finite, torch.isfinite(out64)):
-            return False
-        if not finite.any():
-            continue
-        scale = max(1.0, float(ref64[finite].abs().max()))
-        own_error = float((own64 - ref64)[finite].abs().max())
-        error = float((out64 - ref64)[finite].abs().max())
-        rounding = (16 * eps if slack else max(1e-4, 16 * eps)) * scale
-        if error > slack * own_error + rounding:
-            return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _in_place(record: Folded, writable: bool) -> Folded:
@@ -781,6 +695,17 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _common_scope(scopes: list[str]) -> str:
+    """The deepest module path that holds every one of ``scopes``."""
+    parts = [s.split(".") if s else [] for s in scopes]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
 def _within(path: str, scope: str) -> bool:
     """Whether ``path`` lies inside the module at ``scope`` (``""`` holds everything)."""
     return not scope or path == scope or path.startswith(scope + ".")
@@ -793,12 +718,32 @@ def _reached_into(module: nn.Module) -> set[str]:
     child's parts, which may then run or be read outside the child's own forward.
     """
     children = set(module._modules)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
-    except (OSError, TypeError, SyntaxError):
-        return children
-    methods = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name != "__init__"]
-    nodes = [n for m in methods for n in ast.walk(m)]
+    reached = _attributes_reached(type(module))
+    return children if reached is None else children & reached
+
+
+@functools.cache
+def _attributes_reached(cls: type) -> frozenset[str] | None:
+    """The ``self.<name>`` that the methods of ``cls`` and its own bases read other than to call, test or compare.
+
+    Read once per class (parsing source is slow: a model repeats a few classes many times), from each method's
+    own source rather than the class's (which makes ``inspect`` parse the whole file). ``None`` without source.
+    """
+    functions = []
+    for klass in cls.__mro__:
+        if klass is object or (klass is not cls and klass.__module__.startswith("torch.")):
+            continue
+        for name, value in vars(klass).items():
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if inspect.isfunction(fn) and name != "__init__":
+                functions.append(fn)
+    nodes = []
+    for fn in functions:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return None
+        nodes += list(ast.walk(tree))
     called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
     # `self.x is None` and `isinstance(self.x, ...)` look at the child, not into it.
     called |= {
@@ -812,9 +757,9 @@ def _reached_into(module: nn.Module) -> set[str]:
     reached = set()
     for node in nodes:
         on_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
-        if on_self and node.attr in children and isinstance(node.ctx, ast.Load) and id(node) not in called:
+        if on_self and isinstance(node.ctx, ast.Load) and id(node) not in called:
             reached.add(node.attr)
-    return reached
+    return frozenset(reached)
 
 
 def _batch_norm_paths(module: nn.Module) -> list[str]:

@@ -86,6 +86,8 @@ class FusionReport:
     traced: list[str] = field(default_factory=list)
     graphs: list[str] = field(default_factory=list)
     reverted: list[str] = field(default_factory=list)
+    reverted_reasons: dict[str, str] = field(default_factory=dict)
+    max_rel_error: float | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -128,6 +130,8 @@ class FusionReport:
             "traced": list(self.traced),
             "graphs": list(self.graphs),
             "reverted": list(self.reverted),
+            "reverted_reasons": dict(self.reverted_reasons),
+            "max_rel_error": self.max_rel_error,
             "notes": list(self.notes),
             "seconds": self.seconds,
         }
@@ -137,6 +141,8 @@ class FusionReport:
         merged = f", {len(self.merged)} re-parameterised layer(s)" if self.merged else ""
         graphs = f", {len(self.graphs)} module(s) as generated code" if self.graphs else ""
         reverted = f", {len(self.reverted)} rewrite(s) reverted by the self-check" if self.reverted else ""
+        if self.max_rel_error is not None:
+            reverted += f", max rel error {self.max_rel_error:.1e} on example_inputs"
         return (
             f"{self.model or 'model'}: folded {len(self.folded)} BatchNorm, left {len(self.skipped)}, "
             f"removed {len(self.removed)} no-op calls{merged}{graphs}{reverted}, {len(self.untraced)} untraced "
@@ -150,7 +156,10 @@ class FusionReport:
         rows += [(r.path, "untraced", _first_line(r.error)) for r in self.untraced]
         rows += [(r.into, "<- merged", f"{' + '.join(r.consumed)} ({r.rule})") for r in self.merged]
         rows += [(p or "<model>", "as graph", "replaced by generated code for the rewrites above") for p in self.graphs]
-        rows += [(p or "<model>", "reverted", "the self-check on example_inputs failed with it") for p in self.reverted]
+        rows += [
+            (p or "<model>", "reverted", self.reverted_reasons.get(p or "<model>") or "the self-check failed with it")
+            for p in self.reverted
+        ]
         if rows:
             widths = [max(len(row[i]) for row in rows) for i in range(2)]
             lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
