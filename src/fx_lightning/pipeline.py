@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import textwrap
@@ -26,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.passes import registered_passes
@@ -111,6 +112,7 @@ def fuse(
         root = detached_copy(model)
         engine = _Engine(chosen, tuple(leaf_modules), form, report)
         engine.checked = example_inputs is not None
+        engine.seen_inputs = inputs_seen(root, example_inputs) if example_inputs is not None else {}
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
             fused = _SelfCheck(model, tuple(example_inputs)).run(fused, engine)
@@ -239,6 +241,8 @@ class _Engine:
         self.report = report
         self.units: list[_Unit] = []
         self.groups = 0
+        # What each module received on the example forward (see inputs_seen): ranks for the parts traced apart.
+        self.seen_inputs: dict[str, tuple[Any, ...]] = {}
 
     # -- regions
 
@@ -246,6 +250,7 @@ class _Engine:
         self, module: nn.Module, path: str, example_inputs: Sequence[Any] | None, *, below_untraced: bool
     ) -> nn.Module:
         """Fuse ``module`` (at ``path`` in the model); returns it, changed in place, or its replacement."""
+        hint = example_inputs if example_inputs is not None else self.seen_inputs.get(path)
         traced = trace(module, self.leaf_types)
         gm = traced.graph_module
         if gm is None:
@@ -270,6 +275,9 @@ class _Engine:
             return module
         if example_inputs is not None:
             _propagate_shapes(gm, example_inputs)
+        elif hint is not None:
+            with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
+                _shape_prop(gm, hint)
         self.report.traced.append(path or "<model>")
         if self.form == "graph" and not path:
             changes = _run_passes(gm, self.passes)
@@ -280,7 +288,7 @@ class _Engine:
             sites = _Sites(gm)
             originals = dict(module.named_modules(remove_duplicate=False))
             changes = _run_passes(gm, self.passes)
-            result = self._write_back(module, path, gm, changes, sites, originals, example_inputs, below_untraced)
+            result = self._write_back(module, path, gm, changes, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
             sub = _find(result, name)
@@ -629,6 +637,57 @@ def _capture_inputs(
         for handle in handles:
             handle.remove()
     return captured
+
+
+# ----------------------------------------------------------------------------------------------- ranks
+
+
+def inputs_seen(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    """The positional inputs each module holding a BatchNorm receives on one forward of ``model`` on
+    ``example_inputs``, by path.
+
+    A part traced apart from the model (under an untraced root, or kept whole by the trace around it) gets its
+    tensor ranks from these, as the model does from ``example_inputs``. Only modules called with positional
+    arguments alone, and with the same shapes at every call, are listed: for the others the ranks stay unknown.
+    The forward runs on a copy, so that caches it fills stay out of the model that is traced.
+    """
+    probe = detached_copy(model)
+    paths: dict[int, list[str]] = {}
+    for path, sub in probe.named_modules(remove_duplicate=False):
+        if path and contains_batch_norm(sub) and not is_batch_norm_module(sub):
+            paths.setdefault(id(sub), []).append(path)
+    calls: dict[int, list[tuple[Any, ...] | None]] = {}
+
+    def record(key: int, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.setdefault(key, []).append(None if kwargs else args)
+
+    handles = [
+        sub.register_forward_pre_hook(functools.partial(record, id(sub)), with_kwargs=True)
+        for _, sub in probe.named_modules()
+        if id(sub) in paths
+    ]
+    try:
+        _run(probe, tuple(example_inputs))
+    except Exception:  # noqa: BLE001 - the root's own shape propagation reports a model that cannot run
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen: dict[str, tuple[Any, ...]] = {}
+    for key, args in calls.items():
+        first = args[0]
+        if first is None or any(a is None or _shapes(a) != _shapes(first) for a in args):
+            continue
+        for path in paths[key]:
+            seen[path] = first
+    return seen
+
+
+def _shapes(args: Any) -> tuple[Any, ...]:
+    """The structure of ``args`` with each tensor's shape and dtype, and every other leaf as it is."""
+    leaves, spec = tree_flatten(args)
+    shown = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
+    return (str(spec), tuple(shown))
 
 
 # ----------------------------------------------------------------------------------------------- self-check

@@ -218,7 +218,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]
             return None, why
         layer.rows = node
         return layer, ""
-    module = producer_layer(gm, node)
+    module = producer_layer(gm, node, padded=True)
     if module is not None:
         assert node is not None
         kind = "conv_transpose" if is_transposed(module) else "conv"
