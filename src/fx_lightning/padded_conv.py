@@ -332,3 +332,131 @@ def _bind(call: ast.Call, target: Any) -> dict[str, ast.AST] | None:
             return None
         bound[keyword.arg] = keyword.value
     return bound
+
+
+# Code that reaches children without naming them: any of these in a class's source and no pair is proven.
+_GENERIC_ACCESS = frozenset(
+    {"children", "named_children", "modules", "named_modules", "_modules", "__dict__", "apply", "getattr", "vars",
+     "parameters", "named_parameters", "state_dict", "get_submodule"}
+)  # fmt: skip
+
+
+@functools.cache
+def chained_children(cls: type) -> tuple[tuple[str, str], ...]:
+    """Pairs ``(first, second)`` of attributes that ``cls``'s code uses once each, only as ``second(first(x))``.
+
+    Proven from the source of ``forward`` and of the methods of the class it calls (what a call of the module
+    runs): each attribute is loaded once in all of it, no code reaches children without naming them
+    (``self.children()``, ``getattr``), both calls take one positional argument, and either the calls nest
+    (``self.bn(self.conv(x))``) or two consecutive statements rebind one name (``h = self.conv(h)`` then
+    ``h = self.bn(h)``). The first call's output then reaches the second call and nothing else, so a BatchNorm
+    ``second`` can fold into a layer ``first`` even where the forward around them cannot be traced.
+
+    Example:
+        >>> class Head(nn.Module):
+        ...     def forward(self, x, flag=False):
+        ...         x = self.conv(x)
+        ...         x = self.bn(x)
+        ...         return x if flag else x.relu()
+        >>> chained_children(Head)
+        (('conv', 'bn'),)
+    """
+    methods = _forward_methods(cls)
+    loads: dict[str, list[ast.Attribute]] = {}
+    for method in methods:
+        if not method.args.args:
+            continue
+        me = method.args.args[0].arg
+        for node in ast.walk(method):
+            if isinstance(node, ast.Name) and node.id in _GENERIC_ACCESS:
+                return ()
+            if isinstance(node, ast.Attribute) and node.attr in _GENERIC_ACCESS:
+                return ()
+            if isinstance(node, ast.Name) and node.id == me:
+                continue
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
+                loads.setdefault(node.attr, []).append(node)
+    once = {name: nodes[0] for name, nodes in loads.items() if len(nodes) == 1}
+    pairs: list[tuple[str, str]] = []
+    for method in methods:
+        parents = _parents(method)
+        for name, attr in once.items():
+            call = parents.get(id(attr))
+            if not _single_argument_call(call, attr):
+                continue
+            assert isinstance(call, ast.Call)
+            outer = parents.get(id(call))
+            inner = call.args[0]
+            # self.second(self.first(x))
+            if isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute):
+                first = inner.func.attr
+                if once.get(first) is inner.func and _single_argument_call(inner, inner.func) and first != name:
+                    pairs.append((first, name))
+                continue
+            # h = self.first(h0) directly before h = self.second(h)
+            if not (isinstance(inner, ast.Name) and isinstance(outer, ast.Assign) and _rebinds(outer, inner.id)):
+                continue
+            block = _block_of(parents, outer)
+            index = next((i for i, s in enumerate(block) if s is outer), 0)
+            previous = block[index - 1] if index > 0 else None
+            if not (isinstance(previous, ast.Assign) and _rebinds(previous, inner.id)):
+                continue
+            before = previous.value
+            if isinstance(before, ast.Call) and isinstance(before.func, ast.Attribute):
+                first = before.func.attr
+                if once.get(first) is before.func and _single_argument_call(before, before.func) and first != name:
+                    pairs.append((first, name))
+    return tuple(pairs)
+
+
+def _forward_methods(cls: type) -> list[ast.FunctionDef]:
+    """The parsed ``forward`` of ``cls`` and every method of ``cls`` it calls, transitively (``[]`` when a
+    source cannot be read)."""
+    todo, seen, found = ["forward"], set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        function = inspect.getattr_static(cls, name, None)
+        function = getattr(function, "__func__", function)  # staticmethod, classmethod
+        if not inspect.isfunction(function):
+            if name == "forward" or callable(function):
+                return []
+            continue
+        if function.__module__.startswith("torch."):
+            continue
+        parsed = _parse(function)
+        if parsed is None or not parsed.args.args:
+            return []
+        found.append(parsed)
+        me = parsed.args.args[0].arg
+        for node in ast.walk(parsed):
+            on_self = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
+            if on_self and hasattr(cls, node.attr):
+                todo.append(node.attr)
+    return found
+
+
+def _single_argument_call(call: ast.AST | None, func: ast.AST) -> bool:
+    return (
+        isinstance(call, ast.Call)
+        and call.func is func
+        and len(call.args) == 1
+        and not call.keywords
+        and not isinstance(call.args[0], ast.Starred)
+    )
+
+
+def _rebinds(assign: ast.Assign, name: str) -> bool:
+    return len(assign.targets) == 1 and isinstance(assign.targets[0], ast.Name) and assign.targets[0].id == name
+
+
+def _block_of(parents: dict[int, ast.AST], statement: ast.stmt) -> list[ast.stmt]:
+    """The statement list that holds ``statement`` (a function body, an ``if`` branch, a loop body)."""
+    owner = parents.get(id(statement))
+    for field in ("body", "orelse", "finalbody", "handlers"):
+        block = getattr(owner, field, None)
+        if isinstance(block, list) and any(s is statement for s in block):
+            return block
+    return []
