@@ -439,3 +439,51 @@ def test_frozen_batch_norm_detector_folds_every_norm() -> None:
 )
 def test_frozen_batch_norm_detectors_fold_every_norm(name: str) -> None:
     _check_detector(name)
+
+
+# ----------------------------------------------------------------------------------------------- Linear + BN1d
+
+
+class LinearViewsNorm(nn.Module):
+    """A Linear on (N, L, F) tokens, views in between, and a BatchNorm1d over the features."""
+
+    def __init__(self, views: str) -> None:
+        super().__init__()
+        self.views = views
+        self.linear = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self.views == "permute":
+            return self.bn(y.permute(0, 2, 1)).transpose(1, 2)
+        if self.views == "reshape":
+            return self.bn(y.reshape(-1, 8).contiguous()).view_as(y)
+        if self.views == "transpose_flatten":
+            return self.bn(y.transpose(0, 1).flatten(0, 1)).reshape_as(y)
+        # splits the features over two dims: dim 1 is no longer the Linear's features
+        return self.bn(y.reshape(y.shape[0], 8, -1))
+
+
+@pytest.mark.parametrize("views", ["permute", "reshape", "transpose_flatten"])
+def test_linear_and_batch_norm_1d_fold_through_views_with_example_inputs(views: str) -> None:
+    net = _randomised(LinearViewsNorm(views))
+    x = torch.randn(3, 5, 6)
+    fused = _check_exact(net, (x,))
+    assert isinstance(fused.bn, nn.Identity)
+
+
+@pytest.mark.parametrize("views", ["permute", "reshape"])
+def test_linear_and_batch_norm_1d_through_views_without_example_inputs_is_left(views: str) -> None:
+    fused = fuse(_randomised(LinearViewsNorm(views)))
+    assert fused.fusion_report.num_folded == 0
+    assert fused.fusion_report.skipped[0].bn == "bn"
+
+
+def test_linear_features_split_by_a_view_are_not_folded() -> None:
+    net = _randomised(LinearViewsNorm("split"))
+    x = torch.randn(3, 4, 6)
+    fused = fuse(net, example_inputs=(x,))
+    assert fused.fusion_report.num_folded == 0
+    with torch.no_grad():
+        assert rel_err(fused(x), net(x)) <= 1e-6
