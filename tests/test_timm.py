@@ -88,6 +88,7 @@ FULLY_FOLDED = [
             "efficientnetv2_s",  # deep enough that float32 rounding shows: compared against float64
             "mobilenetv3_large_100",
             "mixnet_s",  # BatchNorm after MixedConv2d's concatenation, split over its convolutions
+            "tf_mixnet_s",  # the same over TF-"same" convolutions (Conv2dSame: pads, then convolves)
             "regnety_008_tv",
             "rexnet_100",
             "dla34",
@@ -117,8 +118,8 @@ def test_timm_model_folds_every_batch_norm(name: str) -> None:
 
 
 # These keep BatchNorms no layer next to them can absorb exactly (after a concatenation of earlier features, an
-# addition, an activation, or a TF-"same" convolution fx cannot trace); each one left is reported with its reason.
-PARTLY_FOLDED = ["densenet121", "tf_mixnet_s", "resnetv2_18", "coatnet_nano_cc_224", "xcit_nano_12_p8_224"]
+# addition, or an activation); each one left is reported with its reason.
+PARTLY_FOLDED = ["densenet121", "resnetv2_18", "coatnet_nano_cc_224", "xcit_nano_12_p8_224"]
 
 
 @pytest.mark.slow

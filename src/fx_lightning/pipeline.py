@@ -11,6 +11,7 @@ whole traced model instead.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import functools
 import inspect
@@ -26,14 +27,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fx_lightning.codegen import install_direct_calls
+from fx_lightning.padded_conv import chained_children, padded_conv_family
 from fx_lightning.passes import registered_passes
-from fx_lightning.passes.matching import match_batch_norm, value_users
+from fx_lightning.passes.matching import match_batch_norm, plain_layer_family, value_users
 from fx_lightning.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
 from fx_lightning.report import Folded, FusionReport, Merged, Skipped, Untraced
-from fx_lightning.self_check import check_units
+from fx_lightning.self_check import check_units, run_seeded
 from fx_lightning.tracing import (
+    TraceResult,
     contains_batch_norm,
     detached_copy,
     has_forward_hooks,
@@ -110,6 +114,8 @@ def fuse(
         root = detached_copy(model)
         engine = _Engine(chosen, tuple(leaf_modules), form, report)
         engine.checked = example_inputs is not None
+        engine.seen_inputs = inputs_seen(root, example_inputs) if example_inputs is not None else {}
+        engine.instances = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
             fused = check_units(fused, engine.units, tuple(example_inputs), report)
@@ -258,6 +264,9 @@ class _Engine:
         # Paths of untraced (or opaque) modules whose own code reaches into the region being fused: what a rewrite
         # there changes is also read by that code, so the self-check runs the outermost of them.
         self.readers: list[str] = []
+        # What each module received on the example forward (see inputs_seen): ranks for the parts traced apart.
+        self.seen_inputs: dict[str, tuple[Any, ...]] = {}
+        self.instances: Counter[int] = Counter()  # how many paths hold each module object
 
     # -- regions
 
@@ -265,15 +274,24 @@ class _Engine:
         self, module: nn.Module, path: str, example_inputs: Sequence[Any] | None, *, below_untraced: bool
     ) -> nn.Module:
         """Fuse ``module`` (at ``path`` in the model); returns it, changed in place, or its replacement."""
-        traced = trace(module, self.leaf_types)
+        hint = example_inputs if example_inputs is not None else self.seen_inputs.get(path)
+        container = type(module).forward is nn.Module.forward  # ModuleList, ModuleDict: nothing to trace
+        traced = TraceResult(None, error="no forward") if container else trace(module, self.leaf_types)
         gm = traced.graph_module
         if gm is None:
-            self.report.untraced.append(Untraced(path or "<model>", traced.error))
+            chained: set[str] = set()
+            if not container:
+                self.report.untraced.append(Untraced(path or "<model>", traced.error))
+                chained = self._fold_chained_children(module, path)
             reached = _reached_into(module)
             for name, child in list(module.named_children()):
                 child_path = _join(path, name)
+                if name in chained:
+                    continue
                 if is_batch_norm_module(child):
                     why = f"its parent '{path or '<model>'}' could not be traced"
+                    if container:
+                        why = f"it is called from outside its container '{path or '<model>'}', which was not traced"
                     self.report.skipped.append(Skipped(child_path, why))
                 elif name in reached and not self.checked and contains_batch_norm(child):
                     # Untraced code that indexes, iterates or reads into a child may call its layers directly: a
@@ -290,6 +308,9 @@ class _Engine:
             return module
         if example_inputs is not None:
             _propagate_shapes(gm, example_inputs)
+        elif hint is not None:
+            with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
+                _shape_prop(gm, hint)
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
         if self.form == "graph" and not path:
@@ -300,7 +321,7 @@ class _Engine:
         else:
             originals = dict(module.named_modules(remove_duplicate=False))
             changes = _run_passes(gm, self.passes)
-            result = self._write_back(module, path, gm, changes, sites, originals, example_inputs, below_untraced)
+            result = self._write_back(module, path, gm, changes, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
             sub = _find(result, name)
@@ -326,6 +347,42 @@ class _Engine:
         finally:
             if reader is not None:
                 self.readers.pop()
+
+    def _fold_chained_children(self, module: nn.Module, path: str) -> set[str]:
+        """Fold each BatchNorm child of the untraced ``module`` that its code provably calls on the output of a
+        conv child alone (:func:`~fx_lightning.padded_conv.chained_children`); returns the names of both."""
+        done: set[str] = set()
+        fold = {k: v for k, v in self.passes.items() if k == "fold_bn_into_preceding"}
+        for first, second in chained_children(type(module)):
+            layer, bn = module._modules.get(first), module._modules.get(second)
+            if layer is None or bn is None or not is_batch_norm_module(bn) or not fold or done & {first, second}:
+                continue
+            if self.instances[id(layer)] != 1 or self.instances[id(bn)] != 1:
+                continue  # also reachable at another path, whose code was not proven
+            pair = nn.Sequential(collections.OrderedDict([(first, layer), (second, bn)]))
+            traced = trace(pair, self.leaf_types)
+            gm = traced.graph_module
+            if gm is None or traced.opaque or traced.hooked:
+                continue
+            hint = self.seen_inputs.get(_join(path, first))
+            if hint is not None:
+                with contextlib.suppress(Exception):
+                    _shape_prop(gm, hint)
+            changes = _run_passes(gm, fold)
+            records = [r for w in changes.rewrites for r in w.records]
+            if changes.skipped or len(records) != 1 or not isinstance(records[0], Folded):
+                continue
+            new = gm.get_submodule(first)
+            if records[0].layers != (first,) or new is layer:
+                continue
+            group = self._new_group()
+            # the untraced module's forward chains the two: the self-check runs it as a whole
+            self._replace(module, first, new, _join(path, first), group=group, scope=path)
+            self._replace(module, second, _identity_for(bn), _join(path, second), group=group, scope=path)
+            record = replace(records[0], in_place=True, writable=False)
+            self.report.merge(FusionReport(folded=[record]), path)
+            done |= {first, second}
+        return done
 
     def _write_back(
         self,
@@ -671,6 +728,63 @@ def _capture_inputs(
         for handle in handles:
             handle.remove()
     return captured
+
+
+# ----------------------------------------------------------------------------------------------- ranks
+
+
+def inputs_seen(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    """The positional inputs each module holding a BatchNorm receives on one forward of ``model`` on
+    ``example_inputs``, by path.
+
+    A part traced apart from the model (under an untraced root, or kept whole by the trace around it) gets its
+    tensor ranks from these, as the model does from ``example_inputs``. Only modules called with positional
+    arguments alone, and with the same shapes at every call, are listed: for the others the ranks stay unknown.
+    The forward runs on a copy, so that caches it fills stay out of the model that is traced.
+    """
+    probe = detached_copy(model)
+    paths: dict[int, list[str]] = {}
+    layers: set[int] = set()  # conv and linear layers: only their input shapes are kept, as meta tensors
+    for path, sub in probe.named_modules(remove_duplicate=False):
+        if path and contains_batch_norm(sub) and not is_batch_norm_module(sub):
+            paths.setdefault(id(sub), []).append(path)
+        elif path and (plain_layer_family(sub) is not None or padded_conv_family(sub) is not None):
+            paths.setdefault(id(sub), []).append(path)
+            layers.add(id(sub))
+    calls: dict[int, list[tuple[Any, ...] | None]] = {}
+
+    def record(key: int, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if key in layers:
+            args = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, args)
+        calls.setdefault(key, []).append(None if kwargs else args)
+
+    handles = [
+        sub.register_forward_pre_hook(functools.partial(record, id(sub)), with_kwargs=True)
+        for _, sub in probe.named_modules()
+        if id(sub) in paths
+    ]
+    try:
+        run_seeded(probe, tuple(example_inputs))
+    except Exception:  # noqa: BLE001 - the root's own shape propagation reports a model that cannot run
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen: dict[str, tuple[Any, ...]] = {}
+    for key, args in calls.items():
+        first = args[0]
+        if first is None or any(a is None or _shapes(a) != _shapes(first) for a in args):
+            continue
+        for path in paths[key]:
+            seen[path] = first
+    return seen
+
+
+def _shapes(args: Any) -> tuple[Any, ...]:
+    """The structure of ``args`` with each tensor's shape and dtype, and every other leaf as it is."""
+    leaves, spec = tree_flatten(args)
+    shown = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
+    return (str(spec), tuple(shown))
 
 
 # ----------------------------------------------------------------------------------------------- helpers

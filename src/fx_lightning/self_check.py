@@ -117,7 +117,7 @@ class _Check:
             handles.append(module.register_forward_hook(_post_hook(record), with_kwargs=True))
         try:
             inputs = _clone(self.inputs)
-            output = _run(original, inputs)
+            output = run_seeded(original, inputs)
         except Exception as err:
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in self.inputs]
             raise ValueError(
@@ -267,7 +267,7 @@ def _whole_model(check: _Check, result: nn.Module, applied: set[int]) -> tuple[s
     else:
         try:
             inputs = _clone(check.inputs)
-            got = (_run(result, inputs), (inputs, {}))
+            got = (run_seeded(result, inputs), (inputs, {}))
         except Exception as err:  # noqa: BLE001 - the original ran on these inputs
             return f"it raises {type(err).__name__}: {_first_line(err)}", None
     # Rounding accumulates over a whole model (bfloat16 most of all): the verdict allows it, the figure shows it.
@@ -332,7 +332,7 @@ def _post_hook(record: _Record) -> Any:
     return hook
 
 
-def _run(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+def run_seeded(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return module.eval()(*inputs)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import operator
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from fx_lightning.codegen import FusedGraphModule
+from fx_lightning.padded_conv import padded_conv_family, reads_only_settings
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -167,8 +170,10 @@ class LeafTracer(fx.Tracer):
     hooks), and the modules named in ``leaves``. ``hooked`` collects the qualified names of the hooked leaves.
     """
 
-    def __init__(self, leaves: Iterable[str] = (), leaf_types: tuple[type, ...] = ()) -> None:
-        super().__init__()
+    def __init__(
+        self, leaves: Iterable[str] = (), leaf_types: tuple[type, ...] = (), wrapped: Iterable[Any] = ()
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(wrapped))
         self.leaves = set(leaves)
         self.leaf_types = leaf_types
         self.stack: list[str] = []
@@ -186,6 +191,8 @@ class LeafTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if padded_conv_family(m) is not None:
+            return True  # called whole, so that a BatchNorm after it folds into it (its own trace may not exist)
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -219,23 +226,107 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
     of a trace failure to its error message.
     """
     opaque: dict[str, str] = {}
+    # Callables a forward calls that failed to trace (shape arithmetic in Hugging Face's apply_tf_padding, a
+    # ModelOutput built from proxies), recorded as single calls instead: culprit path and message for each.
+    wrapped: dict[Any, tuple[str, str]] = {}
     containers = _containers(root)
     for _ in range(max_retries):
-        tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types)
+        tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types, wrapped=wrapped)
         try:
             graph = tracer.trace(root)
         except Exception as err:  # noqa: BLE001 - any tracer failure means "not traceable here"
             _restore(containers)
             message = f"{type(err).__name__}: {err}"
             culprit = tracer.failed_in[-1] if tracer.failed_in else ""
+            callee = _failed_callee(err, _find_module(root, culprit))
+            if callee is not None and callee not in wrapped:
+                wrapped[callee] = (culprit, message)
+                continue
             if not culprit or culprit in opaque:
                 return TraceResult(None, opaque, message)
             opaque[culprit] = message
             continue
         _restore(containers)
+        unproven = _unproven_wrapped_call(graph, tracer.root, wrapped)
+        if unproven is not None:
+            culprit, message = wrapped.pop(unproven)
+            if not culprit or culprit in opaque:
+                return TraceResult(None, opaque, message)
+            opaque[culprit] = message
+            continue
         name = type(root).__name__
         return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque, hooked=tracer.hooked)
     return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")
+
+
+def _flat_nodes(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return found
+
+
+def _find_attr(root: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    module = _find_module(root, owner)
+    return getattr(module, name, None) if module is not None else None
+
+
+def _find_module(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _failed_callee(err: BaseException, module: nn.Module | None) -> Any:
+    """The function or class that ``module``'s own forward was calling when tracing failed, when the forward
+    names it as a global (so torch.fx can record it as one call): else ``None``.
+
+    Recording such a call whole is at least as faithful as tracing through it: at run time the callable runs
+    on the same arguments, with its own control flow on real values.
+    """
+    if module is None:
+        return None
+    forward = getattr(type(module).forward, "__code__", None)
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    here = [i for i, f in enumerate(frames) if f.f_code is forward and f.f_locals.get("self") is module]
+    if not here or here[-1] + 1 >= len(frames):
+        return None
+    caller, callee = frames[here[-1]], frames[here[-1] + 1]
+    for value in list(caller.f_globals.values()):
+        if inspect.isfunction(value) and value.__code__ is callee.f_code:
+            return None if value.__module__.startswith("torch.") else value
+    instance = callee.f_locals.get("self")
+    if callee.f_code.co_name in ("__init__", "__post_init__") and instance is not None:
+        cls = type(instance)
+        if any(v is cls for v in list(caller.f_globals.values())) and not issubclass(cls, (nn.Module, torch.Tensor)):
+            return None if cls.__module__.startswith("torch.") else cls
+    return None
+
+
+def _unproven_wrapped_call(graph: fx.Graph, root: nn.Module, wrapped: dict[Any, tuple[str, str]]) -> Any:
+    """A wrapped callable given a module of the model that it may read more than the settings of, else ``None``.
+
+    A fold replaces such a module's weight: only code that reads nothing but its settings (``stride``,
+    ``kernel_size``) sees no difference.
+    """
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in wrapped:
+            continue
+        try:
+            names = list(inspect.signature(node.target).parameters)
+        except (TypeError, ValueError):
+            names = []
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        for name, value in bound.items():
+            for arg in _flat_nodes(value):
+                if arg.op != "get_attr" or not isinstance(_find_attr(root, str(arg.target)), nn.Module):
+                    continue
+                if not inspect.isfunction(node.target) or not reads_only_settings(node.target, name):
+                    return node.target
+        if len(node.args) > len(names) and any(isinstance(a, fx.Node) for a in node.args[len(names) :]):
+            return node.target
+    return None
 
 
 def _containers(root: nn.Module) -> list[tuple[Any, Any]]:

@@ -6,6 +6,7 @@ The layer is a module (``nn.Conv2d`` and friends, with torch's own forward) or a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,10 @@ class Layer:
         module: the module, for the module form.
         weight_node: the ``get_attr`` node of the weight, for the functional form.
         node: the node calling the layer.
-        rows: a ``flatten(y, 0, 1)`` between a Linear and the BatchNorm (LeViT), or ``None``.
+        rows: a ``flatten(y, 0, 1)`` between a Linear and the BatchNorm (LeViT), or the last of a chain of views,
+            or ``None``.
+        rows_proven: whether shapes from example inputs showed the chain puts the Linear's features in the
+            BatchNorm's dim 1 (see :func:`_viewed_linear`).
     """
 
     name: str
@@ -78,6 +82,7 @@ class Layer:
     weight_node: fx.Node | None = None
     node: fx.Node | None = None
     rows: fx.Node | None = None
+    rows_proven: bool = False
 
     @property
     def out_features(self) -> int:
@@ -211,6 +216,12 @@ def _channels(stats: BatchNormStats, start: int, end: int) -> BatchNormStats:
 
 def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]:
     """The layer ``node`` calls, or ``(None, reason)`` when it is a layer call that cannot be folded into."""
+    viewed = _viewed_linear(gm, node)
+    if viewed is not None:
+        layer, _ = _layer(gm, viewed)
+        if layer is not None and layer.kind == "linear":
+            layer.rows, layer.rows_proven = node, True
+            return layer, ""
     inner = _flattened_rows(node)
     if inner is not None:
         layer, why = _layer(gm, inner)
@@ -218,7 +229,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]
             return None, why
         layer.rows = node
         return layer, ""
-    module = producer_layer(gm, node)
+    module = producer_layer(gm, node, padded=True)
     if module is not None:
         assert node is not None
         kind = "conv_transpose" if is_transposed(module) else "conv"
@@ -241,6 +252,89 @@ def _layer(gm: fx.GraphModule, node: fx.Node | None) -> tuple[Layer | None, str]
     weight = _attribute(gm, weight_node)
     bias = _attribute(gm, bias_node) if bias_node is not None else None
     return Layer(node.name, kind, weight, bias, args["groups"], weight_node=weight_node, node=node), ""
+
+
+_VIEW_METHODS = frozenset({"reshape", "view", "flatten", "reshape_as", "view_as", "contiguous", "permute", "transpose"})
+_VIEW_FUNCTIONS = {torch.reshape: "reshape", torch.flatten: "flatten", torch.permute: "permute",
+                   torch.transpose: "transpose"}  # fmt: skip
+
+
+def _view_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | None:
+    """``(kind, input)`` when ``node`` only rearranges its input's elements (a view op), else ``None``."""
+    if node.op == "call_method" and node.target in _VIEW_METHODS and node.args:
+        kind = str(node.target)
+    elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS and node.args:
+        kind = _VIEW_FUNCTIONS[node.target]
+    elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Flatten) and node.args:
+        kind = "flatten"
+    else:
+        return None
+    source = node.args[0]
+    return (kind, source) if isinstance(source, fx.Node) else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _viewed_linear(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
+    """The Linear call ``y`` when ``node`` is ``y`` rearranged by views alone (reshape, view, flatten, reshape_as,
+    permute, transpose), each read by nothing but the next, and the shapes propagated from example inputs show
+    that the Linear's features land in dim 1 of ``node``, where BatchNorm normalises. Else ``None``.
+
+    The features axis is followed through each view: a reshape keeps it only as the last dim of the same size
+    with the same number of rows before it; a permute or transpose moves it.
+    """
+    chain: list[tuple[str, fx.Node]] = []
+    current = node
+    while current is not None and (view := _view_of(gm, current)) is not None:
+        chain.append((view[0], current))
+        current = view[1]
+    if not chain or current is None or current.op not in ("call_module", "call_function"):
+        return None
+    top = current
+    shapes = [_shape(top), *(_shape(n) for _, n in reversed(chain))]
+    if any(s is None or not s for s in shapes):
+        return None
+    features = shapes[0][-1]
+    axis = len(shapes[0]) - 1
+    previous = top
+    for (kind, view), before, after in zip(reversed(chain), shapes, shapes[1:]):
+        if value_users(previous) != [view]:
+            return None
+        if kind in ("permute", "transpose"):
+            order = _permutation(view, kind, len(before))
+            if order is None:
+                return None
+            axis = order.index(axis)
+        elif kind != "contiguous":
+            rows_before, rows_after = math.prod(before[:-1]), math.prod(after[:-1])
+            if axis != len(before) - 1 or after[-1] != features or rows_before != rows_after:
+                return None
+            axis = len(after) - 1
+        previous = view
+    final = shapes[-1]
+    return top if axis == 1 and len(final) in (2, 3) and final[1] == features else None
+
+
+def _permutation(node: fx.Node, kind: str, rank: int) -> list[int] | None:
+    """The source dim of each output dim of a ``permute``/``transpose`` call with constant dims, else ``None``."""
+    args = list(node.args[1:])
+    if node.kwargs:
+        return None
+    if kind == "transpose":
+        if len(args) != 2 or not all(isinstance(a, int) for a in args):
+            return None
+        first, second = (a % rank for a in args)
+        order = list(range(rank))
+        order[first], order[second] = order[second], order[first]
+        return order
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    order = [d % rank for d in dims]
+    return order if sorted(order) == list(range(rank)) else None
 
 
 def _flattened_rows(node: fx.Node | None) -> fx.Node | None:
@@ -271,6 +365,8 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     if bn.num_features != layer.out_features:
         return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
     rank = tensor_rank(gm, source) or bn.rank
+    if layer.rows is not None and layer.rows_proven:
+        return ""
     if layer.rows is not None:
         assert layer.node is not None
         if len(value_users(layer.node)) > 1:

@@ -18,6 +18,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from fx_lightning.folding import BatchNormStats
+from fx_lightning.padded_conv import padded_conv_family
 from fx_lightning.tracing import has_forward_hooks, is_batch_norm_module
 
 # ----------------------------------------------------------------------------------------------- BatchNorm calls
@@ -208,12 +209,19 @@ def plain_layer_family(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-def producer_layer(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
-    """The conv/conv-transpose/linear module ``node`` calls with torch's own computation, else ``None``."""
+def producer_layer(gm: fx.GraphModule, node: fx.Node | None, padded: bool = False) -> nn.Module | None:
+    """The conv/conv-transpose/linear module ``node`` calls with torch's own computation, else ``None``.
+
+    With ``padded``, also a conv subclass that provably pads its input and then convolves with its own weight
+    and bias (:func:`fx_lightning.padded_conv.padded_conv_family`): exact for a fold *after* the layer, not for
+    folds into it from before (the padding would see the shift) or merges with other kernels.
+    """
     if node is None or node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
-    return module if plain_layer_family(module) is not None else None
+    if plain_layer_family(module) is not None:
+        return module
+    return module if padded and padded_conv_family(module) is not None else None
 
 
 def is_transposed(module: nn.Module) -> bool:
