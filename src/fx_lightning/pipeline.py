@@ -114,7 +114,8 @@ def fuse(
         root = detached_copy(model)
         engine = _Engine(chosen, tuple(leaf_modules), form, report)
         engine.checked = example_inputs is not None
-        engine.seen_inputs = inputs_seen(root, example_inputs) if example_inputs is not None else {}
+        if example_inputs is not None:
+            engine.example = (model, tuple(example_inputs))
         engine.instances = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
@@ -264,9 +265,15 @@ class _Engine:
         # Paths of untraced (or opaque) modules whose own code reaches into the region being fused: what a rewrite
         # there changes is also read by that code, so the self-check runs the outermost of them.
         self.readers: list[str] = []
-        # What each module received on the example forward (see inputs_seen): ranks for the parts traced apart.
-        self.seen_inputs: dict[str, tuple[Any, ...]] = {}
+        # The model and its example inputs, whose forward tells what each part receives (see seen_inputs).
+        self.example: tuple[nn.Module, tuple[Any, ...]] | None = None
         self.instances: Counter[int] = Counter()  # how many paths hold each module object
+
+    @functools.cached_property
+    def seen_inputs(self) -> dict[str, tuple[Any, ...]]:
+        """What each module received on the example forward (see :func:`inputs_seen`): ranks for the parts
+        traced apart. Run once, and only when a part is traced apart (a model traced whole costs no forward)."""
+        return inputs_seen(*self.example) if self.example is not None else {}
 
     # -- regions
 
