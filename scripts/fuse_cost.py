@@ -183,8 +183,7 @@ def measure(name: str, repeats: int = 3, budget_s: float = 60.0) -> ModelCost:
         with torch.no_grad():
             model(*inputs)
 
-    for _ in range(2):  # first calls are slower (allocator, kernel selection); they are not what is compared
-        forward()
+    forward()  # the first calls are slower (allocator, kernel selection); they are not what is compared
     fusers = _fusers(built)
     costs = {fuser: FuserCost() for fuser in fusers}
     results: dict[str, nn.Module] = {}

@@ -21,19 +21,6 @@ from fx_lightning import fuse
 from fx_lightning.compare import compare_trees
 from fx_lightning.probe import count_batch_norms
 
-# What the engine does not fold yet on these models (with example inputs), and the issue that asks for it.
-NOT_ALL_FOLDED = {
-    "ssdlite320_mobilenet_v3_large": "#17: exact folds reverted by the whole-model self-check on post-NMS detections",
-    "fasterrcnn_resnet18_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "fasterrcnn_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "fasterrcnn_mobilenet_v3_large_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "retinanet_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "maskrcnn_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "hf_mobilenet_v2": "#18: HF MobileNetV2's conv layer computes TF padding with int() on a proxy",
-    "smp_fpn_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dStaticSamePadding) block their BatchNorms",
-    "timm_tf_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dSame) block their BatchNorms",
-}
-
 
 @dataclass
 class Fused:
@@ -84,8 +71,8 @@ def test_fuse_whole_model_matches_on_continuous_parts(case: Fused) -> None:
 
 def test_fuse_whole_model_folds_every_batch_norm(case: Fused, request: pytest.FixtureRequest) -> None:
     name = case.built.name
-    if name in NOT_ALL_FOLDED:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=NOT_ALL_FOLDED[name]))
+    if name in whole_models.NOT_YET_FOLDED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=whole_models.NOT_YET_FOLDED[name]))
     inputs = case.built.example_inputs
     before = count_batch_norms(lambda: case.built.model(*inputs), case.built.model)
     after = count_batch_norms(lambda: case.fused(*inputs), case.fused)
