@@ -393,7 +393,7 @@ NOT_YET_FOLDED = {
     "fasterrcnn_mobilenet_v3_large_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
     "retinanet_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
     "maskrcnn_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "hf_efficientnet": "#18: HF EfficientNet's top_bn, under an untraced encoder, left as 'rank unknown'",
+    "hf_efficientnet": "#18: HF EfficientNet's top_bn, after the top conv of the untraced encoder, is left",
     "hf_mobilenet_v2": "#18: HF MobileNetV2's conv layer computes TF padding with int() on a proxy",
     "smp_fpn_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dStaticSamePadding) block their BatchNorms",
     "timm_tf_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dSame) block their BatchNorms",
