@@ -49,9 +49,9 @@ class WholeModel:
     post_processed: bool = False
 
 
-def _image(side: int, seed: int, batch: int = 1, height: int | None = None) -> torch.Tensor:
+def _image(side: int, seed: int, batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, height or side, side, generator=gen)
+    return torch.rand(batch, 3, side, side, generator=gen)
 
 
 @torch.no_grad()
