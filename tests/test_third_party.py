@@ -241,9 +241,44 @@ class UntracedHeadWithReader(UntracedHead):
         return h + self.conv.weight.mean()
 
 
+class UntracedHeadWithMethod(UntracedHead):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # another method calls the layer alone: after a fold it would return other values
+
+
+class NestedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def _reads_conv(x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    return x * owner.conv.weight.mean()
+
+
+class SelfPassingHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _reads_conv(x, self) if x.sum() > 0 else x
+        return self.bn(self.conv(x))
+
+
 def test_chained_children_proven_from_source() -> None:
     assert chained_children(UntracedHead) == (("conv", "bn"),)
+    assert chained_children(NestedHead) == (("conv", "bn"),)
     assert chained_children(UntracedHeadWithReader) == ()
+    assert chained_children(UntracedHeadWithMethod) == ()
+    assert chained_children(SelfPassingHead) == ()
 
 
 def test_batch_norm_chained_after_conv_folds_under_untraced_parent() -> None:

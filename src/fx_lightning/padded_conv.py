@@ -345,9 +345,10 @@ _GENERIC_ACCESS = frozenset(
 def chained_children(cls: type) -> tuple[tuple[str, str], ...]:
     """Pairs ``(first, second)`` of attributes that ``cls``'s code uses once each, only as ``second(first(x))``.
 
-    Proven from the source of ``forward`` and of the methods of the class it calls (what a call of the module
-    runs): each attribute is loaded once in all of it, no code reaches children without naming them
-    (``self.children()``, ``getattr``), both calls take one positional argument, and either the calls nest
+    Proven from source: ``forward`` and the methods of the class it calls (what a call of the module runs) reach
+    no child without naming it (``self.children()``, ``getattr``); in every method of every class of the MRO
+    above torch's own (``__init__`` aside) each attribute is loaded once, so no other method calls the layer
+    alone; both calls take one positional argument, and either the calls nest
     (``self.bn(self.conv(x))``) or two consecutive statements rebind one name (``h = self.conv(h)`` then
     ``h = self.bn(h)``). The first call's output then reaches the second call and nothing else, so a BatchNorm
     ``second`` can fold into a layer ``first`` even where the forward around them cannot be traced.
@@ -362,21 +363,29 @@ def chained_children(cls: type) -> tuple[tuple[str, str], ...]:
         (('conv', 'bn'),)
     """
     methods = _forward_methods(cls)
-    loads: dict[str, list[ast.Attribute]] = {}
+    every = _all_methods(cls)
+    if not methods or every is None:
+        return ()
     for method in methods:
-        if not method.args.args:
-            continue
         me = method.args.args[0].arg
+        parents = _parents(method)
         for node in ast.walk(method):
+            if isinstance(node, ast.Name) and node.id == me and not isinstance(parents.get(id(node)), ast.Attribute):
+                return ()  # `self` passed on: the callee may reach any child
             if isinstance(node, ast.Name) and node.id in _GENERIC_ACCESS:
                 return ()
             if isinstance(node, ast.Attribute) and node.attr in _GENERIC_ACCESS:
                 return ()
-            if isinstance(node, ast.Name) and node.id == me:
-                continue
+    loads: dict[str, list[ast.Attribute]] = {}
+    for method in every:
+        if not method.args.args:
+            continue
+        me = method.args.args[0].arg
+        for node in ast.walk(method):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
                 loads.setdefault(node.attr, []).append(node)
-    once = {name: nodes[0] for name, nodes in loads.items() if len(nodes) == 1}
+    forward_loads = {id(n) for m in methods for n in ast.walk(m)}
+    once = {name: nodes[0] for name, nodes in loads.items() if len(nodes) == 1 and id(nodes[0]) in forward_loads}
     pairs: list[tuple[str, str]] = []
     for method in methods:
         parents = _parents(method)
@@ -426,7 +435,7 @@ def _forward_methods(cls: type) -> list[ast.FunctionDef]:
             continue
         if function.__module__.startswith("torch."):
             continue
-        parsed = _parse(function)
+        parsed = _parse_cached(function)
         if parsed is None or not parsed.args.args:
             return []
         found.append(parsed)
@@ -436,6 +445,30 @@ def _forward_methods(cls: type) -> list[ast.FunctionDef]:
             if on_self and hasattr(cls, node.attr):
                 todo.append(node.attr)
     return found
+
+
+def _all_methods(cls: type) -> list[ast.FunctionDef] | None:
+    """Every method (and property getter) the classes of ``cls``'s MRO above torch's own define, ``__init__``
+    aside, parsed one by one, with the same objects :func:`_forward_methods` parsed; ``None`` when a source
+    cannot be read."""
+    by_function: dict[Any, ast.FunctionDef] = {}
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        for name, value in vars(klass).items():
+            function = getattr(value, "fget", None) or getattr(value, "__func__", value)
+            if name == "__init__" or not inspect.isfunction(function) or function in by_function:
+                continue
+            parsed = _parse_cached(function)
+            if parsed is None:
+                return None
+            by_function[function] = parsed
+    return list(by_function.values())
+
+
+@functools.cache
+def _parse_cached(function: Any) -> ast.FunctionDef | None:
+    return _parse(function)
 
 
 def _single_argument_call(call: ast.AST | None, func: ast.AST) -> bool:

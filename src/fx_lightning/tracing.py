@@ -266,6 +266,8 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
 
 
 def _find_attr(root: nn.Module, target: str) -> Any:
+    if not target:
+        return root  # the traced module itself, passed on as `self`
     owner, _, name = target.rpartition(".")
     module = _find_module(root, owner)
     return getattr(module, name, None) if module is not None else None
