@@ -12,8 +12,10 @@ When, in one picture::
               forward signature) -> train -> on_train_end (after every other callback's): fuse copies -> verify
               -> export artifacts and the deploy checkpoint; the user's networks stay in place throughout
     test/predict (and validate if asked):
-              Lightning restores ckpt_path -> on_*_start: fuse the weights loaded now -> verify -> swap the fused
-              networks in -> run the loop -> on_*_end (or on_exception): the user's networks put back
+              Lightning restores ckpt_path -> on_*_epoch_start (after every other callback's, so an averaging
+              callback's weights are in place): fuse the weights in place now -> verify -> for each batch:
+              on_*_batch_start swaps the fused networks in -> the step -> on_*_batch_end puts the user's back
+              -> on_*_end (or on_exception): the fused networks forgotten
 
 One class serves both ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``: it derives from the
 ``Callback`` class of each namespace that is installed.
@@ -120,10 +122,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     classes and ``state_dict`` layout as without the callback, and checkpoints written during training are
     ordinary ones that resume exactly.
 
-    Before ``test``/``predict`` (and ``validate`` if asked) the networks are fused again from the weights loaded
-    at that moment (so ``trainer.test(ckpt_path="best")`` tests the best weights, fused), verified, and swapped
-    in for that loop only; the user's networks are put back at the loop's end and on any exception. A checkpoint
-    written inside such a loop holds the user's networks' values.
+    At the start of the ``test``/``predict`` (and ``validate`` if asked) epoch, after every other callback's epoch
+    hook, the networks are fused again from the weights in place at that moment (so
+    ``trainer.test(ckpt_path="best")`` tests the best weights, fused, and ``validate`` the average an
+    ``EMAWeightAveraging`` swapped in), verified, and swapped in around each step of that loop only: the user's
+    networks are back at every batch end, for every epoch-level hook, at the loop's end and on any exception. A
+    checkpoint written inside such a loop holds the user's networks' values. A LightningModule that runs
+    compiled (``trainer.test(torch.compile(model))``) is fused through its own uncompiled ``forward``; its
+    compiled steps run the fused networks.
 
     The fused networks as objects: ``callback.fused`` maps each network's name to its fused copy, of the user's
     class (``callback.fused["net"]``; ``callback.fused["self"]`` is a fused copy of the whole LightningModule
@@ -154,9 +160,12 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         get_input: takes a batch and returns the LightningModule's forward input (a tuple is unpacked into
             positional arguments, a dict into keyword arguments when ``forward`` takes those names). ``None``
             takes the first element of tuple/list batches, or the ``"input"``/``"x"``/``"image"``/
-            ``"pixel_values"`` entry of dict batches.
+            ``"pixel_values"`` entry of dict batches; when the first element alone does not fit ``forward``
+            (``forward(x, mask)`` with ``(x, mask, y)`` batches), the leading elements that fill its required
+            positional parameters, as the summary says.
         get_target: takes a batch and returns the targets for ``metric``; ``None`` takes the second element
-            of tuple/list batches, or the ``"target"``/``"label"``/``"labels"``/``"y"`` entry of dict batches.
+            of tuple/list batches (the element after the inputs when several are bound), or the
+            ``"target"``/``"label"``/``"labels"``/``"y"`` entry of dict batches.
         example_input: the forward input used for shape propagation, kernel counts and export; ``None`` takes
             it from the first verification batch.
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
