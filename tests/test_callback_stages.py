@@ -144,7 +144,7 @@ def perturb(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
 def fit_then_stages(other: str, fuse: FuseOnExport | None, first: bool, root: Path) -> tuple[dict[str, Any], Any]:
@@ -219,7 +219,7 @@ def test_fuse_on_export_stages_beside_other_callbacks_run_fused_with_the_referen
         # Validation and test read the same batches; EMA swaps its average in for validation only (the weights were
         # moved off it after fit), so the two losses differ: the validation fused the averaged weights.
         val, test = figures["validate"]["val_loss"], figures["test"]["test_loss"]
-        assert abs(val - test) > 100 * RELATIVE * abs(test)
+        assert abs(val - test) > 10 * RELATIVE * abs(test)
 
 
 # ------------------------------------------------------------------------------------------ compiled modules
@@ -247,7 +247,8 @@ class Masked(Classifier):
 
 def compiled_stages(model: Any, root: Path, fuse: FuseOnExport | None) -> dict[str, Any]:
     probe = KernelProbe()
-    trainer = make_trainer(root, [probe] + ([fuse] if fuse is not None else []))
+    limits = {f"limit_{loop}_batches": 1 for loop in ("val", "test", "predict")}
+    trainer = make_trainer(root, [probe] + ([fuse] if fuse is not None else []), **limits)
     figures: dict[str, Any] = {}
     for stage in STAGES:
         probe.per_batch = []
@@ -262,7 +263,7 @@ def test_fuse_on_export_compiled_lightning_module_runs_fused_at_every_stage(tmp_
     compiled = torch.compile(model, backend="eager")
     # fit first: the compiled forward is cached before FuseOnExport's hooks exist (they would not run inside it)
     fit_fuse = FuseOnExport(export_formats=[])
-    make_trainer(tmp_path, [fit_fuse], max_epochs=1).fit(
+    make_trainer(tmp_path, [fit_fuse], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
         compiled, train_dataloaders=loader(seed=0), val_dataloaders=loader(seed=1)
     )
     assert fit_fuse.last_result.outcome is Outcome.FUSED
@@ -277,8 +278,8 @@ def test_fuse_on_export_compiled_lightning_module_runs_fused_at_every_stage(tmp_
         assert entry["kernels_before"] == 3
         assert entry["kernels_after"] == 0
     for stage in STAGES:
-        assert fused[stage]["kernels"] == [0, 0], stage
-        assert reference[stage]["kernels"] == [3, 3], stage  # the compiled unfused run
+        assert fused[stage]["kernels"] == [0], stage
+        assert reference[stage]["kernels"] == [3], stage  # the compiled unfused run
         assert_same_figures(stage, fused[stage], reference[stage])
     assert model._compiler_ctx is not None  # still compiled: the instance's compiled methods were put back
     assert "forward" in model.__dict__
