@@ -285,6 +285,27 @@ def test_fuse_on_export_compiled_lightning_module_runs_fused_at_every_stage(tmp_
     assert "forward" in model.__dict__
 
 
+def test_fuse_on_export_lightning_module_compiled_in_place_tests_fused(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    model.compile(backend="eager")
+    limits = {"limit_test_batches": 1}
+    # an unfused test first: the compiled call is cached before FuseOnExport's hooks exist
+    probe = KernelProbe()
+    reference = make_trainer(tmp_path, [probe], **limits).test(model, dataloaders=loader(seed=2), verbose=False)[0]
+    assert probe.per_batch == [3]
+    probe.per_batch = []
+    fuse = FuseOnExport(export_formats=[])
+    tested = make_trainer(tmp_path, [probe, fuse], **limits).test(model, dataloaders=loader(seed=2), verbose=False)[0]
+    result = fuse.last_result
+    assert result.outcome is Outcome.FUSED
+    assert result.attributes == ["backbone"]
+    assert any("runs compiled (torch.compile)" in note for note in result.notes)
+    assert probe.per_batch == [0]
+    assert_same_figures("test", tested, reference)
+    assert model._compiled_call_impl is not None  # compiled as before
+
+
 # ------------------------------------------------------------------------------------------ several inputs
 
 

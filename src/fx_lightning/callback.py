@@ -128,8 +128,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     ``EMAWeightAveraging`` swapped in), verified, and swapped in around each step of that loop only: the user's
     networks are back at every batch end, for every epoch-level hook, at the loop's end and on any exception. A
     checkpoint written inside such a loop holds the user's networks' values. A LightningModule that runs
-    compiled (``trainer.test(torch.compile(model))``) is fused through its own uncompiled ``forward``; its
-    compiled steps run the fused networks.
+    compiled (``trainer.test(torch.compile(model))``, ``model.compile()``) is fused through its own uncompiled
+    ``forward``; its compiled steps run the fused networks.
 
     The fused networks as objects: ``callback.fused`` maps each network's name to its fused copy, of the user's
     class (``callback.fused["net"]``; ``callback.fused["self"]`` is a fused copy of the whole LightningModule

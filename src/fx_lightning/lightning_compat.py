@@ -152,12 +152,18 @@ def compiled_module(module: nn.Module) -> nn.Module | None:
 
 
 def is_compiled_lightning_module(pl_module: Any) -> bool:
-    """Whether the Trainer was given ``torch.compile(pl_module)``: Lightning then runs the LightningModule with its
-    ``forward`` and steps compiled (``from_compiled``), which it records in ``pl_module._compiler_ctx``.
+    """Whether the LightningModule runs compiled: the Trainer was given ``torch.compile(pl_module)`` (Lightning then
+    runs its ``forward`` and steps compiled, ``from_compiled``, and records it in ``pl_module._compiler_ctx``), or
+    it was compiled in place with ``pl_module.compile()``.
 
-    Private: ``_compiler_ctx``; no public API says whether a LightningModule runs compiled.
+    Private: ``_compiler_ctx`` and torch's ``nn.Module._compiled_call_impl``; no public API says whether a module
+    runs compiled.
     """
-    return isinstance(getattr(pl_module, "_compiler_ctx", None), dict)
+    return isinstance(getattr(pl_module, "_compiler_ctx", None), dict) or _compiled_in_place(pl_module)
+
+
+def _compiled_in_place(module: Any) -> bool:
+    return module.__dict__.get("_compiled_call_impl") is not None
 
 
 @contextmanager
@@ -168,19 +174,24 @@ def uncompiled(pl_module: Any) -> Iterator[bool]:
     Compiled code runs the forward hooks and modules it was compiled with (dynamo does not guard on hooks added
     later), so the hooks that capture the networks' inputs, the verification and the copies that fusion makes
     must see the class's own methods. Private: the instance attributes and ``_compiler_ctx`` that
-    ``from_compiled`` sets (as ``lightning.pytorch.utilities.compile.to_uncompiled`` undoes them, but reversibly).
+    ``from_compiled`` sets (as ``lightning.pytorch.utilities.compile.to_uncompiled`` undoes them, but reversibly),
+    and torch's ``_compiled_call_impl`` that ``nn.Module.compile()`` sets.
     """
     if not is_compiled_lightning_module(pl_module):
         yield False
         return
-    saved = {name: pl_module.__dict__.pop(name) for name in _COMPILED_METHODS if name in pl_module.__dict__}
-    context = pl_module._compiler_ctx
+    context = getattr(pl_module, "_compiler_ctx", None)
+    names = _COMPILED_METHODS if isinstance(context, dict) else ()
+    saved = {name: pl_module.__dict__.pop(name) for name in names if name in pl_module.__dict__}
+    in_place = pl_module.__dict__.pop("_compiled_call_impl", None)
     pl_module._compiler_ctx = None
     try:
         yield True
     finally:
         pl_module.__dict__.update(saved)
         pl_module._compiler_ctx = context
+        if in_place is not None:
+            pl_module.__dict__["_compiled_call_impl"] = in_place
 
 
 def recompile(compiled: nn.Module, module: nn.Module) -> nn.Module:
