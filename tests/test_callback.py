@@ -35,15 +35,16 @@ def runs_fused(pl_module: Any) -> bool:
 
 
 class FusedProbe(pl.Callback):
-    """Records, at every test/predict batch, whether ``pl_module.net`` is a fused network."""
+    """Records, after every test/predict step, whether ``pl_module.net`` is a fused network: FuseOnExport, last
+    in the callbacks, swaps in at each batch start and back at each batch end after this hook."""
 
     def __init__(self) -> None:
         self.seen: list[bool] = []
 
-    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self.seen.append(runs_fused(pl_module))
 
-    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self.seen.append(runs_fused(pl_module))
 
 
@@ -483,7 +484,7 @@ def test_fuse_on_export_validate_stage_only_when_asked(trained: dict[str, Any], 
     class ValProbe(pl.Callback):
         seen: list[bool] = []
 
-        def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             self.seen.append(runs_fused(pl_module))
 
     for stages, expected in ((["validate"], True), (["test"], False)):
@@ -602,7 +603,9 @@ def test_fuse_on_export_checkpoint_saved_inside_a_fused_loop_holds_the_users_val
     class SaveDuringTest(pl.Callback):
         fused_then: bool = False
 
-        def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, *args: Any) -> None:
+        def on_test_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, *args: Any
+        ) -> None:
             if batch_idx == 0:
                 self.fused_then = runs_fused(pl_module)
                 trainer.save_checkpoint(tmp_path / "during_test.ckpt")

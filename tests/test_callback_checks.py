@@ -137,14 +137,15 @@ class TwoInputs(Counted):
 
 
 def test_fuse_on_export_two_input_forward_fails_before_training_with_the_fix(tmp_path: Path) -> None:
+    # (a, y) batches: binding the leading elements would leave no target, so the first element alone is tried.
     model = TwoInputs()
     match = (
         r"FuseOnExport: TwoInputs.forward\(a: 'torch.Tensor', b: 'torch.Tensor'\) -> 'torch.Tensor' cannot take the "
-        r"input from the first val batch \(a list of 3\): get_input returned Tensor, passed as one argument "
+        r"input from the first val batch \(a list of 2\): get_input returned Tensor, passed as one argument "
         r"\(missing a required argument: 'b'\). Pass get_input=lambda batch: ..."
     )
     with pytest.raises(TypeError, match=match):
-        trainer(tmp_path, FuseOnExport()).fit(model, tuple_loader(inputs=2), tuple_loader(inputs=2))
+        trainer(tmp_path, FuseOnExport()).fit(model, tuple_loader(inputs=2), tuple_loader(inputs=1))
     assert model.train_steps == 0
 
 

@@ -274,7 +274,7 @@ def test_fuse_on_export_compiled_network_fused_behind_compile_and_compiled_again
     class CompiledProbe(pl.Callback):
         seen: list[tuple[str, int]] = []
 
-        def on_test_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        def on_test_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             self.seen.append((type(pl_module.net).__name__, batch_norms(pl_module.net._orig_mod)))
 
     probe = CompiledProbe()

@@ -12,8 +12,10 @@ When, in one picture::
               forward signature) -> train -> on_train_end (after every other callback's): fuse copies -> verify
               -> export artifacts and the deploy checkpoint; the user's networks stay in place throughout
     test/predict (and validate if asked):
-              Lightning restores ckpt_path -> on_*_start: fuse the weights loaded now -> verify -> swap the fused
-              networks in -> run the loop -> on_*_end (or on_exception): the user's networks put back
+              Lightning restores ckpt_path -> on_*_epoch_start (after every other callback's, so an averaging
+              callback's weights are in place): fuse the weights in place now -> verify -> for each batch:
+              on_*_batch_start swaps the fused networks in -> the step -> on_*_batch_end puts the user's back
+              -> on_*_end (or on_exception): the fused networks forgotten
 
 One class serves both ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``: it derives from the
 ``Callback`` class of each namespace that is installed.
@@ -102,6 +104,10 @@ LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
 REPORT_FILE = "fuse_report.json"
 
 _ON_MISMATCH = ("revert", "raise", "warn")
+_COMPILED_NOTE = (
+    "{name} runs compiled (torch.compile): its networks were fused, verified and exported through its own "
+    "uncompiled forward{loop}"
+)
 _STAGES = ("test", "predict", "validate")
 _EXPORT_STAGES = ("fit", "test", "predict", "validate")
 
@@ -116,10 +122,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
     classes and ``state_dict`` layout as without the callback, and checkpoints written during training are
     ordinary ones that resume exactly.
 
-    Before ``test``/``predict`` (and ``validate`` if asked) the networks are fused again from the weights loaded
-    at that moment (so ``trainer.test(ckpt_path="best")`` tests the best weights, fused), verified, and swapped
-    in for that loop only; the user's networks are put back at the loop's end and on any exception. A checkpoint
-    written inside such a loop holds the user's networks' values.
+    At the start of the ``test``/``predict`` (and ``validate`` if asked) epoch, after every other callback's epoch
+    hook, the networks are fused again from the weights in place at that moment (so
+    ``trainer.test(ckpt_path="best")`` tests the best weights, fused, and ``validate`` the average an
+    ``EMAWeightAveraging`` swapped in), verified, and swapped in around each step of that loop only: the user's
+    networks are back at every batch end, for every epoch-level hook, at the loop's end and on any exception. A
+    checkpoint written inside such a loop holds the user's networks' values. A LightningModule that runs
+    compiled (``trainer.test(torch.compile(model))``, ``model.compile()``) is fused through its own uncompiled
+    ``forward``; its compiled steps run the fused networks.
 
     The fused networks as objects: ``callback.fused`` maps each network's name to its fused copy, of the user's
     class (``callback.fused["net"]``; ``callback.fused["self"]`` is a fused copy of the whole LightningModule
@@ -150,9 +160,12 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         get_input: takes a batch and returns the LightningModule's forward input (a tuple is unpacked into
             positional arguments, a dict into keyword arguments when ``forward`` takes those names). ``None``
             takes the first element of tuple/list batches, or the ``"input"``/``"x"``/``"image"``/
-            ``"pixel_values"`` entry of dict batches.
+            ``"pixel_values"`` entry of dict batches; when the first element alone does not fit ``forward``
+            (``forward(x, mask)`` with ``(x, mask, y)`` batches), the leading elements that fill its required
+            positional parameters, as the summary says.
         get_target: takes a batch and returns the targets for ``metric``; ``None`` takes the second element
-            of tuple/list batches, or the ``"target"``/``"label"``/``"labels"``/``"y"`` entry of dict batches.
+            of tuple/list batches (the element after the inputs when several are bound), or the
+            ``"target"``/``"label"``/``"labels"``/``"y"`` entry of dict batches.
         example_input: the forward input used for shape propagation, kernel counts and export; ``None`` takes
             it from the first verification batch.
         export_dir: directory for the artifacts and the JSON report; ``None`` uses ``<trainer.log_dir>/fused``.
@@ -271,14 +284,16 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         #: The fused copy of each network from the latest fusion that used them (name -> module).
         self.fused: dict[str, nn.Module] = {}
         self._swap: Swap | None = None
+        #: How many leading elements of a tuple/list batch the default input binds to forward (None: the first).
+        self._leading: int | None = None
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Runs at the start of every Trainer call, before Lightning restores ``ckpt_path``: rejects strategies
         that cannot work, puts the user's networks back if a loop left fused ones, checks the network names,
-        keeps a one-shot ``verify_dataloader``, and moves this callback last so that its ``on_train_end`` sees
-        the weights every other callback leaves (EMA, SWA, pruning)."""
+        keeps a one-shot ``verify_dataloader``, and moves this callback last so that its ``on_train_end`` and
+        ``on_*_epoch_start`` see the weights every other callback leaves (EMA, SWA, pruning)."""
         reason = compat.unsupported_strategy(trainer)
         if reason:
             raise ValueError(reason)
@@ -288,7 +303,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         self.verify_dataloader = keep_one_shot(self.verify_dataloader, self.max_verify_batches)
         if self.int8 is not None:
             self.calibration_dataloader = keep_one_shot(self.calibration_dataloader, self.int8.calibration_batches)
-        if stage == "fit" and self.fuse_after_fit:
+        if (stage == "fit" and self.fuse_after_fit) or stage in self.stages:
             compat.move_to_end(trainer, self)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -296,7 +311,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         verification batch (the input and target layout, the forward signature), so that
         a misconfiguration fails now rather than after training."""
         if self.fuse_after_fit:
-            with preserved_rng():
+            with preserved_rng(), compat.uncompiled(pl_module):
                 self._check_inputs(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -305,35 +320,63 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.fuse_after_fit:
             self._fuse(trainer, pl_module, "fit")
 
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs before a ``trainer.validate`` loop (not validation inside ``fit``): fuses and swaps in if
-        ``"validate"`` is in ``stages``."""
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Runs in a ``trainer.validate`` loop (not validation inside ``fit``) after every other callback's
+        ``on_validation_epoch_start`` (an averaging callback has swapped its weights in): fuses those weights if
+        ``"validate"`` is in ``stages``; the fused networks go in per batch."""
         if _fn(trainer) == "validate" and "validate" in self.stages:
             self._fuse(trainer, pl_module, "validate")
 
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs before each ``trainer.validate`` step, after the other callbacks' batch hooks: swaps in."""
+        if _fn(trainer) == "validate":
+            self._swap_in()
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs after each ``trainer.validate`` step: puts the user's networks back, so that every epoch-level hook
+        (an averaging callback swapping its weights back by position) sees the user's networks."""
+        if _fn(trainer) == "validate":
+            self._swap_out()
+
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after a ``trainer.validate`` loop: puts the user's networks back."""
+        """Runs after a ``trainer.validate`` loop: forgets the fused networks (the user's are in place)."""
         if _fn(trainer) == "validate":
             self._restore()
 
-    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after Lightning loaded ``ckpt_path`` and before the first test batch: fuses those weights and
-        swaps the fused networks in."""
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Runs after Lightning loaded ``ckpt_path`` and after every other callback's ``on_test_epoch_start``:
+        fuses the weights in place now; the fused networks go in per batch."""
         if "test" in self.stages:
             self._fuse(trainer, pl_module, "test")
 
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs before each test step, after the other callbacks' batch hooks: swaps the fused networks in."""
+        self._swap_in()
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs after each test step: puts the user's networks back for every hook until the next step."""
+        self._swap_out()
+
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after the test loop: puts the user's networks back."""
+        """Runs after the test loop: forgets the fused networks (the user's are in place)."""
         self._restore()
 
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after Lightning loaded ``ckpt_path`` and before the first predict batch: fuses those weights and
-        swaps the fused networks in."""
+    def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Runs after Lightning loaded ``ckpt_path`` and after every other callback's ``on_predict_epoch_start``:
+        fuses the weights in place now; the fused networks go in per batch."""
         if "predict" in self.stages:
             self._fuse(trainer, pl_module, "predict")
 
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs before each predict step, after the other callbacks' batch hooks: swaps the fused networks in."""
+        self._swap_in()
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        """Runs after each predict step: puts the user's networks back for every hook until the next step."""
+        self._swap_out()
+
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        """Runs after the predict loop: puts the user's networks back."""
+        """Runs after the predict loop: forgets the fused networks (the user's are in place)."""
         self._restore()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -379,11 +422,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         again, so everything runs outside it. The global random state is left as found.
         """
         result = FuseResult(stage=stage, ckpt_path=_str_or_none(trainer.ckpt_path))
-        with torch.inference_mode(False), torch.no_grad(), preserved_rng():
+        with torch.inference_mode(False), torch.no_grad(), preserved_rng(), compat.uncompiled(pl_module) as compiled:
             # trainer.log_dir broadcasts under DDP: every rank asks for it, before anything can fail.
             directory = self._export_directory(trainer)
             result.report_path = str(directory / report_file(stage, self.export_stages))
             run = _Run(trainer, pl_module, stage, result)
+            if compiled:
+                loop = "" if stage == "fit" else f"; the {stage} loop's compiled steps run the fused networks"
+                result.notes.append(_COMPILED_NOTE.format(name=type(pl_module).__name__, loop=loop))
             failure = None
             try:
                 self._prepare(run)
@@ -404,8 +450,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 self.fused = {network.name: module for network, module in run.fused.items()}
         self._report(trainer, result)
         if result.outcome.in_place and stage != "fit":
-            self._swap = Swap(pl_module, run.replacements)
-            self._swap.install()
+            self._swap = Swap(pl_module, run.replacements)  # installed around each step of the loop
         self._raise_or_warn(trainer, result, failure)
 
     def _prepare(self, run: _Run) -> None:
@@ -423,6 +468,9 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         run.step = "reading the verification data"
         run.batches = verification_batches(trainer, run.stage, self.verify_dataloader, self.max_verify_batches)
         run.first = first = run.batches.first()
+        binding = self._bind_inputs(pl_module, networks, first)
+        if binding:
+            result.notes.append(binding)
         run.example = self._example_input(trainer, pl_module, first)
         calls: dict[Network, Call] = {}
         if run.example is not None:
@@ -502,8 +550,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         run.verifier = verifier = Verifier(
             metric=copy.deepcopy(self.metric) if self.metric is not None else None,
             tolerance=self.tolerance,
-            get_input=self.get_input or default_get_input,
-            get_target=self.get_target or default_get_target,
+            get_input=self._input_of,
+            get_target=self._target_of,
         ).to(pl_module.device)
         start = time.perf_counter()
 
@@ -675,8 +723,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         return {
             "batches": OnDevice(run.batches, lambda batch: to_device(trainer, pl_module, batch)),
             "metric": self._artifact_metric(run),
-            "get_input": self.get_input or default_get_input,
-            "get_target": self.get_target or default_get_target,
+            "get_input": self._input_of,
+            "get_target": self._target_of,
             "max_batches": self.max_verify_batches,
         }
 
@@ -836,6 +884,14 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         swap, self._swap = self._swap, None
         return swap.restore() if swap is not None else False
 
+    def _swap_in(self) -> None:
+        if self._swap is not None:
+            self._swap.install()
+
+    def _swap_out(self) -> None:
+        if self._swap is not None:
+            self._swap.restore()
+
     def _networks(self, pl_module: nn.Module) -> list[Network]:
         if self.attributes is None:
             return find_networks(pl_module)
@@ -867,6 +923,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         if batch is None and self.example_input is None:
             return
         where = f"the first {batches.source} batch ({_describe(batch)})"
+        self._bind_inputs(pl_module, networks, batch)
         if self.example_input is not None:
             x = self.example_input
         else:
@@ -904,10 +961,40 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             return None
         return self._input_of(to_device(trainer, pl_module, first_batch))
 
+    def _bind_inputs(self, pl_module: Any, networks: list[Network], batch: Any) -> str:
+        """Without ``get_input``, a forward that takes several required positional inputs gets the batch's leading
+        elements when the first alone does not fit it (``forward(x, mask)`` with ``(x, mask, y)`` batches); the
+        target is then the element after them. Decided on ``batch``; returns the note that says so, or ``""``."""
+        self._leading = None
+        if self.get_input is not None or batch is None:
+            return ""
+        if compat.overrides_forward(pl_module):
+            fn = pl_module.forward
+        elif len(networks) == 1 and not networks[0].is_self:
+            fn = networks[0].holder(pl_module).forward
+        else:
+            return ""
+        count = _leading_inputs(fn, batch, with_target=self.get_target is None)
+        if count is None:
+            return ""
+        self._leading = count
+        names = ", ".join(list(inspect.signature(fn).parameters)[:count])
+        owner = type(getattr(fn, "__self__", fn)).__name__
+        target = f"target: element {count}" if self.get_target is None else "target: get_target"
+        return (
+            f"input: elements 0-{count - 1} of each batch (a {type(batch).__name__} of {len(batch)}) passed to "
+            f"{owner}.forward({names}), whose first argument alone does not take element 0; {target}. Pass "
+            "get_input=/get_target= to choose otherwise"
+        )
+
     def _input_of(self, batch: Any) -> Any:
+        if self.get_input is None and self._leading is not None and isinstance(batch, (tuple, list)):
+            return tuple(batch[: self._leading])
         return (self.get_input or default_get_input)(batch)
 
     def _target_of(self, batch: Any) -> Any:
+        if self.get_target is None and self._leading is not None and isinstance(batch, (tuple, list)):
+            return batch[self._leading] if len(batch) > self._leading else None
         return (self.get_target or default_get_target)(batch)
 
 
@@ -1080,6 +1167,38 @@ def _check_signature(fn: Any, x: Any, where: str) -> None:
             f"returned {shown}, passed as {how} ({err}). Pass get_input=lambda batch: ... returning what forward "
             "takes: a tuple is unpacked into positional arguments, a dict into keyword arguments."
         ) from err
+
+
+def _leading_inputs(fn: Any, batch: Any, with_target: bool) -> int | None:
+    """How many leading elements of a tuple/list ``batch`` ``fn`` takes as its required positional parameters, when
+    its first element alone does not bind to ``fn`` (``None`` otherwise, or when they do not bind either). With
+    ``with_target``, an element must be left after them for the target.
+
+    Example:
+        >>> def forward(x, mask, scale=1.0): ...
+        >>> _leading_inputs(forward, (1, 2, 3), with_target=True), _leading_inputs(forward, (1, 2), with_target=True)
+        (2, None)
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return None
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to bind to
+        return None
+    try:
+        signature.bind(batch[0])
+        return None  # the first element fits: the default rule stands
+    except TypeError:
+        pass
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    count = sum(p.kind in positional and p.default is p.empty for p in signature.parameters.values())
+    if count < 2 or count > len(batch) - (1 if with_target else 0):
+        return None
+    try:
+        signature.bind(*batch[:count])
+    except TypeError:
+        return None
+    return count
 
 
 def _dynamic_batch(wanted: bool, args: tuple[Any, ...]) -> tuple[bool, str]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,6 +33,22 @@ def count_ops(fn: Callable[[], Any], keyword: str = "") -> int:
     with _OpCounter(keyword) as counter:
         fn()
     return sum(counter.counts.values())
+
+
+@contextmanager
+def counting_ops(keyword: str = "") -> Iterator[Counter[str]]:
+    """Count the ATen kernels dispatched inside the block whose name contains ``keyword``, by kernel name: for code
+    that is not one call, e.g. between a Lightning loop's batch-start and batch-end hooks.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
+        >>> with torch.no_grad(), counting_ops("batch_norm") as counts:
+        ...     _ = net(torch.randn(1, 1, 4, 4))
+        >>> sum(counts.values())
+        1
+    """
+    with _OpCounter(keyword) as counter:
+        yield counter.counts
 
 
 def count_kernels(model: nn.Module, *inputs: Any, keyword: str = "batch_norm") -> int:

@@ -8,6 +8,8 @@ the public one does not do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -25,6 +27,8 @@ _LOOPS = {
 _LIMITS = {"val": "limit_val_batches", "validate": "limit_val_batches", "test": "limit_test_batches"}
 _LIMITS["predict"] = "limit_predict_batches"
 _SPAWN_LAUNCHERS = ("_MultiProcessingLauncher",)
+#: The methods ``lightning.pytorch.utilities.compile.from_compiled`` replaces by compiled ones on the instance.
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -145,6 +149,49 @@ def compiled_module(module: nn.Module) -> nn.Module | None:
     if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
         return inner
     return None
+
+
+def is_compiled_lightning_module(pl_module: Any) -> bool:
+    """Whether the LightningModule runs compiled: the Trainer was given ``torch.compile(pl_module)`` (Lightning then
+    runs its ``forward`` and steps compiled, ``from_compiled``, and records it in ``pl_module._compiler_ctx``), or
+    it was compiled in place with ``pl_module.compile()``.
+
+    Private: ``_compiler_ctx`` and torch's ``nn.Module._compiled_call_impl``; no public API says whether a module
+    runs compiled.
+    """
+    return isinstance(getattr(pl_module, "_compiler_ctx", None), dict) or _compiled_in_place(pl_module)
+
+
+def _compiled_in_place(module: Any) -> bool:
+    return module.__dict__.get("_compiled_call_impl") is not None
+
+
+@contextmanager
+def uncompiled(pl_module: Any) -> Iterator[bool]:
+    """Inside, a LightningModule the Trainer runs compiled has its own (uncompiled) ``forward`` and steps; they are
+    put back on exit. Yields whether it was compiled.
+
+    Compiled code runs the forward hooks and modules it was compiled with (dynamo does not guard on hooks added
+    later), so the hooks that capture the networks' inputs, the verification and the copies that fusion makes
+    must see the class's own methods. Private: the instance attributes and ``_compiler_ctx`` that
+    ``from_compiled`` sets (as ``lightning.pytorch.utilities.compile.to_uncompiled`` undoes them, but reversibly),
+    and torch's ``_compiled_call_impl`` that ``nn.Module.compile()`` sets.
+    """
+    if not is_compiled_lightning_module(pl_module):
+        yield False
+        return
+    context = getattr(pl_module, "_compiler_ctx", None)
+    names = _COMPILED_METHODS if isinstance(context, dict) else ()
+    saved = {name: pl_module.__dict__.pop(name) for name in names if name in pl_module.__dict__}
+    in_place = pl_module.__dict__.pop("_compiled_call_impl", None)
+    pl_module._compiler_ctx = None
+    try:
+        yield True
+    finally:
+        pl_module.__dict__.update(saved)
+        pl_module._compiler_ctx = context
+        if in_place is not None:
+            pl_module.__dict__["_compiled_call_impl"] = in_place
 
 
 def recompile(compiled: nn.Module, module: nn.Module) -> nn.Module:

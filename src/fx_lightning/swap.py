@@ -240,7 +240,8 @@ class Swap:
 
 
 def is_fused(pl_module: nn.Module) -> bool:
-    """Whether fused networks are in place in ``pl_module`` (inside a test/predict loop run by FuseOnExport)."""
+    """Whether fused networks are in place in ``pl_module`` (inside a step of a test/predict loop that FuseOnExport
+    runs fused: between its ``on_*_batch_start`` and ``on_*_batch_end``)."""
     swap = _ACTIVE.get(pl_module)
     return swap is not None and swap.installed
 
