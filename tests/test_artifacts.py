@@ -266,8 +266,8 @@ def test_output_tolerance_fails_an_artifact_whose_metric_holds(
     with pytest.warns(
         ArtifactMismatchWarning,
         match=r"'nudged' artifact .*nudged.bin \(run by eager \+ 1e-3\) failed verification over 25 samples: "
-        r"MulticlassAccuracy original 0.8, artifact 0.8 \(\|diff\| 0, tolerance 0.001\); max abs diff 0.001 "
-        r"\(tolerance 1e-05\)\. It is kept as .*nudged.FAILED.bin",
+        r"MulticlassAccuracy original 0.8, artifact 0.8 \(\|diff\| 0, tolerance 0.001\); max abs diff 0.001, "
+        r"max rel diff \S+ \(tolerance 1e-05, relative\)\. It is kept as .*nudged.FAILED.bin",
     ):
         report = verify_artifacts(
             {"nudged": nudged},
