@@ -668,7 +668,11 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 if fmt != CHECKPOINT_FORMAT:
                     announced[prefix + fmt] = str(path)
         checked = [r.artifacts[CHECKPOINT_FORMAT] for r in reports.values() if CHECKPOINT_FORMAT in r.artifacts]
-        if checkpoint is not None and all(a.passed for a in checked):
+        # a checkpoint no network's verification covered (networks called with keywords) stands on its reload check
+        unchecked = checkpoint is not None and not checked and (checkpoint.error or checkpoint.mismatch)
+        if unchecked:
+            status["notes"].append(f"the deploy checkpoint is not announced: {checkpoint.error or checkpoint.mismatch}")
+        if checkpoint is not None and all(a.passed for a in checked) and not unchecked:
             announced[CHECKPOINT_FORMAT] = str(checkpoint.path)
         status["artifacts"] = announced
         status["deploy"] = _deploy_data(reports, several)
@@ -1126,6 +1130,7 @@ def _checkpoint_artifact(pl_module: Any, network: Network, checkpoint: DeployChe
         runtime=f"{type(pl_module).__name__}.{how}",
         runner=runner,
         error=checkpoint.error,
+        notes=[f"{checkpoint.mismatch}; judged on the verification data"] if checkpoint.mismatch else [],
     )
 
 
