@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -61,6 +62,7 @@ def yolo_batches(n: int = 2, batch_size: int = 2) -> list[dict[str, Tensor]]:
     return batches
 
 
+@pytest.mark.slow  # about ten minutes on two busy cores, most of it the ONNX export of the whole detector
 def test_fuse_on_export_ultralytics_yolo_trained_with_its_own_loss(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model = Yolo()
