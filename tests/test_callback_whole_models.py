@@ -184,3 +184,68 @@ def test_fuse_on_export_model_output_network_every_artifact_verified_with_the_me
         assert verification["metric_artifact"]["MulticlassAccuracy"] == pytest.approx(
             verification["metric_original"]["MulticlassAccuracy"], abs=1e-6
         ), fmt
+
+
+class WholeTorchvisionDetector(pl.LightningModule):
+    """A whole torchvision detector (no weights), trained on its losses, detections in eval."""
+
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__()
+        from torchvision.models import detection
+
+        if name == "ssdlite320_mobilenet_v3_large":
+            self.model = detection.ssdlite320_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=3, size=(size, size)
+            )
+        else:
+            self.model = getattr(detection, name)(
+                weights=None, weights_backbone=None, num_classes=3, min_size=size, max_size=size
+            )
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        return self.model(list(images))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, targets = batch
+        return sum(self.model(list(images), list(targets)).values())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow  # several minutes each on two cores: the whole detector's fuse, ONNX export and ONNX Runtime runs
+@pytest.mark.parametrize(
+    ("name", "size"), [("fasterrcnn_mobilenet_v3_large_320_fpn", 96), ("ssdlite320_mobilenet_v3_large", 128)]
+)
+def test_fuse_on_export_whole_torchvision_detector_deploys(tmp_path: Path, name: str, size: int) -> None:
+    from test_callback_detection import boxes_loader
+
+    pl.seed_everything(0, verbose=False)
+    model = WholeTorchvisionDetector(name, size)
+    callback = FuseOnExport(
+        attributes=["model"],
+        metric=MeanAveragePrecision(),
+        export_dir=str(tmp_path / "out"),
+        export_formats=["pt2", "onnx", "weights", "ckpt"],
+        deploy_latency_budget=0.5,
+    )
+    with pytest.warns(UserWarning, match=r"the 'pt2' artifact .* could not be made: RuntimeError: export_artifacts"):
+        pl.Trainer(**TRAINER, limit_val_batches=2, default_root_dir=tmp_path, callbacks=[callback]).fit(
+            model, boxes_loader(4, size), boxes_loader(4, size)
+        )
+    result = callback.last_result
+    assert result.outcome is Outcome.FUSED, str(result)
+    assert result.verification.passed
+    assert result.verification.num_samples == 4
+    assert set(result.artifacts) == {"onnx", "weights", "ckpt"}, str(result)
+    entries = result.deploy["artifacts"]
+    assert "torch.export.export could not capture" in entries["pt2"]["error"]
+    assert any("TorchScript-based exporter" in note for note in entries["onnx"]["notes"])
+    for fmt in ("onnx", "weights", "ckpt"):
+        verification = entries[fmt]["verification"]
+        assert verification["passed"] is True, fmt
+        assert "MeanAveragePrecision.map" in verification["metric_artifact"], fmt
+    assert entries["onnx"]["latency_ms"] is not None
