@@ -487,8 +487,15 @@ def export_and_verify(
         formats = [*formats, *(f for f in int8_wanted.formats if f not in formats)]
         if isinstance(batches, Iterator):  # checked once per int8 attempt, then once more with the float artifacts
             batches = list(batches)
-    written = write_artifacts(
-        fused, example_inputs, directory, formats, name=name, dynamic_batch=dynamic_batch, options=options
+    written = write_artifacts(  # a format that cannot represent the network fails alone, with the reason
+        fused,
+        example_inputs,
+        directory,
+        formats,
+        name=name,
+        dynamic_batch=dynamic_batch,
+        options=options,
+        keep_going=True,
     )
     if int8_wanted is not None:
         keys = ("metric", "get_input", "get_target", "max_batches")
