@@ -742,7 +742,7 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
     * per-pixel logits ``(N, C, ...)`` with integer targets ``(N, ...)``: ``MulticlassJaccardIndex(num_classes=C)``;
     * floating outputs with floating targets of the same shape: ``MeanSquaredError()``;
     * detections (a list of ``{"boxes", "scores", "labels"}`` dicts, torchvision's form) with a list of
-      ``{"boxes", "labels"}`` targets: ``MeanAveragePrecision()`` (needs pycocotools).
+      ``{"boxes", "labels"}`` targets, integer labels: ``MeanAveragePrecision()`` (needs pycocotools).
 
     Example:
         >>> type(default_metric(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))).__name__
@@ -751,7 +751,11 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
         ('MeanSquaredError', None)
     """
     preds = scored_output(outputs)
-    if _detections(preds, ("boxes", "scores", "labels")) and _detections(target, ("boxes", "labels")):
+    if (
+        _detections(preds, ("boxes", "scores", "labels"))
+        and _detections(target, ("boxes", "labels"))
+        and not any(t["labels"].is_floating_point() for t in target)  # MeanAveragePrecision takes class indices
+    ):
         from torchmetrics.detection import MeanAveragePrecision  # imports pycocotools: only for detections
 
         return MeanAveragePrecision()
