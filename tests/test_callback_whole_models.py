@@ -194,9 +194,8 @@ class WholeTorchvisionDetector(pl.LightningModule):
         from torchvision.models import detection
 
         if name == "ssdlite320_mobilenet_v3_large":
-            self.model = detection.ssdlite320_mobilenet_v3_large(
-                weights=None, weights_backbone=None, num_classes=3, size=(size, size)
-            )
+            # its transform resizes every image to 320 x 320 whatever their size
+            self.model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
         else:
             self.model = getattr(detection, name)(
                 weights=None, weights_backbone=None, num_classes=3, min_size=size, max_size=size
