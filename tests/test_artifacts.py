@@ -208,7 +208,7 @@ def test_artifact_that_computes_something_else_is_renamed_and_not_announced(
         rf"the 'onnx' artifact {onnx} \(run by onnxruntime \S+ CPU, ORT_ENABLE_ALL\) failed verification over 25 "
         r"samples: MulticlassAccuracy original 0.8, artifact (\S+) \(\|diff\| (\S+), tolerance 0.001, missed by "
         r"(\S+)\); max abs "
-        rf"diff (\S+)\. It is kept as {tmp_path / 'model.FAILED.onnx'} and not announced"
+        rf"diff (\S+), max rel diff \S+\. It is kept as {tmp_path / 'model.FAILED.onnx'} and not announced"
     )
     found = re.fullmatch(pattern, message)
     assert found, message
@@ -241,7 +241,7 @@ def test_artifact_mismatch_with_strict_raises_naming_it(
         match=r"verify_artifacts\(strict=True\): 1 artifact\(s\) failed and were renamed, not announced: the 'onnx' "
         r"artifact .*model.onnx .*failed verification over 25 samples: MulticlassAccuracy original 0.8, artifact "
         r"\S+ \(\|diff\| \S+, tolerance 0.001, "
-        r"missed by \S+\); max abs diff \S+\. It is kept as .*model.FAILED.onnx",
+        r"missed by \S+\); max abs diff \S+, max rel diff \S+\. It is kept as .*model.FAILED.onnx",
     ):
         verify_artifacts(
             {"onnx": copied(artifacts, tmp_path)["onnx"]},
@@ -266,8 +266,8 @@ def test_output_tolerance_fails_an_artifact_whose_metric_holds(
     with pytest.warns(
         ArtifactMismatchWarning,
         match=r"'nudged' artifact .*nudged.bin \(run by eager \+ 1e-3\) failed verification over 25 samples: "
-        r"MulticlassAccuracy original 0.8, artifact 0.8 \(\|diff\| 0, tolerance 0.001\); max abs diff 0.001 "
-        r"\(tolerance 1e-05\)\. It is kept as .*nudged.FAILED.bin",
+        r"MulticlassAccuracy original 0.8, artifact 0.8 \(\|diff\| 0, tolerance 0.001\); max abs diff 0.001, "
+        r"max rel diff \S+ \(tolerance 1e-05, relative\)\. It is kept as .*nudged.FAILED.bin",
     ):
         report = verify_artifacts(
             {"nudged": nudged},
@@ -326,6 +326,8 @@ def test_artifact_that_does_not_load_or_run_is_not_announced(
         "metric_original": {},
         "metric_artifact": {},
         "max_abs_diff": None,
+        "max_rel_diff": None,
+        "compared": None,
         "num_samples": 0,
         "passed": False,
         "tolerance": None,

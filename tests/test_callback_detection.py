@@ -108,8 +108,11 @@ def test_fuse_on_export_faster_rcnn_verified_with_mean_average_precision(tmp_pat
     assert v.metric_original["MeanAveragePrecision.map"] == pytest.approx(
         v.metric_fused["MeanAveragePrecision.map"], abs=1e-3
     )
-    # The backbone takes the batched tensor made inside the detector: its artifacts are checked on that input.
-    assert any("'model.backbone' artifacts checked on the example input only" in n for n in result.notes)
+    # The backbone takes the batched tensor made inside the detector: its artifacts stand in for it there, and are
+    # verified with the metric through the LightningModule's forward.
+    assert any(
+        "'model.backbone' artifacts verified with the metric through Detector.forward" in n for n in result.notes
+    )
     assert set(result.artifacts) == {"pt2", "ckpt"}
     fused_backbone = callback.fused["model.backbone"]
     x = torch.rand(2, 3, 96, 96)

@@ -160,7 +160,7 @@ class NoFold(Steps):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def test_fuse_on_export_nothing_folded_never_says_fused_and_exports_nothing(tmp_path: Path) -> None:
+def test_fuse_on_export_nothing_folded_never_says_fused_and_exports_the_network_as_it_is(tmp_path: Path) -> None:
     model = NoFold()
     callback = FuseOnExport(export_dir=str(tmp_path / "out"))
     with pytest.warns(
@@ -171,8 +171,16 @@ def test_fuse_on_export_nothing_folded_never_says_fused_and_exports_nothing(tmp_
     assert result.outcome is Outcome.NOTHING_FOLDED
     assert "-> nothing folded" in str(result)
     assert "-> fused" not in str(result)
-    assert result.artifacts == {}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fuse_report.json"]
+    # the artifacts asked for are still written: the network as it is, verified the same way, and said so
+    assert set(result.artifacts) == {"pt2", "weights", "ckpt"}
+    assert all(entry["verification"]["passed"] for entry in result.deploy["artifacts"].values())
+    assert any("nothing was folded in ['self']" in note for note in result.notes)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "deploy.ckpt",
+        "fuse_report.json",
+        "model.pt2",
+        "model.safetensors",
+    ]
     report = json.loads((tmp_path / "out" / "fuse_report.json").read_text())
     assert report["outcome"] == "nothing folded"
     assert report["reports"]["self"]["skipped"]  # the reason each BatchNorm stayed

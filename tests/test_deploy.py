@@ -54,13 +54,18 @@ def test_deploy_checkpoint_that_computes_something_else_is_not_announced(
         return {k: torch.zeros_like(v) for k, v in original.state_dict().items()}
 
     monkeypatch.setattr("fx_lightning.deploy.checkpoint_state_dict", wrong_values)
-    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["ckpt"])
-    with pytest.warns(
-        UserWarning, match=r"export failed: RuntimeError: the deploy checkpoint .* differs from the fused"
-    ):
+    callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["ckpt", "weights"])
+    # the checkpoint gets its own verdict, and the export goes on: the weights are written, verified, announced
+    with pytest.warns(UserWarning, match=r"the 'ckpt' artifact .*deploy.ckpt .*failed verification over"):
         make_trainer(callbacks=[callback]).fit(tiny_cnn(), datamodule=digits)
-    assert callback.last_result.outcome is Outcome.FUSED  # the fusion itself is fine
-    assert callback.last_result.artifacts == {}
+    result = callback.last_result
+    assert result.outcome is Outcome.FUSED  # the fusion itself is fine
+    assert set(result.artifacts) == {"weights"}
+    entry = result.deploy["artifacts"]["ckpt"]
+    assert entry["verification"]["passed"] is False
+    assert entry["path"].endswith("deploy.FAILED.ckpt")
+    assert any("differs from the fused network on its example input" in note for note in entry["notes"])
+    assert result.deploy["artifacts"]["weights"]["verification"]["passed"] is True
 
     strict = FuseOnExport(export_dir=str(tmp_path / "strict"), export_formats=["ckpt"], strict=True)
     with pytest.raises(

@@ -463,3 +463,14 @@ def test_write_artifacts_invalid_arguments_raise(
     with pytest.raises(error, match=match):
         write_artifacts(**call)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_close_is_relative_to_each_outputs_scale_and_lists_varying_counts(tmp_path: Path) -> None:
+    big = torch.tensor([1e7, -3e7, 5.0])
+    # float32 rounding at 1e7 (866) is far above any absolute tolerance, and 3e-5 of the scale
+    _check_close("onnx", tmp_path / "m.onnx", [big + torch.tensor([866.0, 0.0, 0.0])], [big], 1e-4, 0.0)
+    with pytest.raises(RuntimeError, match=r"max rel error 1\.000e-02, tolerance rtol=0\.0001"):
+        _check_close("onnx", tmp_path / "m.onnx", [big * 1.01], [big], 1e-4, 0.0)
+    boxes = torch.ones(3, 4)
+    with pytest.warns(UserWarning, match=r"returned 1 output\(s\) of another shape .*verify_artifacts"):
+        _check_close("onnx", tmp_path / "m.onnx", [boxes[:2], boxes], [boxes, boxes], 1e-4, 0.0)

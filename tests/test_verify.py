@@ -268,7 +268,9 @@ def test_verify_list_of_dict_outputs_compared_leaf_by_leaf() -> None:
     assert result.passed
     assert result.num_samples == 2
     assert result.max_abs_diff < 1e-5
-    assert any("no default metric fits outputs a list of 2 of a dict" in n for n in result.notes)
+    # detection dicts with detection targets: MeanAveragePrecision is the default metric
+    assert "MeanAveragePrecision.map" in result.metric_original
+    assert result.metric_original == result.metric_fused
 
 
 def test_compare_outputs_structure_and_values() -> None:

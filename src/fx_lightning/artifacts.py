@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from fx_lightning.int8 import Int8Options
 
 FAILED_MARK = "FAILED"
+
+#: Maps a network (a module, or an artifact loaded as a function) to a function of a batch's input whose output
+#: the metric scores (see :func:`verify_artifacts`'s ``through``).
+Through = Callable[[Any], Runner]
 
 __all__ = [
     "ArtifactMismatchWarning",
@@ -119,6 +123,8 @@ class ArtifactReport:
             "metric_original": dict(v.metric_original) if v else {},
             "metric_artifact": dict(v.metric_fused) if v else {},
             "max_abs_diff": _finite(v.max_abs_diff) if v else None,
+            "max_rel_diff": _finite(v.max_rel_diff) if v else None,
+            "compared": v.compared if v else None,
             "num_samples": v.num_samples if v else 0,
             "passed": self.passed,
             "tolerance": v.tolerance if v else None,
@@ -160,9 +166,11 @@ class ArtifactReport:
                 f"(|diff| {diff:.3g}, tolerance {v.tolerance:g}{missed})"
             )
         figures.append(
-            f"max abs diff {v.max_abs_diff:.3g}"
-            + (f" (tolerance {v.output_tolerance:g})" if v.output_tolerance is not None else "")
+            f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}"
+            + (f" (tolerance {v.output_tolerance:g}, relative)" if v.output_tolerance is not None else "")
         )
+        if v.varying and not v.metric_original:
+            figures.append(f"compared: {v.compared}")
         summary = (self.details.get("int8") or {}).get("summary")
         if summary:
             figures.append(f"int8: {summary}")
@@ -241,6 +249,7 @@ def verify_artifacts(
     get_target: GetTarget = default_get_target,
     latency_budget_s: float | None = 1.0,
     strict: bool = False,
+    through: Through | None = None,
 ) -> DeployReport:
     """Check every artifact in the runtime that will run it, with the task metric, and time it.
 
@@ -273,6 +282,10 @@ def verify_artifacts(
         get_target: maps a batch to the metric target.
         latency_budget_s: wall time for the timing rounds; ``None`` or ``0`` skips timing.
         strict: raise instead of warning when an artifact fails.
+        through: maps a network (the original, or an artifact loaded as a function) to what the metric scores on
+            a batch's input, e.g. the LightningModule's forward with the network replaced by it, for a network that
+            does not take the batch's input or return what the metric takes (a ``ModelOutput`` whose ``logits``
+            the forward returns, a detector called on ``list(images)``); ``None``: the network itself.
 
     Returns:
         The :class:`DeployReport`.
@@ -312,6 +325,7 @@ def verify_artifacts(
         get_input=get_input,
         get_target=get_target,
         max_batches=max_batches,
+        through=through,
     )
     deploy = DeployReport(
         artifacts=reports,
@@ -350,6 +364,7 @@ def check_in_runtimes(
     get_input: GetInput,
     get_target: GetTarget,
     max_batches: int | None,
+    through: Through | None = None,
 ) -> tuple[dict[str, ArtifactReport], dict[str, Runner]]:
     """Load every artifact in its runtime and verify it over ``batches`` in one pass (arguments already checked):
     the reports, and the loaded runners for timing. Nothing is renamed, warned about or timed.
@@ -372,6 +387,7 @@ def check_in_runtimes(
             seconds=artifact.seconds,
             base=artifact.base,
             details=dict(artifact.details),
+            notes=list(artifact.notes),
         )
         if artifact.error:
             report.error = artifact.error
@@ -380,6 +396,8 @@ def check_in_runtimes(
         try:
             loaded[fmt] = artifact.load(fused, spec)
             runners[fmt] = _conformed(loaded[fmt], inputs, artifact.batch_size, report.notes)
+            if through is not None:
+                runners[fmt] = through(runners[fmt])
         except Exception as err:  # noqa: BLE001 - any loader failure fails this artifact, not the others
             report.error = f"loading it failed: {type(err).__name__}: {first_line(err)}"
         report.seconds += time.perf_counter() - start
@@ -395,7 +413,8 @@ def check_in_runtimes(
         )
         for fmt in runners
     }
-    _verification_pass(original, runners, verifiers, reports, batches, get_input, max_batches)
+    reference = original if through is None else through(original)
+    _verification_pass(reference, runners, verifiers, reports, batches, get_input, max_batches)
     for fmt, verifier in verifiers.items():
         if not reports[fmt].error:
             start = time.perf_counter()
@@ -468,8 +487,15 @@ def export_and_verify(
         formats = [*formats, *(f for f in int8_wanted.formats if f not in formats)]
         if isinstance(batches, Iterator):  # checked once per int8 attempt, then once more with the float artifacts
             batches = list(batches)
-    written = write_artifacts(
-        fused, example_inputs, directory, formats, name=name, dynamic_batch=dynamic_batch, options=options
+    written = write_artifacts(  # a format that cannot represent the network fails alone, with the reason
+        fused,
+        example_inputs,
+        directory,
+        formats,
+        name=name,
+        dynamic_batch=dynamic_batch,
+        options=options,
+        keep_going=True,
     )
     if int8_wanted is not None:
         keys = ("metric", "get_input", "get_target", "max_batches")
@@ -498,7 +524,7 @@ def failed_path(path: str | Path) -> Path:
 
 
 def _verification_pass(
-    original: nn.Module,
+    original: nn.Module | Runner,
     runners: Mapping[str, Runner],
     verifiers: Mapping[str, Verifier],
     reports: Mapping[str, ArtifactReport],
@@ -548,8 +574,11 @@ def _not_distributed() -> bool:
     return False
 
 
-def _reference_output(original: nn.Module, inputs: Any) -> Any:
+def _reference_output(original: nn.Module | Runner, inputs: Any) -> Any:
     """The original network's output, as :class:`fx_lightning.verify.Verifier` computes it (eval, no grad)."""
+    if not isinstance(original, nn.Module):  # a function (``through``) that puts the network in place itself
+        with torch.no_grad():
+            return call_with_input(original, inputs)
     inputs = _like_module(inputs, original)
     with torch.no_grad(), eval_mode(original):
         return call_with_input(original, inputs)
@@ -582,6 +611,8 @@ def _conformed(runner: Runner, example: tuple[Any, ...], batch_size: int | None,
 
     if batch_size is None:
         return lambda *args: runner(*cast(args))
+    if len(example) == 1 and isinstance(example[0], (list, tuple)):
+        return _image_lists(runner, cast, batch_size, notes)
 
     def run(*args: Any) -> Any:
         args = cast(args)
@@ -600,6 +631,33 @@ def _conformed(runner: Runner, example: tuple[Any, ...], batch_size: int | None,
             out = runner(*part)
             chunks.append(tree_map(lambda o, n=taken: o[:n] if isinstance(o, Tensor) and o.dim() > 0 else o, out))
         return _concat(chunks)
+
+    return run
+
+
+def _image_lists(
+    runner: Runner, cast: Callable[[tuple[Any, ...]], tuple[Any, ...]], count: int, notes: list[str]
+) -> Runner:
+    """``runner`` of an artifact traced on a list of ``count`` images (a whole detector), fed lists of any length:
+    in chunks of ``count``, the last one padded with copies of its last image, one output per image kept."""
+
+    def run(images: Any) -> Any:
+        (images,) = cast((images,))
+        images = list(images)
+        if len(images) == count:
+            return runner(images)
+        if not notes:
+            notes.append(
+                f"written for lists of {count} images: other lists were run in chunks of {count} (the last one padded "
+                "with copies of its last image)"
+            )
+        outputs: list[Any] = []
+        for start in range(0, len(images), count):
+            part = images[start : start + count]
+            taken = len(part)
+            out = runner(part + [part[-1]] * (count - taken))
+            outputs += list(out)[:taken]
+        return outputs
 
     return run
 

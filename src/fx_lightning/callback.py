@@ -44,7 +44,7 @@ from torchmetrics import Metric, MetricCollection
 
 from fx_lightning import lightning_compat as compat
 from fx_lightning.artifacts import DeployReport, verify_artifacts
-from fx_lightning.deploy import DeployCheckpoint, write_deploy_checkpoint
+from fx_lightning.deploy import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.fuse_result import FuseResult, Outcome, agreement_text
 from fx_lightning.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, read_batches, unmade
@@ -444,7 +444,9 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             if failure is not None:
                 result.outcome = Outcome.FAILED
                 result.error = f"{run.step}: {type(failure).__name__}: {failure}"
-            if result.outcome.in_place and stage in self.export_stages:
+            if stage in self.export_stages and (
+                result.outcome.in_place or (result.outcome is Outcome.NOTHING_FOLDED and self._exports_unfolded(run))
+            ):
                 self._export(run, directory)
             if result.outcome.in_place:
                 self.fused = {network.name: module for network, module in run.fused.items()}
@@ -500,6 +502,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     run.fused[network] = fused
                 else:
                     result.notes.append(_nothing_folded(network, original, report))
+                    run.unfolded[network] = fused
             if not run.fused:  # BatchNorms were found, none folded (or no network that forward calls has one)
                 result.outcome = Outcome.NOTHING_FOLDED
                 return
@@ -564,6 +567,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             return run_forward
 
         original, fused = runner({}), runner(run.replacements)
+        # Where outputs are post-processed (detections), the sub-modules' continuous outputs are compared instead.
+        parts = (networks[0].module(pl_module), run.fused[networks[0]]) if len(networks) == 1 else None
         assert run.batches is not None  # set by _prepare
         world, rank = trainer.world_size, trainer.global_rank
         with eval_mode(pl_module):
@@ -576,7 +581,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 # Each rank takes every world-th batch of the unsharded data: an exact partition, so the
                 # synchronised metric equals the single-process one.
                 if index % world == rank:
-                    verifier.update(original, fused, to_device(trainer, pl_module, batch))
+                    verifier.update(original, fused, to_device(trainer, pl_module, batch), parts=parts)
             if hasattr(batches, "close"):
                 batches.close()
         run.result.verify_source = run.batches.describe()
@@ -623,6 +628,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         if status["error"]:
             result.error = status["error"]
 
+    def _exports_unfolded(self, run: _Run) -> bool:
+        """Whether artifacts were asked for and some network, with nothing folded, can be exported as it is."""
+        return bool(run.unfolded) and bool(self.export_formats) and run.result.error == ""
+
     def _write_artifacts(self, run: _Run, directory: Path, status: dict[str, Any]) -> None:
         """Write every fused network's artifacts and the deploy checkpoint, then check each one in the runtime that
         runs it, over the data the fused network was verified on, and time it; fills ``status`` with the paths
@@ -631,13 +640,23 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         formats = [f for f in self.export_formats if f != CHECKPOINT_FORMAT]
         if self.int8 is not None:  # an int8 artifact is made from (and compared with) its float one
             formats += [f for f in self.int8.formats if f not in formats]
-        checkpoint = None
+        networks = run.fused or run.unfolded  # nothing folded: the networks as they are, verified the same way
+        if not run.fused:
+            status["notes"].append(
+                f"nothing was folded in {[n.name for n in networks]} (see the notes above): the artifacts asked for "
+                "are the networks as they are, verified the same way"
+            )
+        checkpoint: DeployCheckpoint | None = None
+        checkpoint_error = ""
         if CHECKPOINT_FORMAT in self.export_formats:
-            checkpoint = write_deploy_checkpoint(run.trainer, run.pl_module, run.fused, run.calls, directory)
-            status["notes"] += checkpoint.notes
-        several = len(run.fused) > 1
+            try:
+                checkpoint = write_deploy_checkpoint(run.trainer, run.pl_module, networks, run.calls, directory)
+                status["notes"] += checkpoint.notes
+            except Exception as err:  # noqa: BLE001 - the checkpoint fails alone; the other artifacts go on
+                checkpoint_error = f"it could not be made: {type(err).__name__}: {err}"
+        several = len(networks) > 1
         reports: dict[str, DeployReport] = {}
-        for network, module in run.fused.items():
+        for network, module in networks.items():
             call = run.calls.get(network)
             if call is None or call.kwargs:
                 if not formats:
@@ -664,14 +683,22 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                     name=network.file_stem(),
                     dynamic_batch=dynamic,
                     options={f: o for f, o in self.export_options.items() if f in formats},
+                    keep_going=True,  # a format that cannot represent the network fails alone, with the reason
                 )
-            if not written and checkpoint is None:
+            if not written and checkpoint is None and not checkpoint_error:
                 continue
             data = self._artifact_data(run, network, call, status["notes"])
             if self.int8 is not None and written:
                 written |= self._int8_artifacts(run, network, module, call, written, data, status["notes"])
             if checkpoint is not None:
                 written[CHECKPOINT_FORMAT] = _checkpoint_artifact(run.pl_module, network, checkpoint)
+            elif checkpoint_error:
+                written[CHECKPOINT_FORMAT] = Artifact(
+                    CHECKPOINT_FORMAT,
+                    directory / CHECKPOINT_FILE,
+                    runtime="load_from_checkpoint",
+                    error=checkpoint_error,
+                )
             reports[network.name] = verify_artifacts(
                 written,
                 network.module(run.pl_module),
@@ -689,7 +716,11 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
                 if fmt != CHECKPOINT_FORMAT:
                     announced[prefix + fmt] = str(path)
         checked = [r.artifacts[CHECKPOINT_FORMAT] for r in reports.values() if CHECKPOINT_FORMAT in r.artifacts]
-        if checkpoint is not None and all(a.passed for a in checked):
+        # a checkpoint no network's verification covered (networks called with keywords) stands on its reload check
+        unchecked = checkpoint is not None and not checked and (checkpoint.error or checkpoint.mismatch)
+        if unchecked:
+            status["notes"].append(f"the deploy checkpoint is not announced: {checkpoint.error or checkpoint.mismatch}")
+        if checkpoint is not None and all(a.passed for a in checked) and not unchecked:
             announced[CHECKPOINT_FORMAT] = str(checkpoint.path)
         status["artifacts"] = announced
         status["deploy"] = _deploy_data(reports, several)
@@ -704,29 +735,67 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         trainer, pl_module = run.trainer, run.pl_module
         original = network.module(pl_module)
         takes_batch = run.batches is not None and run.first is not None and self.verify
+        why = ""
         if takes_batch and not _takes_example(call, run.example):
-            takes_batch = False
-            notes.append(
-                f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): "
-                f"the network does not take {type(pl_module).__name__}.forward's input"
-            )
+            why = f"the network does not take {type(pl_module).__name__}.forward's input"
         elif takes_batch and not self._gives_forward_layout(run, original, call):
-            # A backbone takes the forward's input but returns features the task metric cannot score.
+            # A ModelOutput, or a backbone's features: the forward maps them to what the metric scores.
+            why = f"its output is not laid out as {type(pl_module).__name__}.forward's"
+        through = None
+        if why and not network.is_self and self._runs_once(run, network):
+            through = self._through(run, network)
+            notes.append(
+                f"'{network.name}' artifacts verified with the metric through {type(pl_module).__name__}.forward, "
+                f"each artifact in the network's place ({why})"
+            )
+        elif why:
             takes_batch = False
             notes.append(
-                f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): "
-                f"its output is not laid out as {type(pl_module).__name__}.forward's"
+                f"'{network.name}' artifacts checked on the example input only (outputs compared, no metric): {why}"
             )
         if not takes_batch:
             return {"batches": [call.args], "get_input": _as_given, "get_target": _no_target}
         assert run.batches is not None
-        return {
+        data = {
             "batches": OnDevice(run.batches, lambda batch: to_device(trainer, pl_module, batch)),
             "metric": self._artifact_metric(run),
             "get_input": self._input_of,
             "get_target": self._target_of,
             "max_batches": self.max_verify_batches,
         }
+        return data | ({"through": through} if through is not None else {})
+
+    def _runs_once(self, run: _Run, network: Network) -> bool:
+        """Whether the forward calls ``network`` once, at its path (so that an artifact can stand in for it)."""
+        calls = []
+        holder = network.holder(run.pl_module)
+        handle = holder.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            with eval_mode(run.pl_module), run.trainer.precision_plugin.forward_context():
+                self._forward(run.pl_module, run.example, [network])
+        except Exception:  # noqa: BLE001 - a forward that cannot run here cannot carry an artifact either
+            return False
+        finally:
+            handle.remove()
+        return len(calls) == 1
+
+    def _through(self, run: _Run, network: Network) -> Callable[[Any], Callable[..., Any]]:
+        """Maps a network (the original, or an artifact loaded as a function) to the LightningModule's forward with
+        it in ``network``'s place: what the metric scores, as in the fused network's verification."""
+        pl_module, trainer = run.pl_module, run.trainer
+
+        def through(net: Any) -> Callable[..., Any]:
+            module = net if isinstance(net, nn.Module) else _StandIn(net)
+
+            def run_forward(*args: Any, **kwargs: Any) -> Any:
+                x = kwargs if kwargs else args  # as call_with_input unpacked it
+                swap = Swap(pl_module, {network.path: module})
+                with swap, eval_mode(pl_module), trainer.precision_plugin.forward_context():
+                    return self._forward(pl_module, x, [network])
+
+            return run_forward
+
+        return through
 
     def _int8_artifacts(
         self,
@@ -742,6 +811,12 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         (:func:`fx_lightning.int8.quantize_artifacts`); none, with a note, when there is no metric to gate them
         with or no training data to calibrate on."""
         assert self.int8 is not None
+        if "through" in data:
+            notes.append(
+                f"'{network.name}' int8 not made: its artifacts are verified through the LightningModule's forward, "
+                "which int8 calibration does not run"
+            )
+            return {}
         if data.get("metric") is None:
             notes.append(
                 f"'{network.name}' int8 not made: no task metric checks its artifacts (checked on outputs only, or "
@@ -791,7 +866,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         metric computed on the forward's outputs accepts the network's."""
         with eval_mode(run.pl_module), run.trainer.precision_plugin.forward_context():
             mine = network(*call.args, **call.kwargs)
-            theirs = self._forward(run.pl_module, run.example, list(run.fused))
+            theirs = self._forward(run.pl_module, run.example, list(run.fused or run.unfolded))
         return _layout(mine) == _layout(theirs)
 
     def _artifact_metric(self, run: _Run) -> Metric | MetricCollection | None:
@@ -1011,6 +1086,8 @@ class _Run:
     example: Any = None
     calls: dict[Network, Call] = field(default_factory=dict)
     fused: dict[Network, nn.Module] = field(default_factory=dict)
+    #: networks with nothing folded, as fuse returned them: exported as they are when artifacts were asked for
+    unfolded: dict[Network, nn.Module] = field(default_factory=dict)
     replacements: dict[str, nn.Module] = field(default_factory=dict)
     verifier: Verifier | None = None
     step: str = "finding the networks"
@@ -1113,6 +1190,17 @@ def _layout(tree: Any) -> tuple[Any, list[Any]]:
     return spec, [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in leaves]
 
 
+class _StandIn(nn.Module):
+    """A loaded artifact (a function) in a network's place inside the LightningModule."""
+
+    def __init__(self, runner: Callable[..., Any]) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *args: Any) -> Any:
+        return self.runner(*args)
+
+
 def _checkpoint_artifact(pl_module: Any, network: Network, checkpoint: DeployCheckpoint) -> Artifact:
     """The deploy checkpoint as an artifact of ``network``: the network of the module reloaded from it."""
     reloaded = checkpoint.module
@@ -1124,7 +1212,12 @@ def _checkpoint_artifact(pl_module: Any, network: Network, checkpoint: DeployChe
         else "load_state_dict (strict, into a copy of the module)"
     )
     return Artifact(
-        format=CHECKPOINT_FORMAT, path=checkpoint.path, runtime=f"{type(pl_module).__name__}.{how}", runner=runner
+        format=CHECKPOINT_FORMAT,
+        path=checkpoint.path,
+        runtime=f"{type(pl_module).__name__}.{how}",
+        runner=runner,
+        error=checkpoint.error,
+        notes=[f"{checkpoint.mismatch}; judged on the verification data"] if checkpoint.mismatch else [],
     )
 
 
@@ -1217,7 +1310,7 @@ def _nothing_folded(network: Network, module: nn.Module, report: FusionReport) -
     found = sum(isinstance(m, _BatchNorm) or is_frozen_batch_norm(m) for m in module.modules())
     reasons = sorted({r.reason for r in report.skipped})
     why = "; ".join(reasons[:3]) or "no BatchNorm is called next to a layer it can be folded into"
-    return f"'{network.name}': found {found} BatchNorm(s), folded none ({why}); nothing is used or exported for it"
+    return f"'{network.name}': found {found} BatchNorm(s), folded none ({why}); no fused network is used for it"
 
 
 def _describe(batch: Any) -> str:

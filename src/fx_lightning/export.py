@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from fx_lightning.checkpoint import checkpoint_state_dict
+from fx_lightning.compare import compare_trees
 from fx_lightning.runtimes import (
     Exporter,
     ExportJob,
@@ -80,6 +82,7 @@ class Artifact:
             reported relative to that one's.
         details: facts about how it was made (the int8 calibration, the layers kept in float), reported with it.
         error: why it could not be made (then it is reported as failed, never loaded), or ``""``.
+        notes: what the user should know about how it was made (e.g. the ONNX exporter it fell back to).
     """
 
     format: str
@@ -94,6 +97,7 @@ class Artifact:
     base: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def load(self, module: nn.Module, output_spec: Any = None) -> Runner:
         """The artifact in the runtime that will run it (``runner`` when given).
@@ -129,11 +133,15 @@ def write_artifacts(
     name: str = "model",
     dynamic_batch: bool = False,
     options: ExportOptions | None = None,
+    keep_going: bool = False,
 ) -> dict[str, Artifact]:
     """Write ``module`` in each format to ``directory``, without checking the files (see
     :func:`fx_lightning.artifacts.verify_artifacts` for that, or :func:`export_artifacts`).
 
     Every argument is checked, and every format's needs (an extra, a C++ compiler) too, before anything is written.
+    With ``keep_going=True`` a format that cannot be written (``torch.export`` cannot capture a whole detector, so
+    neither ``pt2`` nor ``aoti`` can be made) does not stop the others: its :class:`Artifact` carries the upstream
+    reason in ``error`` and is reported as failed.
 
     Args:
         module: the network to export, usually the eval-mode result of :func:`fx_lightning.fuse`.
@@ -145,6 +153,7 @@ def write_artifacts(
             inputs with batch size >= 2).
         options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``; see each module of
             :mod:`fx_lightning.runtimes`.
+        keep_going: report a format that fails to export in its artifact's ``error`` instead of raising.
 
     Returns:
         The :class:`Artifact` of each format, in registry order.
@@ -153,14 +162,28 @@ def write_artifacts(
         TypeError, ValueError: for an invalid argument, format or option.
         MissingExtraError: (a ``ModuleNotFoundError``) if a format's optional dependency is not installed.
         MissingCompilerError: (a ``RuntimeError``) if ``"aoti"`` is asked for and no C++ compiler works.
-        RuntimeError: if an export fails.
+        RuntimeError: if an export fails (without ``keep_going``).
     """
     chosen = _validate_export("write_artifacts", module, example_inputs, formats, 0.0, 0.0, name, dynamic_batch)
     checked = _check_options("write_artifacts", chosen, options)
     job = _job("write_artifacts", module, example_inputs, dynamic_batch)
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {fmt: _write(exporter, job, out_dir / name, checked[fmt]) for fmt, exporter in chosen.items()}
+    written = {}
+    for fmt, exporter in chosen.items():
+        try:
+            written[fmt] = _write(exporter, job, out_dir / name, checked[fmt])
+        except Exception as err:
+            if not keep_going:
+                raise
+            written[fmt] = Artifact(
+                format=fmt,
+                path=out_dir / f"{name}.{fmt}",
+                runtime=exporter.runtime(checked[fmt]),
+                options=checked[fmt],
+                error=f"it could not be made: {type(err).__name__}: {_first_line(err)}",
+            )
+    return written
 
 
 def _job(owner: str, module: nn.Module, example_inputs: Sequence[Any], dynamic_batch: bool) -> ExportJob:
@@ -179,10 +202,13 @@ def _write(exporter: Exporter, job: ExportJob, stem: Path, options: dict[str, An
         seconds=time.perf_counter() - start,
         options=options,
         batch_size=_batch_size(job.inputs) if fixed else None,
+        notes=list(job.notes.get(exporter.name, [])),
     )
 
 
 def _batch_size(inputs: tuple[Any, ...]) -> int | None:
+    if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
+        return len(inputs[0])  # a list of images: as many as were exported
     sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
 
@@ -370,6 +396,10 @@ def _validate_export(
 
 
 def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any], rtol: float, atol: float) -> None:
+    """Raise when a reloaded artifact's tensors differ from the module's beyond ``rtol`` relative to each output's
+    scale (:func:`fx_lightning.compare.compare_trees`); ``atol`` bounds the leaves whose reference is all zeros,
+    which have no scale. Leaves whose shapes differ (post-processed detections) are not judged here: they are
+    listed in a warning, and the task metric judges them (:func:`fx_lightning.artifacts.verify_artifacts`)."""
     refs = [r for r in references if isinstance(r, Tensor)]
     outs = [o for o in outputs if isinstance(o, Tensor)]
     if len(outs) != len(refs):
@@ -377,23 +407,29 @@ def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any]
             f"export_artifacts: the reloaded '{fmt}' artifact {path} returned {len(outs)} tensor(s), the module "
             f"{len(refs)}. The format does not preserve this module's outputs; choose another format."
         )
-    worst_abs, worst_rel, ok = 0.0, 0.0, True
     for out, ref in zip(outs, refs):
-        if out.shape != ref.shape:
+        # a post-processed output changes its count (dim 0) only; any other change of shape is not rounding
+        if out.shape != ref.shape and (out.dim() != ref.dim() or out.shape[1:] != ref.shape[1:]):
             raise RuntimeError(
                 f"export_artifacts: the reloaded '{fmt}' artifact {path} returned shape {tuple(out.shape)}, the "
                 f"module {tuple(ref.shape)}."
             )
-        out64 = out.detach().cpu().to(torch.float64)
-        ref64 = ref.detach().cpu().to(torch.float64)
-        err = (out64 - ref64).abs()
-        if err.numel():
-            worst_abs = max(worst_abs, float(err.max()))
-            worst_rel = max(worst_rel, float((err / ref64.abs().clamp_min(1e-12)).max()))
-        ok = ok and bool(torch.isclose(out64, ref64, rtol=rtol, atol=atol, equal_nan=True).all())
-    if not ok:
+    comparison = compare_trees(refs, outs, rtol=rtol)
+    failed = [
+        leaf for leaf in comparison.compared if not leaf.passed and not (leaf.scale == 0 and leaf.max_abs <= atol)
+    ]
+    if failed:
         raise RuntimeError(
             f"export_artifacts: the reloaded '{fmt}' artifact {path} differs from the module: max abs error "
-            f"{worst_abs:.3e}, max rel error {worst_rel:.3e}, tolerance rtol={rtol:g}, atol={atol:g}. "
-            "Check that the module is deterministic and in eval mode, or loosen rtol/atol."
+            f"{comparison.max_abs:.3e}, max rel error {comparison.max_rel:.3e}, tolerance rtol={rtol:g}, atol={atol:g} "
+            "(rtol relative to each output's largest value, atol for outputs that are all zeros). Check that the "
+            "module is deterministic and in eval mode, or loosen rtol/atol."
+        )
+    if comparison.varying:
+        warnings.warn(
+            f"export_artifacts: the reloaded '{fmt}' artifact {path} returned {len(comparison.varying)} output(s) of "
+            "another shape than the module's (post-processed outputs such as detections after NMS); they were not "
+            "compared. Check the artifact with the task metric: "
+            "fx_lightning.artifacts.verify_artifacts(..., metric=...).",
+            stacklevel=3,
         )

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import MaxMetric, MeanMetric, MeanSquaredError, Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from fx_lightning.compare import Comparison, compare_trees
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -110,15 +112,24 @@ class VerificationResult:
     Attributes:
         metric_original: task metric values of the original network, by name (empty without targets).
         metric_fused: the same metrics for the fused network.
-        max_abs_diff: the largest absolute difference between the two networks' outputs (float32).
+        max_abs_diff: the largest absolute difference between the two networks' outputs, over the output leaves
+            of the same shape in both (0 when none was).
         top1_agreement: the share of samples whose argmax over dim 1 agrees, for 2-D outputs; else ``None``.
-        num_samples: samples compared.
+        num_samples: samples compared (the batches' sizes, never the length of a list of outputs).
         tolerance: the largest allowed ``|fused - original|`` per metric.
-        passed: whether every metric stayed within ``tolerance`` (without targets: whether the outputs did,
-            within ``output_tolerance`` when given, else ``tolerance``), and the outputs within
-            ``output_tolerance`` when given.
-        output_tolerance: the largest allowed ``max_abs_diff``, or ``None`` when outputs are only reported.
+        passed: whether every metric stayed within ``tolerance``; without a metric, whether the outputs did:
+            ``max_rel_diff <= output_tolerance`` (``tolerance`` when not given), relative to each output leaf's
+            scale; where outputs vary in shape (post-processed detections), the continuous parts decide
+            (``parts_max_rel_diff``). With a metric and ``output_tolerance``, the outputs must hold it too.
+        output_tolerance: the largest allowed ``max_rel_diff``, or ``None`` when outputs are only reported.
         notes: what was not checked, and why.
+        max_rel_diff: the largest difference of an output leaf relative to its scale (the largest finite
+            ``|original|`` of that leaf), over the leaves of the same shape in both.
+        varying: the output leaves whose shapes differed between the networks on some batch (post-processed
+            outputs, e.g. ``[0]['boxes']``): not compared, the metric judges them.
+        parts: the sub-modules whose outputs were compared where the network's own outputs vary in shape (the
+            continuous parts: backbone features, head outputs), by path.
+        parts_max_rel_diff: the largest relative difference over ``parts``, or ``None`` when none was compared.
     """
 
     metric_original: dict[str, float]
@@ -130,6 +141,22 @@ class VerificationResult:
     passed: bool
     output_tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
+    max_rel_diff: float = 0.0
+    varying: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    parts_max_rel_diff: float | None = None
+
+    @property
+    def compared(self) -> str:
+        """What the output figures were computed on, in one phrase."""
+        if not self.varying:
+            return "the outputs"
+        shown = ", ".join(f"output{p}" for p in self.varying[:3]) + (" ..." if len(self.varying) > 3 else "")
+        text = f"the output leaves of fixed shape ({len(self.varying)} vary in shape, post-processed: {shown})"
+        if self.parts:
+            names = ", ".join(self.parts[:4]) + (" ..." if len(self.parts) > 4 else "")
+            text += f"; continuous parts compared: {names}"
+        return text
 
     @property
     def metric_diff(self) -> dict[str, float]:
@@ -150,9 +177,14 @@ class VerificationResult:
                 f"  {name:<{width}}  original {self.metric_original[name]:.6f}  fused {self.metric_fused[name]:.6f}"
                 f"  |diff| {diff:.2e}"
             )
-        outputs = f"  outputs: max |diff| {self.max_abs_diff:.3e}"
+        outputs = f"  outputs: max rel diff {self.max_rel_diff:.3e}"
         if self.output_tolerance is not None:
             outputs += f" (tolerance {self.output_tolerance:g})"
+        outputs += f", max |diff| {self.max_abs_diff:.3e}"
+        if self.varying:
+            outputs += f", on {self.compared}"
+        if self.parts_max_rel_diff is not None:
+            outputs += f"; parts max rel diff {self.parts_max_rel_diff:.3e}"
         if self.top1_agreement is not None:
             outputs += f", top-1 agreement {100 * self.top1_agreement:.2f}%"
         lines.append(outputs)
@@ -200,7 +232,9 @@ class Verifier(nn.Module):
             tolerance: the largest allowed ``|fused - original|`` of each metric value; negative never passes.
             get_input: maps a batch to the network input (a tuple is unpacked as positional arguments).
             get_target: maps a batch to the metric target, or ``None`` to skip the metric for that batch.
-            output_tolerance: if given, ``max_abs_diff`` must also stay within it to pass.
+            output_tolerance: if given, ``max_rel_diff`` (each output leaf's largest difference relative to its
+                scale) must also stay within it to pass; without a metric, the outputs are held to it instead of
+                ``tolerance``.
 
         Raises:
             TypeError: if an argument has the wrong type.
@@ -223,31 +257,49 @@ class Verifier(nn.Module):
             self.metric_original = metric
             self.metric_fused = metric.clone()
         self.max_abs_diff = MaxMetric(nan_strategy="disable")
+        self.max_rel_diff = MaxMetric(nan_strategy="disable")
+        self.parts_max_rel_diff = MaxMetric(nan_strategy="disable")
         self.top1_agreement = MeanMetric()
         self.num_samples = SumMetric()
         self.num_targeted = SumMetric()
+        self.num_varying = SumMetric()
         #: Why the task metric is not computed (no default metric fits the outputs and targets), or "".
         self.outputs_only = ""
+        #: Output leaves whose shapes differed on some batch, and the sub-modules compared instead (this process).
+        self.varying: list[str] = []
+        self.parts: list[str] = []
 
     def forward(self, original: nn.Module, fused: nn.Module, batch: Any) -> None:
         """Same as :meth:`update`."""
         self.update(original, fused, batch)
 
-    def update(self, original: Callable[..., Any], fused: Callable[..., Any], batch: Any) -> None:
+    def update(
+        self,
+        original: Callable[..., Any],
+        fused: Callable[..., Any],
+        batch: Any,
+        *,
+        parts: tuple[nn.Module, nn.Module] | None = None,
+    ) -> None:
         """Run both networks on the batch's input and accumulate metrics and output closeness.
 
         Both run in eval mode under ``torch.no_grad()``; their ``training`` flags are restored afterwards.
         Floating inputs are cast to each network's parameter dtype and moved to its device. Outputs of any form
-        (tensor, tuple, dict, list of dicts) are compared leaf by leaf (:func:`compare_outputs`).
+        (tensor, tuple, dict, list of dicts, ``ModelOutput``) are compared leaf by leaf, each relative to its own
+        scale (:func:`fx_lightning.compare.compare_trees`); leaves whose shapes differ (a box count changed by
+        rounding) are listed, never an error. With ``parts``, the outputs of the sub-modules at the same paths of
+        the two networks (the continuous parts before any post-processing) are compared on the same batch.
 
         Args:
             original: the network before fusion.
             fused: the fused network.
             batch: one batch as the dataloader yields it.
+            parts: ``(original network, fused network)`` whose sub-modules to compare, when ``original`` and
+                ``fused`` are functions that run them (``None``: the two networks themselves, when modules).
 
         Raises:
             TypeError: if the networks are not callable.
-            ValueError: if the two networks' outputs differ in structure or shape.
+            ValueError: if the two networks' outputs differ in structure.
         """
         for name, net in (("original", original), ("fused", fused)):
             if not callable(net):
@@ -255,25 +307,58 @@ class Verifier(nn.Module):
                     f"Verifier.update({name}=...) expects a network (nn.Module or callable), got "
                     f"{type(net).__name__}. Call update(original_net, fused_net, batch)."
                 )
+        if parts is None and isinstance(original, nn.Module) and isinstance(fused, nn.Module):
+            parts = (original, fused)
         inputs = self.get_input(batch)
         target = self.get_target(batch)
         with torch.no_grad():
-            out_original = _run(original, inputs)
-            out_fused = _run(fused, inputs)
-        difference = compare_outputs(out_original, out_fused)
+            with capture_parts(parts[0] if parts else None) as seen_original:
+                out_original = _run(original, inputs)
+            with capture_parts(parts[1] if parts else None) as seen_fused:
+                out_fused = _run(fused, inputs)
+        limit = self.tolerance if self.output_tolerance is None else self.output_tolerance
+        difference = compare_trees(out_original, out_fused, rtol=max(limit, 0.0))
+        kinds = [isinstance(x, Tensor) for x in tree_leaves(out_original)] != [
+            isinstance(x, Tensor) for x in tree_leaves(out_fused)
+        ]
+        if difference.structure or kinds:
+            raise ValueError(
+                f"Verifier.update(): the original network returned {_describe(out_original)} but the fused one "
+                f"{_describe(out_fused)}. They must compute the same function; check the fusion report."
+            )
         preds_original, preds_fused = scored_output(out_original), scored_output(out_fused)
         device = _device_of(out_original)
         if self.metric_original is None and target is not None:
             self.default_metric_for(out_original, target)
         self.to(device)
 
-        self.max_abs_diff.update(torch.tensor(difference, device=device))
+        self.max_abs_diff.update(torch.tensor(difference.max_abs, device=device, dtype=torch.float64))
+        self.max_rel_diff.update(torch.tensor(difference.max_rel, device=device, dtype=torch.float64))
+        self.num_varying.update(torch.tensor(float(len(difference.varying)), device=device))
+        for leaf in difference.varying:
+            if leaf.path not in self.varying:
+                self.varying.append(leaf.path)
+        if difference.varying:
+            parts_diff = _compare_parts(seen_original, seen_fused, max(limit, 0.0))
+            for path in parts_diff:
+                if path not in self.parts:
+                    self.parts.append(path)
+            if parts_diff:
+                worst = max(c.max_rel for c in parts_diff.values())
+                self.parts_max_rel_diff.update(torch.tensor(worst, device=device, dtype=torch.float64))
         batch_size = _batch_size(preds_original, inputs)
         self.num_samples.update(torch.tensor(float(batch_size), device=device))
         if isinstance(preds_original, Tensor) and preds_original.dim() == 2 and preds_original.shape[0] > 0:
             agree = (preds_original.argmax(dim=1) == preds_fused.to(device).argmax(dim=1)).to(torch.float32)
             self.top1_agreement.update(agree)
         if target is not None and self.metric_original is not None and self.metric_fused is not None:
+            shapes = [tuple(p.shape) if isinstance(p, Tensor) else None for p in (preds_original, preds_fused)]
+            if shapes[0] is not None and shapes[0] != shapes[1]:  # the metric cannot score a tensor of another shape
+                raise ValueError(
+                    f"Verifier.update(): the original network returned shape {shapes[0]} but the fused one "
+                    f"{shapes[1]} for what the metric scores. They must compute the same function; check the fusion "
+                    "report."
+                )
             target = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, target)
             self.metric_original.update(_as_float(preds_original), target)
             self.metric_fused.update(_as_float(tree_map(_to(device), preds_fused)), target)
@@ -313,6 +398,9 @@ class Verifier(nn.Module):
             num_samples = int(round(float(self.num_samples.compute())))
             num_targeted = int(round(float(self.num_targeted.compute())))
             max_abs_diff = float(self.max_abs_diff.compute())
+            max_rel_diff = float(self.max_rel_diff.compute())
+            parts_value = float(self.parts_max_rel_diff.compute())
+            num_varying = int(round(float(self.num_varying.compute())))
             top1 = float(self.top1_agreement.compute())
         if num_samples == 0:
             raise RuntimeError(
@@ -323,13 +411,11 @@ class Verifier(nn.Module):
         metric_original: dict[str, float] = {}
         metric_fused: dict[str, float] = {}
         limit = self.tolerance if self.output_tolerance is None else self.output_tolerance
+        rule = f"max rel diff <= {limit:g}, relative to each output's scale"
         if self.outputs_only:
-            notes.append(f"{self.outputs_only} (max |diff| <= {limit:g})")
+            notes.append(f"{self.outputs_only} ({rule})")
         elif num_targeted == 0:
-            notes.append(
-                f"no targets in the batches: only the outputs were compared (max |diff| <= {limit:g}), "
-                "not the task metric"
-            )
+            notes.append(f"no targets in the batches: only the outputs were compared ({rule}), not the task metric")
         else:
             assert self.metric_original is not None  # built at the first batch
             assert self.metric_fused is not None
@@ -340,15 +426,37 @@ class Verifier(nn.Module):
         top1_agreement = None if math.isnan(top1) else top1
         if top1_agreement is None:
             notes.append("outputs are not 2-D logits: top-1 agreement not computed")
+        parts_max_rel = parts_value if math.isfinite(parts_value) or parts_value > 0 else None
+        varying = bool(num_varying)
+        if varying:
+            judge = "the task metric" if metric_original else "the continuous parts"
+            where = ", ".join(f"output{p}" for p in self.varying[:3]) or "on another process"
+            notes.append(
+                f"outputs vary in shape between the networks (post-processed: {where}): those leaves were not "
+                f"compared, the verdict comes from {judge}; "
+                + (
+                    f"continuous parts compared: {', '.join(self.parts)} (max rel diff {parts_max_rel:.3g})"
+                    if parts_max_rel is not None
+                    else "no sub-module of fixed-shape output was compared"
+                )
+            )
 
         if metric_original:
             passed = all(
                 abs(metric_fused[k] - v) <= self.tolerance for k, v in metric_original.items() if k in metric_fused
             ) and set(metric_original) == set(metric_fused)
             if self.output_tolerance is not None:
-                passed = passed and max_abs_diff <= self.output_tolerance
+                passed = passed and max_rel_diff <= self.output_tolerance
+        elif varying:
+            # Post-processed outputs without a metric: the sub-modules' continuous outputs are what can be judged.
+            passed = parts_max_rel is not None and parts_max_rel <= limit
+            if parts_max_rel is None:
+                notes.append(
+                    "nothing continuous was compared and no task metric judges the post-processed outputs: pass "
+                    "metric=... (e.g. MeanAveragePrecision() for detections) and batches with targets"
+                )
         else:
-            passed = max_abs_diff <= limit
+            passed = max_rel_diff <= limit
         return VerificationResult(
             metric_original=metric_original,
             metric_fused=metric_fused,
@@ -359,15 +467,29 @@ class Verifier(nn.Module):
             passed=bool(passed),
             output_tolerance=self.output_tolerance,
             notes=notes,
+            max_rel_diff=max_rel_diff,
+            varying=list(self.varying),
+            parts=list(self.parts),
+            parts_max_rel_diff=parts_max_rel,
         )
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
-        for metric in (self.metric_original, self.metric_fused, self.max_abs_diff, self.top1_agreement):
+        for metric in (
+            self.metric_original,
+            self.metric_fused,
+            self.max_abs_diff,
+            self.max_rel_diff,
+            self.parts_max_rel_diff,
+            self.top1_agreement,
+        ):
             if metric is not None:
                 metric.reset()
         self.num_samples.reset()
         self.num_targeted.reset()
+        self.num_varying.reset()
+        self.varying.clear()
+        self.parts.clear()
 
 
 def verify(
@@ -524,40 +646,81 @@ def eval_mode(net: Any) -> Iterator[None]:
 
 
 def compare_outputs(original: Any, fused: Any) -> float:
-    """The largest absolute difference between two outputs of any form (tensor, tuple, dict, list of dicts), leaf by
-    leaf, in float64; a NaN difference counts as infinite, non-tensor leaves must be equal (else infinite).
+    """The largest absolute difference between two outputs of any form (tensor, tuple, dict, list of dicts), over
+    the leaves of the same shape (:func:`fx_lightning.compare.compare_trees`, which also gives the relative
+    figures); a NaN difference counts as infinite, non-tensor leaves must be equal (else infinite).
 
     Raises:
-        ValueError: if the two outputs differ in structure or in the shape of a tensor.
+        ValueError: if the two outputs differ in structure.
 
     Example:
         >>> compare_outputs({"boxes": torch.ones(2, 4), "n": 2}, {"boxes": torch.ones(2, 4) * 1.5, "n": 2})
         0.5
     """
-    leaves, spec = tree_flatten(original)
-    other_leaves, other_spec = tree_flatten(fused)
-    kinds = [isinstance(x, Tensor) for x in leaves] != [isinstance(x, Tensor) for x in other_leaves]
-    if spec != other_spec or kinds:
+    comparison = compare_trees(original, fused, rtol=math.inf)
+    if comparison.structure:
         raise ValueError(
             f"Verifier.update(): the original network returned {_describe(original)} but the fused one "
             f"{_describe(fused)}. They must compute the same function; check the fusion report."
         )
-    worst = 0.0
-    for a, b in zip(leaves, other_leaves):
-        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-            if a != b:
-                worst = math.inf
+    return comparison.max_abs
+
+
+#: Sub-modules whose own output a fold changes (the folded layer, the BatchNorm made an identity): never a part.
+_FOLD_SITES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Identity)
+
+
+@contextlib.contextmanager
+def capture_parts(network: nn.Module | None) -> Iterator[dict[str, list[Any]]]:
+    """Record, while the block runs, the outputs of ``network``'s sub-modules that a comparison can use: its
+    children, and the children of a child that is never called itself (a ``Sequential`` its parent iterates).
+
+    Conv, linear, norm and identity layers are left out: folding changes their own output (the conv now computes
+    what conv + BatchNorm did), never that of a module around them.
+
+    Yields:
+        path -> the outputs of each call of that sub-module, in call order (filled when the block ends).
+    """
+    seen: dict[str, list[Any]] = {}
+    if network is None:
+        yield seen
+        return
+    handles = []
+
+    def hook(path: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            seen.setdefault(path, []).append(output)
+
+        return record
+
+    try:
+        for name, child in network.named_children():
+            for path, part in ((name, child), *((f"{name}.{n}", c) for n, c in child.named_children())):
+                if not isinstance(part, _FOLD_SITES):
+                    handles.append(part.register_forward_hook(hook(path)))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+        # a grandchild counts only where its parent was not called as a whole
+        for path in [p for p in seen if "." in p and p.split(".", 1)[0] in seen]:
+            del seen[path]
+
+
+def _compare_parts(original: dict[str, list[Any]], fused: dict[str, list[Any]], rtol: float) -> dict[str, Comparison]:
+    """The parts seen in both runs with outputs of the same structure and shapes, each compared."""
+    compared: dict[str, Comparison] = {}
+    for path, outputs in original.items():
+        other = fused.get(path)
+        if other is None or len(other) != len(outputs):
             continue
-        if a.shape != b.shape:
-            raise ValueError(
-                f"Verifier.update(): the original network returned shape {tuple(a.shape)} but the fused one "
-                f"{tuple(b.shape)}. They must compute the same function; check the fusion report."
-            )
-        if a.numel() == 0:
-            continue
-        diff = (a.detach().to(torch.float64) - b.detach().to(a.device, torch.float64)).abs().max()
-        worst = max(worst, math.inf if math.isnan(float(diff)) else float(diff))
-    return worst
+        comparison = compare_trees(outputs, other, rtol=rtol)
+        if comparison.structure or comparison.varying or not comparison.compared:
+            continue  # a post-processed part (proposals, detections) says nothing continuous
+        if not any(leaf.scale > 0 for leaf in comparison.compared):
+            continue  # nothing floating in it (sizes, indices)
+        compared[path] = comparison
+    return compared
 
 
 def scored_output(output: Any) -> Any:
@@ -577,7 +740,9 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
 
     * class logits ``(N, C)`` with integer targets ``(N,)``: ``MulticlassAccuracy(num_classes=C)``;
     * per-pixel logits ``(N, C, ...)`` with integer targets ``(N, ...)``: ``MulticlassJaccardIndex(num_classes=C)``;
-    * floating outputs with floating targets of the same shape: ``MeanSquaredError()``.
+    * floating outputs with floating targets of the same shape: ``MeanSquaredError()``;
+    * detections (a list of ``{"boxes", "scores", "labels"}`` dicts, torchvision's form) with a list of
+      ``{"boxes", "labels"}`` targets, integer labels: ``MeanAveragePrecision()`` (needs pycocotools).
 
     Example:
         >>> type(default_metric(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))).__name__
@@ -586,6 +751,14 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
         ('MeanSquaredError', None)
     """
     preds = scored_output(outputs)
+    if (
+        _detections(preds, ("boxes", "scores", "labels"))
+        and _detections(target, ("boxes", "labels"))
+        and not any(t["labels"].is_floating_point() for t in target)  # MeanAveragePrecision takes class indices
+    ):
+        from torchmetrics.detection import MeanAveragePrecision  # imports pycocotools: only for detections
+
+        return MeanAveragePrecision()
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor) or not preds.is_floating_point():
         return None
     if not target.is_floating_point() and target.dtype != torch.bool:
@@ -598,6 +771,15 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
     if target.is_floating_point() and target.shape == preds.shape:
         return MeanSquaredError()
     return None
+
+
+def _detections(value: Any, keys: tuple[str, ...]) -> bool:
+    """Whether ``value`` is a non-empty list/tuple of dicts holding tensors under ``keys`` (torchvision's form)."""
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(v, Mapping) and all(isinstance(v.get(k), Tensor) for k in keys) for v in value)
+    )
 
 
 def _describe(value: Any) -> str:
@@ -616,12 +798,21 @@ def _device_of(output: Any) -> torch.device:
 
 
 def _batch_size(preds: Any, inputs: Any) -> int:
+    """The batch's sample count: a list of images counts its images; otherwise the first batched tensor of the
+    input; the outputs' only when the input has none. Never the length of a list of outputs (five feature maps
+    of one batch are not five samples)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first and all(isinstance(t, Tensor) for t in first):
+        return len(first)
+    leaf = next((t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0), None)
+    if leaf is not None:
+        return int(leaf.shape[0])
     if isinstance(preds, Tensor):
         return int(preds.shape[0]) if preds.dim() > 0 else 1
-    if isinstance(preds, (list, tuple)):
-        return len(preds)
-    first = next((t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0), None)
-    return int(first.shape[0]) if first is not None else 1
+    if isinstance(preds, (list, tuple)) and preds and all(isinstance(p, Mapping) for p in preds):
+        return len(preds)  # one detection dict per image
+    return 1
 
 
 def _to(device: torch.device) -> Callable[[Any], Any]:

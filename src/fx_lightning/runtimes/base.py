@@ -37,6 +37,9 @@ class ExportJob:
     inputs: tuple[Any, ...]
     dynamic_shapes: tuple[Any, ...] | None = None
     _program: torch.export.ExportedProgram | None = None
+    _capture_error: Exception | None = None
+    #: what each format's writer wants reported with its artifact (format -> notes), e.g. an exporter fallback.
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def program(self, fmt: str) -> torch.export.ExportedProgram:
         """The ``torch.export`` program of the module, captured once and shared by every format that needs one.
@@ -45,9 +48,13 @@ class ExportJob:
             RuntimeError: if ``torch.export.export`` cannot capture the module.
         """
         if self._program is None:
-            try:
-                self._program = torch.export.export(self.module, self.inputs, dynamic_shapes=self.dynamic_shapes)
-            except Exception as err:
+            if self._capture_error is None:  # tried once: torch.export is slow to fail on a big network
+                try:
+                    self._program = torch.export.export(self.module, self.inputs, dynamic_shapes=self.dynamic_shapes)
+                except Exception as err:  # noqa: BLE001 - kept, and raised for every format that needs the program
+                    self._capture_error = err
+            if self._capture_error is not None:
+                err = self._capture_error
                 raise RuntimeError(
                     f"export_artifacts(formats=[{fmt!r}]): torch.export.export could not capture "
                     f"{type(self.module).__name__}: {type(err).__name__}: {first_line(err)} (full error above). "

@@ -1,5 +1,10 @@
 """``onnx``: ``torch.onnx.export`` of the ``torch.export`` program, run by ONNX Runtime on the CPU.
 
+When ``torch.export`` cannot capture the network (whole torchvision detectors: data-dependent guards in
+``batched_nms`` and box decoding), the file is written by the TorchScript-based exporter instead
+(``torch.onnx.export(..., dynamo=False, opset_version=17)``, as torchvision documents for its detectors), and the
+artifact's notes say so; its input is then the same number of images as the example's.
+
 Options:
 
 * ``optimization_level``: the ONNX Runtime graph optimisation level the artifact is verified (and timed) at,
@@ -11,6 +16,7 @@ Options:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,12 +87,27 @@ def check_onnx(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"optimization_level": name, "threads": threads}
 
 
+#: The opset of the TorchScript-based fallback (torchvision's detectors need 11 or later).
+FALLBACK_OPSET = 17
+
+
 def write_onnx(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
-    """Export the job's program to ``<stem>.onnx`` with the dynamo exporter and check it with ``onnx.checker``."""
+    """Export the job's program to ``<stem>.onnx`` with the dynamo exporter and check it with ``onnx.checker``; when
+    ``torch.export`` cannot capture the network, export it with the TorchScript-based exporter and note why."""
     onnx, _ = import_onnx()
     path = stem.with_name(stem.name + ".onnx")
     param_bytes = sum(p.numel() * p.element_size() for p in job.module.parameters())
-    program = job.program("onnx")
+    try:
+        program = job.program("onnx")
+    except RuntimeError as capture_error:
+        upstream = capture_error.__cause__ or capture_error
+        _write_torchscript_onnx(job, path, onnx)
+        job.notes.setdefault("onnx", []).append(
+            f"torch.export could not capture {type(job.module).__name__} ({type(upstream).__name__}: "
+            f"{first_line(upstream)[:300]}): written by the TorchScript-based exporter instead "
+            f"(torch.onnx.export(dynamo=False, opset_version={FALLBACK_OPSET}))"
+        )
+        return path
     try:
         torch.onnx.export(
             program,
@@ -104,6 +125,32 @@ def write_onnx(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
             "formats=['pt2', 'weights']."
         ) from err
     return path
+
+
+def _write_torchscript_onnx(job: ExportJob, path: Path, onnx: Any) -> None:
+    """The TorchScript-based exporter (tracing): what torchvision documents for its whole detectors."""
+    names = [f"input_{i}" for i, t in enumerate(tree_leaves(job.inputs)) if isinstance(t, Tensor)]
+    dynamic_axes = {name: {0: "batch"} for name in names} if job.dynamic_shapes is not None else None
+    try:
+        with warnings.catch_warnings():
+            # the tracer's warnings on Python values (sizes, NMS thresholds) recorded as constants: expected here
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                job.module,
+                job.inputs,
+                str(path),
+                dynamo=False,
+                opset_version=FALLBACK_OPSET,
+                input_names=names,
+                dynamic_axes=dynamic_axes,
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as err:
+        raise RuntimeError(
+            f"export_artifacts(formats=['onnx']) could not export {type(job.module).__name__}: torch.export cannot "
+            f"capture it, and the TorchScript-based exporter failed too: {type(err).__name__}: {first_line(err)}. "
+            "Export the other formats with formats=['weights']."
+        ) from err
 
 
 def load_onnx(path: Path, context: LoadContext) -> Runner:
