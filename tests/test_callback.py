@@ -344,9 +344,10 @@ class SignFlipModule(DigitsCNN):
 def test_fuse_on_export_network_differing_after_tracing_reverts(digits: Any, make_trainer: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model, callback = SignFlipModule(), FuseOnExport(export_formats=[])
-    with pytest.warns(UserWarning, match="failed verification before fit"):
+    # The fold itself agrees where it happens (in 'body'); the whole network does not, which fuse reports.
+    with pytest.warns(RuntimeWarning, match=r"output is not a function of its inputs .* the unfused copy"):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
-    assert callback.last_result.outcome is Outcome.REVERTED
+    assert callback.last_result.outcome is Outcome.NOTHING_FOLDED
     assert isinstance(model.net, SignFlip)
     assert not is_fused(model)
 

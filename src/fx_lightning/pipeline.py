@@ -845,19 +845,23 @@ def _reached_into(module: nn.Module) -> set[str]:
 
 @functools.cache
 def _attributes_reached(cls: type) -> frozenset[str] | None:
-    """The ``self.<name>`` that the methods of ``cls`` and its own bases read other than to call, test or compare.
+    """The ``self.<name>`` that the methods of ``cls`` (and the ``forward`` it inherits) read other than to call,
+    test or compare.
 
     Read once per class (parsing source is slow: a model repeats a few classes many times), from each method's
-    own source rather than the class's (which makes ``inspect`` parse the whole file). ``None`` without source.
+    own source rather than the class's (which makes ``inspect`` parse the whole file). Base classes are not read
+    (a library's model base class has hundreds of methods), except the ``forward`` that runs. ``None`` without
+    source.
     """
+    values = [v for name, v in vars(cls).items() if name != "__init__"]
+    inherited = getattr(cls, "forward", None)
+    if "forward" not in vars(cls) and not getattr(inherited, "__module__", "torch.").startswith("torch."):
+        values.append(inherited)
     functions = []
-    for klass in cls.__mro__:
-        if klass is object or (klass is not cls and klass.__module__.startswith("torch.")):
-            continue
-        for name, value in vars(klass).items():
-            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
-            if inspect.isfunction(fn) and name != "__init__":
-                functions.append(fn)
+    for value in values:
+        fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+        if inspect.isfunction(fn):
+            functions.append(fn)
     nodes = []
     for fn in functions:
         try:

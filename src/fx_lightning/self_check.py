@@ -241,10 +241,13 @@ def check_units(fused: nn.Module, units: Sequence[Unit], inputs: tuple[Any, ...]
     problem, figure = _whole_model(check, result, accepted)
     report.max_rel_error = figure
     if problem:
-        # Every unit agreed, yet the whole model does not: a reader of some rewrite lies outside its unit.
+        # Every unit agreed, yet the whole model does not: its forward keeps state between calls, or a reader of some
+        # rewrite lies outside its unit.
         why = (
             f"the fused model disagrees with the original on example_inputs although every rewritten unit agrees "
-            f"({problem}); this is a bug in fx_lightning's analysis: the unfused copy is returned"
+            f"({problem}): either the model's output is not a function of its inputs (state kept between calls, "
+            "randomness outside torch's generator), or a rewrite has a reader outside the module checked for it, a "
+            "bug in fx_lightning's analysis to report; the unfused copy is returned"
         )
         warnings.warn(f"fuse(): {why}", RuntimeWarning, stacklevel=3)
         report.notes.append(why)
