@@ -26,6 +26,7 @@ import math
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +156,16 @@ def _timed(fuser: _Fuser) -> tuple[float, nn.Module]:
     return seconds, holder["fused"]
 
 
+def _plain(tree: Any) -> Any:
+    """``tree`` with every ``OrderedDict`` as a plain ``dict``: torch.fx's generated code returns a ``dict`` where
+    the traced forward built an ``OrderedDict`` (torchvision's segmentation models), the same values."""
+    if type(tree) in (dict, OrderedDict):  # not their subclasses (a ModelOutput stays one)
+        return {key: _plain(value) for key, value in tree.items()}
+    if type(tree) in (list, tuple):
+        return type(tree)(_plain(value) for value in tree)
+    return tree
+
+
 def _max_rel(comparison: Comparison) -> float:
     return comparison.max_rel if comparison.compared else math.nan
 
@@ -233,7 +244,7 @@ def _check(
         cost.bn_after = count_batch_norms(lambda: fused(*inputs), fused)
         cost.bn_kernels_after = count_kernels(fused, *inputs)
         with torch.no_grad():
-            output = compare_trees(reference, fused(*inputs))
+            output = compare_trees(_plain(reference), _plain(fused(*inputs)))
     except Exception as err:
         cost.error = f"the fused model does not run: {type(err).__name__}: {first_line(err)}"
         return
@@ -241,7 +252,7 @@ def _check(
     cost.output_varies = bool(output.varying)
     try:
         with torch.no_grad():
-            parts = compare_trees(reference_parts, built.parts(fused))
+            parts = compare_trees(_plain(reference_parts), _plain(built.parts(fused)))
     except Exception:  # a GraphModule from torch.fx has no .backbone: only the whole output is compared
         cost.exact = output.compared_passed
         return

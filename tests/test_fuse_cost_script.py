@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import fx, nn
 
 import whole_models
 from fx_lightning import count_kernels, fuse
+from fx_lightning.compare import compare_trees
 from scripts_loader import load_script
 
 script = load_script("fuse_cost.py")
@@ -100,3 +104,17 @@ def test_fuse_cost_meets_the_acceptance(every_model: list[Any]) -> None:
     assert (left, reverted) == ({}, {})
     assert statistics.median(ratios) <= 5
     assert max(ratios) <= 20
+
+
+def test_fuse_cost_compares_fx_dict_output_with_ordered_dict() -> None:
+    # torchvision's segmentation models return an OrderedDict; the GraphModule torch.fx generates returns a dict.
+    class Segmenter(nn.Module):
+        def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+            result = OrderedDict()
+            result["out"] = x * 2
+            return result
+
+    x = torch.ones(2)
+    reference, traced = Segmenter()(x), fx.symbolic_trace(Segmenter())(x)
+    assert compare_trees(reference, traced).structure
+    assert compare_trees(script._plain(reference), script._plain(traced)).passed
