@@ -69,10 +69,8 @@ def test_fuse_whole_model_matches_on_continuous_parts(case: Fused) -> None:
         assert output.passed, output.describe()
 
 
-def test_fuse_whole_model_folds_every_batch_norm(case: Fused, request: pytest.FixtureRequest) -> None:
+def test_fuse_whole_model_folds_every_batch_norm(case: Fused) -> None:
     name = case.built.name
-    if name in whole_models.NOT_YET_FOLDED:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=whole_models.NOT_YET_FOLDED[name]))
     inputs = case.built.example_inputs
     before = count_batch_norms(lambda: case.built.model(*inputs), case.built.model)
     after = count_batch_norms(lambda: case.fused(*inputs), case.fused)

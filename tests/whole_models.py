@@ -384,22 +384,6 @@ ULTRALYTICS = ("yolo11n_detect", "yolo11n_segment", "yolo11n_classify")
 """The ultralytics models, which have their own ``fuse()``."""
 
 
-# The models on which fuse(model, example_inputs=...) leaves BatchNorms that follow a conv or reverts rewrites today,
-# and the issue that asks for them (the tests mark them as strict xfails, so they flip when the engine work lands).
-NOT_YET_FOLDED = {
-    "ssdlite320_mobilenet_v3_large": "#17: exact folds reverted by the whole-model self-check on post-NMS detections",
-    "fasterrcnn_resnet18_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "fasterrcnn_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "fasterrcnn_mobilenet_v3_large_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "retinanet_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "maskrcnn_resnet50_fpn_frozen": "#18: FrozenBatchNorm2d under an untraced root left as 'rank unknown'",
-    "hf_efficientnet": "#18: HF EfficientNet's top_bn, after the top conv of the untraced encoder, is left",
-    "hf_mobilenet_v2": "#18: HF MobileNetV2's conv layer computes TF padding with int() on a proxy",
-    "smp_fpn_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dStaticSamePadding) block their BatchNorms",
-    "timm_tf_efficientnet_b0": "#18: TF-'same' convolutions (Conv2dSame) block their BatchNorms",
-}
-
-
 def build(name: str) -> WholeModel:
     """Build the whole model registered as ``name``.
 
