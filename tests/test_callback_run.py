@@ -119,3 +119,22 @@ def test_fuse_on_export_one_shot_verify_dataloader_loses_nothing(tiny_cnn: Any, 
     assert callback.last_result.verification.num_samples == 270
     trainer.test(model, datamodule=digits, verbose=False)
     assert callback.last_result.verification.num_samples == 270
+
+
+def test_fuse_on_export_reports_its_seconds_beside_the_validation_epoch(
+    tiny_cnn: Any, digits: Any, make_trainer: Any
+) -> None:
+    callback = FuseOnExport(export_formats=["weights"])
+    trainer = make_trainer(max_epochs=2, callbacks=[callback])
+    trainer.fit(tiny_cnn(), datamodule=digits)
+    result = callback.last_result
+    assert result.validation_epoch_seconds is not None
+    assert result.validation_epoch_seconds > 0
+    assert set(result.seconds) >= {"fuse", "verify", "export"}
+    total = sum(result.seconds.values())
+    assert f"{total / result.validation_epoch_seconds:.1f}x the last validation epoch" in str(result)
+    assert result.to_dict()["validation_epoch_seconds"] == result.validation_epoch_seconds
+    # A stage other than fit has no validation epoch of its own to stand beside.
+    trainer.test(trainer.lightning_module, datamodule=digits, verbose=False)
+    assert callback.last_result.validation_epoch_seconds is None
+    assert "x the last validation epoch" not in str(callback.last_result)

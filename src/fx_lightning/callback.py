@@ -284,6 +284,10 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         #: The fused copy of each network from the latest fusion that used them (name -> module).
         self.fused: dict[str, nn.Module] = {}
         self._swap: Swap | None = None
+        # When the running validation epoch of fit started, and how long the last one took: the yardstick the
+        # summary measures the work after fit against.
+        self._epoch_started: float | None = None
+        self._epoch_seconds: float | None = None
         #: How many leading elements of a tuple/list batch the default input binds to forward (None: the first).
         self._leading: int | None = None
 
@@ -324,8 +328,17 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         """Runs in a ``trainer.validate`` loop (not validation inside ``fit``) after every other callback's
         ``on_validation_epoch_start`` (an averaging callback has swapped its weights in): fuses those weights if
         ``"validate"`` is in ``stages``; the fused networks go in per batch."""
+        if _fn(trainer) == "fit" and not trainer.sanity_checking:
+            self._epoch_started = time.perf_counter()
         if _fn(trainer) == "validate" and "validate" in self.stages:
             self._fuse(trainer, pl_module, "validate")
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Runs after each validation epoch: inside ``fit``, notes how long it took (the summary of the work after
+        ``fit`` puts its seconds beside it)."""
+        if _fn(trainer) == "fit" and self._epoch_started is not None:
+            self._epoch_seconds = time.perf_counter() - self._epoch_started
+            self._epoch_started = None
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         """Runs before each ``trainer.validate`` step, after the other callbacks' batch hooks: swaps in."""
@@ -422,6 +435,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         again, so everything runs outside it. The global random state is left as found.
         """
         result = FuseResult(stage=stage, ckpt_path=_str_or_none(trainer.ckpt_path))
+        if stage == "fit":
+            result.validation_epoch_seconds = self._epoch_seconds
         with torch.inference_mode(False), torch.no_grad(), preserved_rng(), compat.uncompiled(pl_module) as compiled:
             # trainer.log_dir broadcasts under DDP: every rank asks for it, before anything can fail.
             directory = self._export_directory(trainer)

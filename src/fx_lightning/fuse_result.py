@@ -58,6 +58,8 @@ class FuseResult:
         deploy_table: the deploy table (:meth:`fx_lightning.artifacts.DeployReport.table`) for the summary.
         report_path: the JSON report, written on global rank zero for every outcome.
         seconds: time spent fusing, verifying and exporting.
+        validation_epoch_seconds: after ``fit``, how long its last validation epoch took (the yardstick the
+            summary puts ``seconds`` beside), ``None`` when ``fit`` ran no validation epoch.
         ckpt_path: the checkpoint the weights came from, when Lightning restored one.
         error: the error turned into a warning (``strict=False``), or that was raised.
         notes: what else the user should know: networks skipped and why, why nothing folded.
@@ -76,6 +78,7 @@ class FuseResult:
     deploy_table: str = ""
     report_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    validation_epoch_seconds: float | None = None
     ckpt_path: str | None = None
     error: str = ""
     notes: list[str] = field(default_factory=list)
@@ -100,6 +103,7 @@ class FuseResult:
             "latency": self.deploy.get("latency", {}),
             "report_path": self.report_path,
             "seconds": dict(self.seconds),
+            "validation_epoch_seconds": self.validation_epoch_seconds,
             "ckpt_path": self.ckpt_path,
             "error": self.error,
             "notes": list(self.notes),
@@ -163,7 +167,12 @@ class FuseResult:
             lines.append(f"  verification: {self.verify_source}")
         lines += [f"  note: {note}" for note in self.notes]
         if self.seconds:
-            lines.append("  time: " + ", ".join(f"{k} {s:.2f}s" for k, s in self.seconds.items()))
+            line = "  time: " + ", ".join(f"{k} {s:.2f}s" for k, s in self.seconds.items())
+            epoch = self.validation_epoch_seconds
+            if epoch:
+                total = sum(self.seconds.values())
+                line += f" ({total:.2f}s in all, {total / epoch:.1f}x the last validation epoch of {epoch:.2f}s)"
+            lines.append(line)
         lines += ["  " + line for line in self.deploy_table.splitlines()]
         for fmt, path in self.artifacts.items():
             lines.append(f"  artifact ({fmt}): {path}")
