@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fx_lightning.codegen import install_direct_calls
+from fx_lightning.module_paths import common_scope, find_module, within
 from fx_lightning.padded_conv import chained_children, padded_conv_family
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.matching import match_batch_norm, plain_layer_family, value_users
@@ -231,7 +232,7 @@ class _Sites:
         if any(self.calls[a] for a in ancestors):
             return True
         for target, scope in self.fetches + self.part_calls:
-            inside = own_forward and _within(scope, path)
+            inside = own_forward and within(scope, path)
             if target.startswith(path + ".") and not inside:
                 return True
         return False
@@ -244,10 +245,10 @@ class _Sites:
         """
         while scope:
             parts = self.fetches + self.part_calls
-            readers = [s for t, s in parts if t.startswith(scope + ".") and not _within(s, scope)]
+            readers = [s for t, s in parts if t.startswith(scope + ".") and not within(s, scope)]
             if not readers:
                 return scope
-            scope = _common_scope([scope, *readers])
+            scope = common_scope([scope, *readers])
         return scope
 
 
@@ -331,7 +332,7 @@ class _Engine:
             result = self._write_back(module, path, gm, changes, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
-            sub = _find(result, name)
+            sub = find_module(result, name)
             opaque = name in traced.opaque
             if sub is None or not contains_batch_norm(sub):
                 if opaque:
@@ -341,7 +342,7 @@ class _Engine:
             with self._read_by(path if sites.reached_otherwise(name) else None):
                 new = self.fuse_region(sub, _join(path, name), None, below_untraced=opaque)
                 parent, _, last = name.rpartition(".")
-                self._replace(_find(result, parent), last, new, _join(path, name))
+                self._replace(find_module(result, parent), last, new, _join(path, name))
         return result
 
     @contextlib.contextmanager
@@ -451,14 +452,14 @@ class _Engine:
                 self._replace(module.get_submodule(parent), last, built, _join(path, alias))
         built_paths = [_join(path, g) for g in graphs]
         # Modules inside a module that became generated code are inlined into it: only the outer one is listed.
-        self.report.graphs = [g for g in self.report.graphs if not any(_within(g, b) and g != b for b in built_paths)]
+        self.report.graphs = [g for g in self.report.graphs if not any(within(g, b) and g != b for b in built_paths)]
         # A fold written in place inside a module that then became generated code is no longer at its path.
         self.report.folded = [
             replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
             for r in self.report.folded
         ]
         self.report.notes += _capped_note(changes)
-        left = [s for s in changes.skipped if not any(_within(scope_of([s.node]), g) for g in graphs)]
+        left = [s for s in changes.skipped if not any(within(scope_of([s.node]), g) for g in graphs)]
         self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
         return result
 
@@ -501,7 +502,7 @@ class _Engine:
         graphs: list[str] = []
         dropped: dict[str, str] = {}
         for scope in sorted(scoped, key=lambda s: (s.count(".") if s else -1, s)):
-            if any(_within(scope, g) for g in graphs):
+            if any(within(scope, g) for g in graphs):
                 continue
             sub = module.get_submodule(scope)
             why = ""
@@ -798,7 +799,7 @@ def _shapes(args: Any) -> tuple[Any, ...]:
 
 
 def _touches(path: str, record: Folded) -> bool:
-    return any(_within(p, path) or _within(path, p) for p in (record.bn, *record.layers))
+    return any(within(p, path) or within(path, p) for p in (record.bn, *record.layers))
 
 
 def _in_place(record: Folded, writable: bool) -> Folded:
@@ -807,29 +808,6 @@ def _in_place(record: Folded, writable: bool) -> Folded:
 
 def _aliases(originals: dict[str, nn.Module], obj: nn.Module) -> list[str]:
     return [p for p, m in originals.items() if m is obj and p]
-
-
-def _find(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _common_scope(scopes: list[str]) -> str:
-    """The deepest module path that holds every one of ``scopes``."""
-    parts = [s.split(".") if s else [] for s in scopes]
-    common = []
-    for names in zip(*parts):
-        if len(set(names)) != 1:
-            break
-        common.append(names[0])
-    return ".".join(common)
-
-
-def _within(path: str, scope: str) -> bool:
-    """Whether ``path`` lies inside the module at ``scope`` (``""`` holds everything)."""
-    return not scope or path == scope or path.startswith(scope + ".")
 
 
 def _reached_into(module: nn.Module) -> set[str]:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from fx_lightning.compare import Comparison, compare_trees, default_rtol
+from fx_lightning.module_paths import common_scope, find_module, within
 from fx_lightning.report import Folded, FusionReport, Skipped
 
 __all__ = ["check_units"]
@@ -88,7 +89,7 @@ class _Check:
         for unit in self.units:
             self.groups.setdefault(unit.group, []).append(unit)
         for group, units in self.groups.items():
-            self.scopes[group] = _common_scope([u.scope for u in units])
+            self.scopes[group] = common_scope([u.scope for u in units])
         self.root_unit = next((u for u in self.units if u.container is None), None)
 
     def configure(self, applied: set[int]) -> nn.Module:
@@ -109,7 +110,7 @@ class _Check:
         original = self.configure(set())
         handles = []
         for scope in sorted(set(self.scopes.values())):
-            module = _find(original, scope)
+            module = find_module(original, scope)
             if module is None:
                 continue
             record = self.records.setdefault(scope, _Record())
@@ -135,7 +136,7 @@ class _Check:
     def run(self, scope: str, applied: set[int], double: bool = False) -> tuple[Any, Any]:
         """The module at ``scope`` with the ``applied`` groups in, on what it received: (output, inputs after)."""
         record = self.records[scope]
-        module = _find(self.configure(applied), scope)
+        module = find_module(self.configure(applied), scope)
         if module is None:
             raise LookupError(f"no module at '{scope}' in the fused model")
         args, kwargs = _clone(record.args), _clone(record.kwargs)
@@ -209,7 +210,7 @@ class _Check:
         tops = _outermost({self.scopes[g] for g in inner})
         accepted: set[int] = set()
         for top in tops:
-            accepted |= self.check(top, [g for g in inner if _within(self.scopes[g], top)])
+            accepted |= self.check(top, [g for g in inner if within(self.scopes[g], top)])
         return accepted
 
 
@@ -230,7 +231,7 @@ def check_units(fused: nn.Module, units: Sequence[Unit], inputs: tuple[Any, ...]
     all_groups = list(check.groups)
     accepted: set[int] = set()
     for top in _outermost(set(check.scopes.values())):
-        accepted |= check.check(top, [g for g in all_groups if _within(check.scopes[g], top)])
+        accepted |= check.check(top, [g for g in all_groups if within(check.scopes[g], top)])
     reverted = [g for g in all_groups if g not in accepted]
     if check.unchecked:
         paths = sorted({u.path or "<model>" for g in check.unchecked for u in check.groups[g]})
@@ -310,9 +311,9 @@ def _report_reverted(report: FusionReport, check: _Check, reverted: list[int]) -
     kept = [r for r in report.folded if not undone(r)]
     report.skipped += [Skipped(r.bn, reason(r)) for r in report.folded if r not in kept]
     report.folded = kept
-    report.merged = [m for m in report.merged if not any(_within(m.into, p) for p in paths)]
-    report.removed = [r for r in report.removed if not any(_within(r.name, p) for p in paths)]
-    report.graphs = [g for g in report.graphs if not any(_within(g, p) for p in paths)]
+    report.merged = [m for m in report.merged if not any(within(m.into, p) for p in paths)]
+    report.removed = [r for r in report.removed if not any(within(r.name, p) for p in paths)]
+    report.graphs = [g for g in report.graphs if not any(within(g, p) for p in paths)]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -379,31 +380,10 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _find(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _common_scope(scopes: list[str]) -> str:
-    parts = [s.split(".") if s else [] for s in scopes]
-    common = []
-    for names in zip(*parts):
-        if len(set(names)) != 1:
-            break
-        common.append(names[0])
-    return ".".join(common)
-
-
-def _within(path: str, scope: str) -> bool:
-    return not scope or path == scope or path.startswith(scope + ".")
-
-
 def _outermost(scopes: set[str]) -> list[str]:
     """The scopes not inside another of ``scopes``."""
-    return sorted(s for s in scopes if not any(o != s and _within(s, o) for o in scopes))
+    return sorted(s for s in scopes if not any(o != s and within(s, o) for o in scopes))
 
 
 def _touches(path: str, record: Folded) -> bool:
-    return any(_within(p, path) or _within(path, p) for p in (record.bn, *record.layers))
+    return any(within(p, path) or within(path, p) for p in (record.bn, *record.layers))
