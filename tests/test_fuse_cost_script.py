@@ -74,23 +74,6 @@ def test_fuse_cost_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) -> 
     assert "--models hf_resnet,resnet: unknown ['resnet']; choose from" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def every_model() -> list[Any]:
-    return script.main(["--models", "all", "--repeats", "1"])
-
-
-@pytest.mark.slow
-def test_fuse_cost_every_model_is_exact_and_folds_what_it_can_today(every_model: list[Any]) -> None:
-    assert [c.model for c in every_model] == list(whole_models.BUILDERS)
-    for cost in every_model:
-        ours = cost.fusers[script.FUSE]
-        assert not ours.error, f"{cost.model}: {ours.error}"
-        assert ours.exact, f"{cost.model}: output {ours.max_rel_output}, parts {ours.max_rel_parts}"
-        assert ours.max_rel_parts <= 1e-4, cost.model
-        assert ours.bn_after <= cost.bn_before, cost.model
-        assert (ours.bn_after, ours.reverted) == (0, 0), cost.model
-
-
 def test_fuse_cost_compares_fx_dict_output_with_ordered_dict() -> None:
     # torchvision's segmentation models return an OrderedDict; the GraphModule torch.fx generates returns a dict.
     class Segmenter(nn.Module):
