@@ -104,7 +104,8 @@ def test_aoti_option_that_changes_results_is_not_announced(tmp_path: Path) -> No
         ArtifactMismatchWarning,
         match=r"the 'aoti' artifact .*model.aoti.pt2 \(run by AOTInductor .*inject_relu_bug_TESTING_ONLY.*\) failed "
         r"verification over 25 samples: MulticlassAccuracy original \S+, artifact \S+ \(\|diff\| \S+, tolerance "
-        r"0.001, missed by \S+\); max abs diff \S+, max rel diff \S+\. It is kept as .*model.aoti.FAILED.pt2 and not announced",
+        r"0.001, missed by \S+\); max abs diff \S+, max rel diff \S+\. It is kept as .*model.aoti.FAILED.pt2 "
+        r"and not announced",
     ):
         report = verify_artifacts(written, case.original, case.fused, case.batches, case.example, latency_budget_s=0)
     assert report.announced() == {}
