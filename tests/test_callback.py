@@ -135,6 +135,8 @@ def test_fuse_on_export_fit_then_test_best_runs_fused_and_matches_unfused(
     logged = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "fuse/folded" in logged
     assert "fuse/MulticlassAccuracy_fused" in logged
+    assert "fuse/max_rel_diff" in logged
+    assert "max rel diff" in str(fit_result)
     report = json.loads((Path(logger.log_dir) / "fused" / "fuse_report.json").read_text())
     assert report["stage"] == "fit"
     assert report["outcome"] == "fused"

@@ -132,7 +132,11 @@ class FuseResult:
             metrics["kernels_removed"] = float(self.kernels_before - self.kernels_after)
         if self.verification is not None:
             v = self.verification
-            metrics |= {"passed": float(v.passed), "max_abs_diff": float(v.max_abs_diff)}
+            metrics |= {
+                "passed": float(v.passed),
+                "max_abs_diff": float(v.max_abs_diff),
+                "max_rel_diff": float(v.max_rel_diff),
+            }
             if v.top1_agreement is not None:
                 metrics["top1_agreement"] = float(v.top1_agreement)
             metrics |= {f"{k}_original": float(val) for k, val in v.metric_original.items()}
@@ -159,7 +163,8 @@ class FuseResult:
             figures = ", ".join(f"{k} {x:.4f} -> {after.get(k, math.nan):.4f}" for k, x in v.metric_original.items())
             lines.append(
                 f"  verification on {v.num_samples} samples ({self.verify_source}): {figures or 'outputs only'}; "
-                f"max abs diff {v.max_abs_diff:.3g}{agreement_text(v)}, tolerance {v.tolerance:g} -> "
+                f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}{agreement_text(v)}, "
+                f"tolerance {v.tolerance:g} -> "
                 f"{'passed' if v.passed else 'FAILED'}"
             )
             lines += [f"  note: {note}" for note in v.notes]
