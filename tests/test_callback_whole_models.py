@@ -225,7 +225,9 @@ class WholeTorchvisionDetector(pl.LightningModule):
             128,
             marks=pytest.mark.xfail(
                 reason="the untrained SSDlite's ONNX artifact gives other detections in ONNX Runtime than in torch "
-                "(mAR@100 0.41 vs 0.35 in one run): it fails its own verdict while weights and ckpt pass",
+                "(mAR@100 0.41 vs 0.35 in one run): it fails its own verdict while weights and ckpt pass. Its head "
+                "outputs agree within 3.4e-7 relative, but a random network scores many anchors exactly alike "
+                "(ties at the top score), and the two runtimes break those ties differently in top-k and NMS",
                 strict=False,
             ),
         ),
