@@ -62,8 +62,8 @@ def yolo_batches(n: int = 2, batch_size: int = 2) -> list[dict[str, Tensor]]:
     return batches
 
 
-@pytest.mark.slow  # about ten minutes on two busy cores, most of it the ONNX export of the whole detector
-def test_fuse_on_export_ultralytics_yolo_trained_with_its_own_loss(tmp_path: Path) -> None:
+@pytest.mark.slow  # about 20 s on two idle cores (minutes on busy ones), most of it the ONNX export
+def test_fuse_on_export_ultralytics_yolo_trained_with_its_own_loss(tmp_path: Path, make_trainer: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model = Yolo()
     train = DataLoader(yolo_batches(), batch_size=None)
@@ -74,18 +74,7 @@ def test_fuse_on_export_ultralytics_yolo_trained_with_its_own_loss(tmp_path: Pat
         export_formats=["onnx", "weights", "ckpt"],
         deploy_latency_budget=0,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = make_trainer(limit_train_batches=1, callbacks=[callback])
     trainer.fit(model, train, val)
     result = callback.last_result
     assert result.outcome is Outcome.FUSED, str(result)
