@@ -146,9 +146,7 @@ def totals(rows: list[Row]) -> dict[str, Any]:
         "fully_folded_by_fx_lightning": sum(left(r.ours, r.kernels) == 0 for r in with_bn),
         "reference_failures": [r.name for r in rows if r.reference.failure],
         "fx_lightning_failures": [r.name for r in rows if r.ours.failure],
-        "fx_lightning_leaves_more": [
-            r.name for r in rows if left(r.ours, r.kernels) > left(r.reference, r.kernels)
-        ],
+        "fx_lightning_leaves_more": [r.name for r in rows if left(r.ours, r.kernels) > left(r.reference, r.kernels)],
         "max_error_reference": max_error([r.reference for r in rows]),
         "max_error_fx_lightning": max_error([r.ours for r in rows]),
         "reference_seconds": sum(r.reference.seconds or 0.0 for r in rows),

@@ -1,6 +1,6 @@
 """Fuse a torchvision model with randomised BatchNorm statistics and print the report and the error.
 
-    python scripts/fuse_demo.py --model resnet18
+python scripts/fuse_demo.py --model resnet18
 """
 
 from __future__ import annotations
