@@ -45,7 +45,8 @@ from fx_lightning.compare import Comparison, compare_trees  # noqa: E402
 from fx_lightning.probe import count_batch_norms  # noqa: E402
 from fx_lightning.runtimes.base import first_line  # noqa: E402
 
-# The list; the FrozenBatchNorm2d detectors and the other third-party models are there too (--models all).
+# The default list: whole detectors, segmenters, YOLO, Hugging Face and smp models; the FrozenBatchNorm2d detectors
+# and the other third-party models are there too with --models all.
 DEFAULT_MODELS = (
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_resnet50_fpn_v2",
@@ -345,7 +346,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--models",
         default=",".join(DEFAULT_MODELS),
-        help="comma-separated names from tests/whole_models.py, or 'all' (default: the issue's list)",
+        help="comma-separated names from tests/whole_models.py, or 'all' (default: the README table's list)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per model (default 3)")

@@ -3,8 +3,7 @@
 Every model keeps its class, the caller's model is left bit-for-bit as it was, and the fused model's continuous
 outputs (the whole output, or a detector's backbone features and head outputs, whose detections may vary after
 NMS) match the original's within float32's relative bound (1e-4). Every BatchNorm of these models follows a conv
-or a linear layer, so the acceptance of the whole-model issue (#17, with #18 for third-party layers) asks for
-none left and nothing reverted; the models that do not reach it yet are strict xfails that name the issue.
+or a linear layer, so none may be left and nothing reverted.
 """
 
 from __future__ import annotations
