@@ -138,3 +138,41 @@ def test_fuse_on_export_reports_its_seconds_beside_the_validation_epoch(
     trainer.test(trainer.lightning_module, datamodule=digits, verbose=False)
     assert callback.last_result.validation_epoch_seconds is None
     assert "x the last validation epoch" not in str(callback.last_result)
+
+
+def test_fuse_on_export_two_instances_keep_their_own_checkpoint_state(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Any
+) -> None:
+    first = FuseOnExport(attributes=["net"], export_formats=[], export_dir=str(tmp_path / "a"))
+    second = FuseOnExport(attributes=["net"], export_formats=["weights"], export_dir=str(tmp_path / "b"))
+    assert first.state_key != second.state_key
+    assert first.state_key.startswith("FuseOnExport{")
+    trainer = make_trainer(callbacks=[first, second])
+    trainer.fit(tiny_cnn(), datamodule=digits)  # two instances with one state key would be refused here
+    path = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert states[first.state_key]["history"] == first.history
+    assert states[second.state_key]["history"] == second.history
+    assert first.history
+    assert second.history
+
+
+def test_fuse_on_export_state_under_the_old_key_still_resumes(
+    tiny_cnn: Any, digits: Any, make_trainer: Any, tmp_path: Any
+) -> None:
+    callback = FuseOnExport(export_formats=[])
+    trainer = make_trainer(callbacks=[callback])
+    trainer.fit(tiny_cnn(), datamodule=digits)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    # A checkpoint written before the state key named its options keeps the state under the class name.
+    checkpoint["callbacks"] = {"FuseOnExport": checkpoint["callbacks"].pop(callback.state_key)}
+    torch.save(checkpoint, path)
+    resumed = FuseOnExport(export_formats=[])
+    make_trainer(max_epochs=2, callbacks=[resumed]).fit(tiny_cnn(), datamodule=digits, ckpt_path=str(path))
+    assert [entry["stage"] for entry in resumed.history][: len(callback.history)] == [
+        entry["stage"] for entry in callback.history
+    ]
+    assert len(resumed.history) == len(callback.history) + 1

@@ -410,11 +410,23 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Runs after Lightning loaded a checkpoint's ``state_dict``: a checkpoint written by an earlier version
-        after ``fit`` carries the unfused weights separately; they are loaded so that training resumes from them."""
+        after ``fit`` carries the unfused weights separately; they are loaded so that training resumes from them.
+        One written before :attr:`state_key` named the options holds this callback's state under the class name,
+        which Lightning does not look up: it is loaded from there."""
         unfused = checkpoint.get(LEGACY_UNFUSED_STATE_KEY)
         if unfused:
             state = dict(checkpoint["state_dict"]) | dict(unfused)
             pl_module.load_state_dict(state, strict=pl_module.strict_loading)
+        states = checkpoint.get("callbacks") or {}
+        old_key = type(self).__qualname__
+        if self.state_key not in states and isinstance(states.get(old_key), dict):
+            self.load_state_dict(copy.deepcopy(states[old_key]))
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: its class and the options that tell two instances in
+        one Trainer apart (which networks, where it exports), as Lightning's own callbacks do."""
+        return self._generate_state_key(attributes=self.attributes, export_dir=self.export_dir)
 
     def state_dict(self) -> dict[str, Any]:
         """Runs when a checkpoint is written: the callback's own state, plain data only."""
