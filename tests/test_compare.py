@@ -63,3 +63,14 @@ def test_compare_trees_allows_the_references_own_rounding_against_float64():
 def test_relative_error_and_default_rtol():
     assert math.isclose(relative_error(torch.tensor([2.0, -4.0]), torch.tensor([2.0, -4.004])), 1e-3, rel_tol=1e-4)
     assert default_rtol(torch.bfloat16) > default_rtol(torch.float32) > default_rtol(torch.float64)
+
+
+def test_compare_trees_bounds_an_all_zero_leaf_by_atol():
+    zeros = torch.zeros(3)
+    off = torch.tensor([0.0, 1e-7, 0.0])
+    # no scale to be relative to: the relative bound alone is an absolute one here
+    assert not compare_trees(zeros, off, rtol=1e-9).passed
+    assert compare_trees(zeros, off, rtol=1e-9, atol=1e-6).passed
+    assert not compare_trees(zeros, off * 100, rtol=1e-9, atol=1e-6).passed
+    # a leaf with a scale is not loosened by atol
+    assert not compare_trees(torch.ones(3), torch.ones(3) + off * 10, rtol=1e-9, atol=1e-3).passed

@@ -157,6 +157,7 @@ def compare_trees(
     rtol: float | None = None,
     exact: Any = None,
     slack: float = 2.0,
+    atol: float = 0.0,
 ) -> Comparison:
     """Compare ``candidate`` with ``reference`` leaf by leaf, each relative to the reference leaf's scale.
 
@@ -165,9 +166,10 @@ def compare_trees(
     the reference's dtype). With ``exact`` (the same output computed in float64), the error is measured against
     ``exact`` and the leaf may also be off by ``slack`` times the reference's own error plus 16 units of
     rounding of its dtype: rounding that float64 can see never fails a leaf. NaN and infinite values must sit
-    at the same positions with the same values. Integer and boolean leaves must be equal; other leaves
-    (strings, numbers, ``None``) must compare equal. Leaves whose shapes differ are ``varying``: not compared,
-    never an error.
+    at the same positions with the same values. A floating leaf whose reference is all zeros has no scale: its
+    largest absolute difference must stay within ``max(bound, atol)``. Integer and boolean leaves must be equal;
+    other leaves (strings, numbers, ``None``) must compare equal. Leaves whose shapes differ are ``varying``: not
+    compared, never an error.
 
     Args:
         reference: the output to match (the original network's, or the fused network's for an artifact).
@@ -175,6 +177,7 @@ def compare_trees(
         rtol: the relative bound for every floating leaf; ``None`` for :func:`default_rtol` of each leaf's dtype.
         exact: optional float64 run of the reference computation, of the same structure.
         slack: how many times the reference's own error (against ``exact``) a leaf may be off.
+        atol: the absolute bound of a floating leaf whose reference is all zeros (it has no scale to be relative to).
 
     Returns:
         A :class:`Comparison`; ``structure`` says what differs when the pytrees differ.
@@ -200,13 +203,13 @@ def compare_trees(
             return Comparison(structure=f"the exact reference differs in structure: {_outline(exact)}")
         exact_leaves = [leaf for _, leaf in flat_exact]
     result = [
-        _leaf(_path(path), ref, cand, rtol, ex, slack)
+        _leaf(_path(path), ref, cand, rtol, ex, slack, atol)
         for (path, ref), (_, cand), ex in zip(leaves, other, exact_leaves)
     ]
     return Comparison(leaves=result)
 
 
-def _leaf(path: str, ref: Any, cand: Any, rtol: float | None, exact: Any, slack: float) -> LeafComparison:
+def _leaf(path: str, ref: Any, cand: Any, rtol: float | None, exact: Any, slack: float, atol: float) -> LeafComparison:
     if not isinstance(ref, Tensor) or not isinstance(cand, Tensor):
         same = isinstance(ref, Tensor) == isinstance(cand, Tensor) and _equal(ref, cand)
         return LeafComparison(path, 0.0 if same else math.inf, 0.0, 0.0 if same else math.inf, 0.0)
@@ -250,8 +253,9 @@ def _leaf(path: str, ref: Any, cand: Any, rtol: float | None, exact: Any, slack:
             bound = max(bound, allowed / scale)
     else:
         error = float((cand_f - ref_f).abs().max().double())
-    rel = error / scale if scale > 0 else error
-    return LeafComparison(path, error, scale, rel, bound)
+    if scale > 0:
+        return LeafComparison(path, error, scale, error / scale, bound)
+    return LeafComparison(path, error, scale, error, max(bound, atol))
 
 
 def _equal(a: Any, b: Any) -> bool:

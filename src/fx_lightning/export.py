@@ -414,11 +414,8 @@ def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any]
                 f"export_artifacts: the reloaded '{fmt}' artifact {path} returned shape {tuple(out.shape)}, the "
                 f"module {tuple(ref.shape)}."
             )
-    comparison = compare_trees(refs, outs, rtol=rtol)
-    failed = [
-        leaf for leaf in comparison.compared if not leaf.passed and not (leaf.scale == 0 and leaf.max_abs <= atol)
-    ]
-    if failed:
+    comparison = compare_trees(refs, outs, rtol=rtol, atol=atol)
+    if not comparison.compared_passed:
         raise RuntimeError(
             f"export_artifacts: the reloaded '{fmt}' artifact {path} differs from the module: max abs error "
             f"{comparison.max_abs:.3e}, max rel error {comparison.max_rel:.3e}, tolerance rtol={rtol:g}, atol={atol:g} "
