@@ -122,12 +122,19 @@ def reads_only_settings(function: Callable[..., Any], parameter: str) -> bool:
     return True
 
 
-def _parse(function: Any) -> ast.FunctionDef | None:
+@functools.cache
+def parsed_source(function: Any) -> ast.Module | None:
+    """The parsed source of ``function``, or ``None`` without source; read once per function (parsing is slow, and
+    a model calls the same few methods at many places). The tree is shared: read it, never change it."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        return ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError, IndentationError):
         return None
-    first = tree.body[0] if tree.body else None
+
+
+def _parse(function: Any) -> ast.FunctionDef | None:
+    tree = parsed_source(function)
+    first = tree.body[0] if tree is not None and tree.body else None
     return first if isinstance(first, ast.FunctionDef) else None
 
 
@@ -435,7 +442,7 @@ def _forward_methods(cls: type) -> list[ast.FunctionDef]:
             continue
         if function.__module__.startswith("torch."):
             continue
-        parsed = _parse_cached(function)
+        parsed = _parse(function)
         if parsed is None or not parsed.args.args:
             return []
         found.append(parsed)
@@ -459,16 +466,11 @@ def _all_methods(cls: type) -> list[ast.FunctionDef] | None:
             function = getattr(value, "fget", None) or getattr(value, "__func__", value)
             if name == "__init__" or not inspect.isfunction(function) or function in by_function:
                 continue
-            parsed = _parse_cached(function)
+            parsed = _parse(function)
             if parsed is None:
                 return None
             by_function[function] = parsed
     return list(by_function.values())
-
-
-@functools.cache
-def _parse_cached(function: Any) -> ast.FunctionDef | None:
-    return _parse(function)
 
 
 def _single_argument_call(call: ast.AST | None, func: ast.AST) -> bool:

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import inspect
 import io
-import textwrap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fx_lightning.codegen import install_direct_calls
 from fx_lightning.module_paths import common_scope, find_module, within
-from fx_lightning.padded_conv import chained_children, padded_conv_family
+from fx_lightning.padded_conv import chained_children, padded_conv_family, parsed_source
 from fx_lightning.passes import registered_passes
 from fx_lightning.passes.matching import match_batch_norm, plain_layer_family, value_users
 from fx_lightning.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
@@ -842,9 +841,8 @@ def _attributes_reached(cls: type) -> frozenset[str] | None:
             functions.append(fn)
     nodes = []
     for fn in functions:
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError, IndentationError):
+        tree = parsed_source(fn)
+        if tree is None:
             return None
         nodes += list(ast.walk(tree))
     called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
