@@ -61,7 +61,7 @@ from benchmarking import (
     time_fusers,
 )
 from fx_lightning import fuse
-from fx_lightning.counting import count_ops
+from fx_lightning.fusion.counting import count_ops
 from fx_lightning.testing import randomize_batch_norm
 
 # The re-parameterisable networks live with the tests, so that the tests and this benchmark time identical models.

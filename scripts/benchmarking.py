@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fx_lightning.counting import count_ops
+from fx_lightning.fusion.counting import count_ops
 
 FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
 """Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""

@@ -2,7 +2,7 @@
 
     python scripts/deploy_chart.py fuse_report.json deploy.png
 
-Reads any JSON file with an ``"artifacts"`` entry in the schema of :meth:`fx_lightning.artifacts.DeployReport.to_dict`
+Reads any JSON file with an ``"artifacts"`` entry in the schema of :meth:`fx_lightning.deploy.flow.DeployReport.to_dict`
 (``fuse_report.json``, or ``json.dump(report.to_dict(), ...)``). One bar per artifact (and per eager network when
 the report has them) shows its latency relative to the unfused eager network; the label at the bar's end gives
 the milliseconds and the artifact's metric, and failed artifacts are drawn hatched and marked FAILED.

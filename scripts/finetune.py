@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torchmetrics.classification import MulticlassAccuracy
 
 from fx_lightning import FuseOnExport
-from fx_lightning.data import DigitsDataModule
-from fx_lightning.models import ResNetClassifier
+from fx_lightning.examples.data import DigitsDataModule
+from fx_lightning.examples.models import ResNetClassifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

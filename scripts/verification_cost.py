@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from fx_lightning import FuseOnExport
-from fx_lightning.data import DigitsDataModule
-from fx_lightning.models import DigitsCNN, ResNetClassifier
+from fx_lightning.examples.data import DigitsDataModule
+from fx_lightning.examples.models import DigitsCNN, ResNetClassifier
 
 
 def _trainer(callbacks: list[Any], root: str) -> Trainer:

@@ -25,17 +25,17 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 @pytest.fixture
 def digits() -> Any:
     """The packaged digits in batches of 128 (3 validation batches, 3 test batches)."""
-    from fx_lightning.data import DigitsDataModule
+    from fx_lightning.examples.data import DigitsDataModule
 
     return DigitsDataModule(batch_size=128)
 
 
 @pytest.fixture
 def tiny_cnn() -> Callable[..., Any]:
-    """Factory for a seeded 4-channel :class:`~fx_lightning.models.DigitsCNN`."""
+    """Factory for a seeded 4-channel :class:`~fx_lightning.examples.models.DigitsCNN`."""
     import lightning.pytorch as pl
 
-    from fx_lightning.models import DigitsCNN
+    from fx_lightning.examples.models import DigitsCNN
 
     def make(seed: int = 0, **kwargs: Any) -> Any:
         pl.seed_everything(seed, verbose=False)

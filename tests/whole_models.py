@@ -1,6 +1,6 @@
 """Whole shipped models (detectors, segmenters, YOLO, Hugging Face, smp, timm), built without weights or downloads.
 
-Shared by ``tests/test_whole_models.py`` and ``scripts/fuse_cost.py``. Each builder returns a :class:`WholeModel`:
+Shared by ``tests/fusion/test_whole_models.py`` and ``scripts/fuse_cost.py``. Each builder returns a :class:`WholeModel`:
 the network in eval mode with seeded random weights and randomised BatchNorm statistics (frozen ones included,
 so that a wrong fold shows), a matching example input, and a function that computes the network's continuous
 parts. Inputs are small, so that one eager forward stays around a second or less on 2 CPU threads.

@@ -1,6 +1,6 @@
 """Build every torchvision classification model with random weights, randomised BatchNorm and a small input.
 
-Shared by ``tests/test_zoo.py`` and ``scripts/compare_reference.py``. Nothing is downloaded: every model is
+Shared by ``tests/fusion/test_zoo.py`` and ``scripts/compare_reference.py``. Nothing is downloaded: every model is
 built with ``weights=None``.
 """
 

@@ -1,0 +1,4 @@
+"""The Lightning layer: :class:`FuseOnExport` and what it needs from a Trainer (its batches, its networks, the CLI).
+
+The only subpackage that imports Lightning; ``compat`` holds the Lightning internals it relies on.
+"""

@@ -1,0 +1,177 @@
+"""The self-check of fuse (``fx_lightning.fusion.self_check``): each rewritten unit checked on what it receives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, fx, nn
+
+from engine_nets import conv_bn, rel_err
+from fx_lightning import fuse, registered_passes
+from fx_lightning.fusion.passes import PassChanges, Rewrite
+from fx_lightning.fusion.passes.rewriting import install_for_node, scope_of, with_new_params
+from fx_lightning.fusion.report import Merged
+from fx_lightning.testing import randomize_batch_norm
+
+
+def _double_conv_in(block: str) -> object:
+    """A deliberately wrong pass: doubles the weight of the conv called inside ``block``, in generated code.
+
+    In the model's graph it picks the conv whose call sits in ``block``'s forward; in the graph of ``block`` traced
+    on its own (to build its generated code) the only conv.
+    """
+
+    def wrong(gm: fx.GraphModule) -> PassChanges:
+        changes = PassChanges()
+        convs = [
+            n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+        ]
+        picked = convs if len(convs) == 1 else [n for n in convs if scope_of([n]) == block]
+        if not picked or picked[0].meta.get("doubled"):
+            return changes
+        node = picked[0]
+        conv = gm.get_submodule(node.target)
+        new = with_new_params(conv, conv.weight * 2, None if conv.bias is None else conv.bias.clone())
+        target = install_for_node(gm, node, new)
+        node.meta["doubled"] = True
+        changes.rewrites.append(Rewrite("wrong", [Merged(target, ("weight * 2",), "wrong")], scope_of([node])))
+        return changes
+
+    return wrong
+
+
+def test_self_check_reverts_only_the_unit_that_misbehaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fx_lightning.fusion import engine as pipeline
+
+    registry = {**registered_passes(), "wrong": _double_conv_in("1")}
+    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4), conv_bn(4, 4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = fuse(model, example_inputs=(x,))
+    report = fused.fusion_report
+    assert report.reverted == ["1"]  # the generated code for block 1, and nothing else
+    assert "'1' changed with it" in report.reverted_reasons["1"]
+    assert "max rel diff" in report.reverted_reasons["1"]
+    assert sorted(r.bn for r in report.folded) == ["0.1", "1.1", "2.1"]  # block 1's in-place fold stays
+    assert type(fused) is nn.Sequential
+    assert report.graphs == []
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+    assert report.max_rel_error is not None
+    assert report.max_rel_error <= 1e-5
+
+
+class TiedScores(nn.Module):
+    """Two score channels equal in exact arithmetic, and an argmax over them: float rounding picks the winner.
+
+    The folded head is exact, yet about half of the labels differ between the original and the fused model, as
+    post-NMS detections do when rounding moves a near-tied box.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2))
+        with torch.no_grad():
+            conv, bn = self.head
+            conv.weight[1], conv.bias[1] = conv.weight[0], conv.bias[0]
+            var, weight, mean, bias = 0.7, 1.3, 0.1, 0.2
+            scale = weight / (var + bn.eps) ** 0.5
+            bn.running_var.copy_(torch.tensor([var, 4 * (var + bn.eps) - bn.eps]))
+            bn.weight.copy_(torch.tensor([weight, 2 * weight]))
+            bn.running_mean.copy_(torch.tensor([mean, mean + 0.37]))
+            bn.bias.copy_(torch.tensor([bias, bias + 0.37 * scale]))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.head(x)
+        return scores.argmax(1), scores.amax(1)
+
+
+def test_self_check_keeps_an_exact_fold_whose_selection_flips() -> None:
+    torch.manual_seed(0)
+    model = TiedScores().eval()
+    x = torch.randn(2, 3, 16, 16)
+    fused = fuse(model, example_inputs=(x,))
+    with torch.no_grad():
+        labels, best = model(x)
+        fused_labels, fused_best = fused(x)
+    assert (labels != fused_labels).sum() > 10  # rounding flips ties: a whole-model comparison would revert
+    assert rel_err(fused_best, best) <= 1e-5
+    report = fused.fusion_report
+    assert report.reverted == []
+    assert [r.bn for r in report.folded] == ["head.1"]
+    assert report.max_rel_error is None  # a selection is not a continuous output
+
+
+class Huge(nn.Module):
+    """Raw head outputs of magnitude 1e7, as detection heads trained with their own loss can produce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        with torch.no_grad():
+            self.block2[1].weight.mul_(1e7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block2(self.block(x))
+
+
+def test_self_check_outputs_of_magnitude_1e7() -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norm(Huge()).eval()
+    with torch.no_grad():
+        model.block2[1].weight.mul_(1e7)
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model, example_inputs=(x,))
+    with torch.no_grad():
+        want = model.double()(x.double())
+        model.float()
+        out = model(x)
+        got = fused(x)
+    assert want.abs().max() > 1e6
+    assert float((out.double() - got.double()).abs().max()) > 1e-3  # an absolute 1e-3 would call it wrong
+    assert rel_err(got, want) <= 1e-5
+    report = fused.fusion_report
+    assert report.reverted == []
+    assert report.num_folded == 2
+    assert report.max_rel_error is not None
+    assert report.max_rel_error <= 1e-5
+
+
+def test_self_check_returns_the_unfused_copy_when_no_unit_explains_a_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fx_lightning.fusion import engine as pipeline, self_check
+
+    # Units that all pass while the model is wrong: what a reader outside a unit's module would cause.
+    registry = {**registered_passes(), "wrong": _double_conv_in("1")}
+    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    monkeypatch.setattr(self_check._Check, "trial", lambda self, scope, applied: self_check._Verdict(True))
+    model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(RuntimeWarning, match=r"fuse\(\): the fused model disagrees with the original .* unfused copy"):
+        fused = fuse(model, example_inputs=(x,))
+    report = fused.fusion_report
+    assert report.num_folded == 0
+    assert report.max_rel_error is None
+    assert sorted(report.reverted) == ["0.0", "0.1", "1", "1.0", "1.1"]  # every replacement made
+    assert any("a bug in fx_lightning's analysis to report" in n for n in report.notes)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) == 0.0
+
+
+def test_self_check_costs_a_few_forwards_when_every_unit_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shape propagation, the recording forward of the original, each outermost unit once, the whole fused model
+    # once: four forwards' worth of conv calls, however many rewrites there are (no bisection, no float64 copy).
+    model = randomize_batch_norm(nn.Sequential(*(conv_bn(4, 4) for _ in range(6)))).eval()
+    calls = []
+    forward = nn.Conv2d.forward
+
+    def counting(self: nn.Conv2d, x: Tensor) -> Tensor:
+        calls.append(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", counting)
+    fused = fuse(model, example_inputs=(torch.randn(2, 4, 6, 6),))
+    assert fused.fusion_report.num_folded == 6
+    assert len(calls) == 4 * 6
