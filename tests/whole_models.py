@@ -1,9 +1,9 @@
 """Whole shipped models (detectors, segmenters, YOLO, Hugging Face, smp, timm), built without weights or downloads.
 
-Shared by ``tests/fusion/test_whole_models.py`` and ``scripts/fuse_cost.py``. Each builder returns a :class:`WholeModel`:
-the network in eval mode with seeded random weights and randomised BatchNorm statistics (frozen ones included,
-so that a wrong fold shows), a matching example input, and a function that computes the network's continuous
-parts. Inputs are small, so that one eager forward stays around a second or less on 2 CPU threads.
+Shared by ``tests/fusion/test_whole_models.py`` and ``scripts/fuse_cost.py``. Each builder returns a
+:class:`WholeModel`: the network in eval mode with seeded random weights and randomised BatchNorm statistics
+(frozen ones included, so that a wrong fold shows), a matching example input, and a function that computes the
+network's continuous parts. Inputs are small, so that one eager forward stays around a second or less on 2 CPU threads.
 
 Nothing is downloaded: torchvision models are built with ``weights=None, weights_backbone=None``, ultralytics
 YOLO from its bundled yaml (with ``YOLO_OFFLINE`` set, so its import makes no network check), Hugging Face

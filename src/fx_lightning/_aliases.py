@@ -40,7 +40,9 @@ def new_home(name: str) -> str | None:
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if new_home(fullname) is None:
             return None
         return importlib.util.spec_from_loader(fullname, self)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from fx_lightning import FuseOnExport
-from fx_lightning.lightning.callback import Outcome
 from fx_lightning.deploy.checkpoint import fresh_copy
 from fx_lightning.examples.models import DigitsCNN
+from fx_lightning.lightning.callback import Outcome
 
 
 class NoHyperparameters(DigitsCNN):

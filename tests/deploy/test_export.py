@@ -12,7 +12,6 @@ import torchvision
 from torch import Tensor, nn
 
 import fx_lightning
-from fx_lightning.fusion.checkpoint_form import checkpoint_plan
 from fx_lightning.deploy.export import (
     MissingExtraError,
     _check_close,
@@ -20,6 +19,7 @@ from fx_lightning.deploy.export import (
     export_artifacts,
     write_artifacts,
 )
+from fx_lightning.fusion.checkpoint_form import checkpoint_plan
 from fx_lightning.testing import randomize_batch_norm
 
 

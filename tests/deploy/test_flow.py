@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from deploy_nets import EXAMPLE_BATCH, NUM_CLASSES, Case, make_case
+from fx_lightning.deploy.export import Artifact, write_artifacts
 from fx_lightning.deploy.flow import (
     ArtifactMismatchWarning,
     DeployReport,
@@ -24,7 +25,6 @@ from fx_lightning.deploy.flow import (
     failed_path,
     verify_artifacts,
 )
-from fx_lightning.deploy.export import Artifact, write_artifacts
 
 ARTIFACT_KEYS = {"path", "runtime", "verification", "latency_ms", "latency_ratio", "seconds", "error", "notes"}
 VERIFICATION_KEYS = {"metric_original", "metric_artifact", "max_abs_diff", "num_samples", "passed"}

@@ -141,7 +141,8 @@ def test_self_check_outputs_of_magnitude_1e7() -> None:
 def test_self_check_returns_the_unfused_copy_when_no_unit_explains_a_mismatch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fx_lightning.fusion import engine as pipeline, self_check
+    from fx_lightning.fusion import engine as pipeline
+    from fx_lightning.fusion import self_check
 
     # Units that all pass while the model is wrong: what a reader outside a unit's module would cause.
     registry = {**registered_passes(), "wrong": _double_conv_in("1")}

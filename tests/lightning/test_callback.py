@@ -15,10 +15,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from fx_lightning import FuseOnExport, count_kernels
-from fx_lightning.deploy.flow import ArtifactMismatchWarning
-from fx_lightning.lightning.callback import LEGACY_UNFUSED_STATE_KEY, Outcome, is_fused, restore_original
 from fx_lightning.deploy.export import MissingExtraError
+from fx_lightning.deploy.flow import ArtifactMismatchWarning
 from fx_lightning.examples.models import DigitsCNN
+from fx_lightning.lightning.callback import LEGACY_UNFUSED_STATE_KEY, Outcome, is_fused, restore_original
 
 #: Test metrics of the fused and unfused networks may differ by this much (accuracy over 270 digits).
 METRIC_TOLERANCE = 1e-3

@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import (
 )
 
 from fx_lightning import FuseOnExport
-from fx_lightning.lightning.callback import Outcome
 from fx_lightning.examples.data import DigitsDataModule
 from fx_lightning.examples.models import DigitsCNN
+from fx_lightning.lightning.callback import Outcome
 
 #: The artifacts may differ from the reference by rounding only.
 RELATIVE = 1e-5

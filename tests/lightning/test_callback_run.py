@@ -13,8 +13,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from fx_lightning import FuseOnExport
-from fx_lightning.lightning.callback import Outcome
 from fx_lightning.examples.models import DigitsCNN
+from fx_lightning.lightning.callback import Outcome
 
 
 @pytest.mark.parametrize(("limit", "samples"), [(1, 128), (0.67, 256), (1.0, 270)])

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fx_lightning import FuseOnExport
-from fx_lightning.lightning.callback import Outcome, is_fused
 from fx_lightning.fusion.counting import counting_ops
+from fx_lightning.lightning.callback import Outcome, is_fused
 
 #: The fused and unfused loops may differ by rounding only (float32 folding of three Conv-BN pairs).
 RELATIVE = 1e-4

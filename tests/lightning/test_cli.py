@@ -37,7 +37,7 @@ FASTER = {
         "--trainer.callbacks.init_args.export_stages=[fit]",
         "--trainer.callbacks.init_args.export_formats=[weights]",
     ],
-    # The int8 plumbing on a barely trained network: a loose budget (tests/deploy/int8/test_int8.py runs the config as written).
+    # The int8 plumbing on a barely trained network: a loose budget (tests/deploy/int8/test_int8.py runs it as written).
     "resnet18_int8.yaml": [
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",

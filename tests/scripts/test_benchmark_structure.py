@@ -32,8 +32,8 @@ from benchmarking import (
     retained_extra_bytes,
 )
 from fx_lightning import count_kernels, fuse
-from fx_lightning.testing import randomize_batch_norm
 from fx_lightning.fusion.tracing import trace
+from fx_lightning.testing import randomize_batch_norm
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]

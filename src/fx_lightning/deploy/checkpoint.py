@@ -5,7 +5,7 @@ replaces each fused network's values by :func:`fx_lightning.deploy.export.checkp
 folded values where they can be written), saves it, reloads it strictly with the user's class
 (``type(pl_module).load_from_checkpoint``, or a strict ``load_state_dict`` into a fresh copy of the module when
 the class cannot be rebuilt from its hyper-parameters), and compares the reloaded networks' outputs with the fused
-ones' on their captured inputs (:func:`fx_lightning.verify.compare.compare_trees`: relative to each output's scale; outputs
+ones' on their captured inputs (:func:`~fx_lightning.verify.compare_trees`: relative to each output's scale; outputs
 that vary in shape, detections after NMS, are listed and left to the task metric). A mismatch is reported in
 :attr:`DeployCheckpoint.error`, never raised: the checkpoint is one artifact among others, with its own verdict.
 """
@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fx_lightning.lightning import compat
-from fx_lightning.verify.compare import compare_trees
 from fx_lightning.deploy.export import checkpoint_state_dict
 from fx_lightning.fusion.probe import Call
+from fx_lightning.lightning import compat
 from fx_lightning.lightning.networks import Network, pruned_tensors, without_pruning
+from fx_lightning.verify.compare import compare_trees
 from fx_lightning.verify.verifier import eval_mode
 
 CHECKPOINT_FILE = "deploy.ckpt"

@@ -6,7 +6,7 @@
   :func:`fx_lightning.deploy.flow.verify_artifacts` then checks each file in its runtime with the task metric.
 * :func:`export_artifacts` writes them, reloads each one and compares its outputs with the module's on the example
   inputs before returning the paths.
-* :func:`checkpoint_state_dict` (from :mod:`fx_lightning.fusion.checkpoint_form`, re-exported here) expresses a fused network
+* :func:`checkpoint_state_dict` (from :mod:`..fusion.checkpoint_form`) expresses a fused network
   in the original architecture's state-dict keys, so a checkpoint keeps loading into the user's own class.
 
 Nothing here imports Lightning; onnx/onnxruntime and inductor are imported only when their format is asked for.
@@ -28,8 +28,6 @@ from torch import Tensor, nn
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from fx_lightning.fusion.checkpoint_form import checkpoint_state_dict
-from fx_lightning.verify.compare import compare_trees
 from fx_lightning.deploy.formats import (
     Exporter,
     ExportJob,
@@ -40,6 +38,8 @@ from fx_lightning.deploy.formats import (
     registered_exporters,
 )
 from fx_lightning.deploy.formats.base import first_line as _first_line
+from fx_lightning.fusion.checkpoint_form import checkpoint_state_dict
+from fx_lightning.verify.compare import compare_trees
 
 #: The built-in formats, in the order they are written; :func:`fx_lightning.deploy.formats.registered_exporters` has
 #: every registered one.

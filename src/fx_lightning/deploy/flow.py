@@ -2,7 +2,7 @@
 
 :func:`verify_artifacts` loads every written artifact back in the runtime that will run it (``torch.export.load``,
 ONNX Runtime at the level it is deployed with, ``aoti_load_package``, a strict ``load_state_dict``) and runs it
-over the verification data in one pass, with the torchmetrics comparison :mod:`fx_lightning.verify.verifier` makes for the
+over the verification data in one pass, with the torchmetrics comparison :mod:`~fx_lightning.verify` makes for the
 fused network: each artifact against the original network, same metric, same tolerance. It then times the
 artifacts and both eager networks on the example batch (:func:`fx_lightning.verify.latency.measure_latency`). An
 artifact that fails is renamed so that its name says so (``model.FAILED.onnx``) and a warning names it with its
@@ -37,9 +37,10 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.deploy.export import Artifact, ExportOptions, write_artifacts
-from fx_lightning.verify.latency import measure_latency
 from fx_lightning.deploy.formats import Runner, registered_exporters
 from fx_lightning.deploy.formats.base import first_line
+from fx_lightning.deploy.table import deploy_table
+from fx_lightning.verify.latency import measure_latency
 from fx_lightning.verify.verifier import (
     GetInput,
     GetTarget,
@@ -267,14 +268,14 @@ def verify_artifacts(
     ``strict=True``.
 
     Args:
-        artifacts: format -> the :class:`~fx_lightning.deploy.export.Artifact` :func:`~fx_lightning.deploy.export.write_artifacts`
+        artifacts: format -> the :class:`~fx_lightning.deploy.Artifact` :func:`~fx_lightning.deploy.write_artifacts`
             returned (or a path, for a registered format written with dynamic batch or checked on batches of its
             size). An ``Artifact`` with ``runner=`` adds any other artifact (e.g. a checkpoint reloaded by the caller).
         original: the network before fusion: the reference of the metric and of the latency ratio.
         fused: the fused network the artifacts were written from (the ``weights`` format loads into a copy of it).
         batches: the verification data, e.g. a validation DataLoader (iterated once).
         example_inputs: the positional inputs the artifacts were written with; timing runs on them.
-        metric: the task metric; ``None`` chooses one from outputs and targets (:func:`fx_lightning.verify.verifier.verify`).
+        metric: the task metric; ``None`` chooses one from outputs and targets (:func:`fx_lightning.verify.verify`).
         tolerance: the largest allowed ``|artifact - original|`` of each metric value.
         output_tolerance: if given, the largest allowed absolute difference between outputs.
         max_batches: stop after this many batches; ``None`` for all.
@@ -457,8 +458,9 @@ def export_and_verify(
         dynamic_batch: export the traced formats with a dynamic batch dimension.
         options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``.
         int8: int8 versions to make of the float artifacts, checked against their own metric budget
-            (:class:`fx_lightning.deploy.int8.quantize.Int8Options` or a dict of its fields, e.g. ``{"formats": ["onnx"],
-            "max_metric_drop": 0.01}``); each one's float format is written too. ``None``: no int8.
+            (:class:`~fx_lightning.deploy.int8.quantize.Int8Options` or a dict of its fields, e.g.
+            ``{"formats": ["onnx"], "max_metric_drop": 0.01}``); each one's float format is written too.
+            ``None``: no int8.
         calibration: the batches int8 calibrates on (the training data); required with ``int8``.
         **verify_kwargs: :func:`verify_artifacts`'s keyword arguments (``metric``, ``tolerance``, ``strict``, ...).
 
@@ -810,103 +812,3 @@ def _check_budget(budget: Any) -> float:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------------------- the deploy table
-
-
-def deploy_table(report: Mapping[str, Any]) -> str:
-    """The deploy table of a report dict (:meth:`DeployReport.to_dict`, or ``fuse_report.json`` loaded).
-
-    Columns: format, runtime, metric (the artifact's, with the original's in the title), max abs diff, passed,
-    latency (ms), ratio (to the unfused eager network). The eager networks come first when the report has them.
-
-    Raises:
-        ValueError: if ``report`` has no ``"artifacts"``.
-
-    Example:
-        >>> row = {"path": "m.pt2", "runtime": "torch.export.load", "latency_ms": 1.0, "latency_ratio": 0.5,
-        ...        "verification": {"metric_original": {"acc": 0.9}, "metric_artifact": {"acc": 0.9},
-        ...                         "max_abs_diff": 1e-6, "num_samples": 8, "passed": True}}
-        >>> print(deploy_table({"artifacts": {"pt2": row}}))  # doctest: +NORMALIZE_WHITESPACE
-        deploy artifacts, verified on 8 samples against the original (acc 0.9000)
-        format  runtime            acc     max abs diff  passed  latency ms  ratio
-        pt2     torch.export.load  0.9000  1.00e-06      yes     1.000       0.500
-    """
-    artifacts = report.get("artifacts") if isinstance(report, Mapping) else None
-    if not isinstance(artifacts, Mapping):
-        got = f"keys {list(report)}" if isinstance(report, Mapping) else type(report).__name__
-        raise ValueError(
-            "deploy_table(report) expects a dict with an 'artifacts' entry (DeployReport.to_dict() or a "
-            f"fuse_report.json loaded with json.load), got {got}."
-        )
-    names: list[str] = []
-    original: dict[str, float] = {}
-    samples = set()
-    for entry in artifacts.values():
-        verification = entry.get("verification") or {}
-        for key, value in (verification.get("metric_original") or {}).items():
-            original.setdefault(key, value)
-            if key not in names:
-                names.append(key)
-        samples.add(verification.get("num_samples"))
-    derived = any("base" in entry for entry in artifacts.values())
-    header = ["format", "runtime", *names, "max abs diff", "passed", "latency ms", "ratio"]
-    if derived:  # int8 rows: latency against the float artifact of the same runtime, layers kept in float
-        header += ["vs float", "float layers", "calib s"]
-    rows = []
-    for key, label in (("unfused", "unfused"), ("fused", "fused")):
-        eager = (report.get("eager") or {}).get(key)
-        if eager and eager.get("latency_ms") is not None:
-            rows.append(
-                [
-                    label,
-                    "torch eager",
-                    *["" for _ in names],
-                    "",
-                    "",
-                    _num(eager["latency_ms"]),
-                    _num(eager["latency_ratio"]),
-                    *(["", "", ""] if derived else []),
-                ]
-            )
-    for fmt, entry in artifacts.items():
-        verification = entry.get("verification") or {}
-        metric = verification.get("metric_artifact") or {}
-        diff = verification.get("max_abs_diff")
-        rows.append(
-            [
-                fmt,
-                str(entry.get("runtime", "")),
-                *[_num(metric.get(name), 4) for name in names],
-                f"{diff:.2e}" if isinstance(diff, (int, float)) else "-",
-                "yes" if verification.get("passed") else "NO",
-                _num(entry.get("latency_ms")),
-                _num(entry.get("latency_ratio")),
-                *(_derived_cells(entry) if derived else []),
-            ]
-        )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    counts = sorted(s for s in samples if s)
-    on = f"verified on {counts[0]} samples" if len(counts) == 1 else f"verified on {counts} samples"
-    reference = ", ".join(f"{k} {v:.4f}" for k, v in original.items())
-    title = f"deploy artifacts, {on} against the original" + (f" ({reference})" if reference else "")
-    return "\n".join([title, *lines])
-
-
-def _derived_cells(entry: Mapping[str, Any]) -> list[str]:
-    """The int8 columns of a row: latency ratio to its float artifact, layers kept in float, calibration time."""
-    if "base" not in entry:
-        return ["", "", ""]
-    int8 = entry.get("int8") or {}
-    layers = int8.get("float_layers")
-    return [
-        _num(entry.get("latency_ratio_base")),
-        str(len(layers)) if isinstance(layers, list) else "-",
-        _num(int8.get("calibration_s"), 1),
-    ]
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"

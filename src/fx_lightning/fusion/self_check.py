@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped
+from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 
 __all__ = ["check_units"]
 

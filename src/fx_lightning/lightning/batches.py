@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fx_lightning.lightning import compat
 from fx_lightning.deploy.int8.quantize import read_batches
+from fx_lightning.lightning import compat
 
 _OWN_LOOP = {"test": "test", "predict": "predict", "validate": "validate"}
 

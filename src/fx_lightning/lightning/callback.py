@@ -1,10 +1,9 @@
 """``FuseOnExport``: the Lightning callback that fuses, verifies and exports at the right moments.
 
 The callback decides *when* things happen and delegates *what* happens: :func:`fx_lightning.fuse` folds,
-:class:`fx_lightning.verify.verifier.Verifier` compares the original and fused networks with torchmetrics,
-:mod:`fx_lightning.deploy.export` and :mod:`fx_lightning.deploy.checkpoint` write the artifacts, :mod:`fx_lightning.lightning.networks` puts fused
-networks in place and back, :mod:`fx_lightning.lightning.batches` finds the batches, and every use of Lightning's
-internals sits in :mod:`fx_lightning.lightning.compat`.
+:class:`fx_lightning.verify.Verifier` compares the original and fused networks with torchmetrics,
+:mod:`fx_lightning.deploy` writes and checks the artifacts, :mod:`.networks` puts fused networks in place and back,
+:mod:`.batches` finds the batches, and every use of Lightning's internals sits in :mod:`.compat`.
 
 When, in one picture::
 
@@ -42,12 +41,23 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.lightning import compat
-from fx_lightning.deploy.flow import DeployReport, verify_artifacts
 from fx_lightning.deploy.checkpoint import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.deploy.export import Artifact, MissingExtraError, write_artifacts
-from fx_lightning.lightning.result import FuseResult, Outcome, agreement_text
-from fx_lightning.deploy.int8.quantize import SUFFIX, Int8Options, int8_options, quantize_artifacts, read_batches, unmade
+from fx_lightning.deploy.flow import DeployReport, verify_artifacts
+from fx_lightning.deploy.formats import registered_exporters
+from fx_lightning.deploy.int8.quantize import (
+    SUFFIX,
+    Int8Options,
+    int8_options,
+    quantize_artifacts,
+    read_batches,
+    unmade,
+)
+from fx_lightning.fusion.engine import fuse
+from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
+from fx_lightning.fusion.report import FusionReport
+from fx_lightning.fusion.tracing import is_frozen_batch_norm
+from fx_lightning.lightning import compat
 from fx_lightning.lightning.batches import (
     Batches,
     OnDevice,
@@ -56,10 +66,6 @@ from fx_lightning.lightning.batches import (
     to_device,
     verification_batches,
 )
-from fx_lightning.fusion.engine import fuse
-from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
-from fx_lightning.fusion.report import FusionReport
-from fx_lightning.deploy.formats import registered_exporters
 from fx_lightning.lightning.networks import (
     SELF,
     Network,
@@ -71,7 +77,7 @@ from fx_lightning.lightning.networks import (
     restore_original,
     without_pruning,
 )
-from fx_lightning.fusion.tracing import is_frozen_batch_norm
+from fx_lightning.lightning.result import FuseResult, Outcome, agreement_text
 from fx_lightning.verify.verifier import (
     Verifier,
     call_with_input,
@@ -188,19 +194,18 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             (see :mod:`fx_lightning.deploy.formats`). Checked here, against ``export_formats``.
         deploy_latency_budget: seconds spent timing the artifacts and both eager networks on the example input
             after they are checked; ``0`` skips the timing.
-        int8: opt-in int8 versions of the float artifacts (:class:`fx_lightning.deploy.int8.quantize.Int8Options`, or a dict of
-            its fields from YAML): ``{"formats": ["onnx"], "calibration_batches": 8, "max_metric_drop": 0.01,
-            "max_float_layers": 4}``. Each is static post-training quantization (per-channel weights) of the
-            float artifact of its format, which is written too, calibrated on the first ``calibration_batches``
-            training batches (read in eval mode; the network, its BatchNorm statistics and the random state are
-            untouched), checked in its runtime with ``metric`` against ``max_metric_drop`` (absolute) instead of
-            ``tolerance``. Over budget, the layers with the largest error alone on the calibration data are kept
-            in float one at a time, up to ``max_float_layers``; still over budget, it is not announced and the
-            warning says by how much it missed. The deploy table and ``fuse_report.json`` show the int8 rows
-            (``"onnx-int8"``) with the metric drop, the latency against the float artifact, the layers kept in
-            float and the calibration time. ``"aoti"`` (torchao's PT2E flow, the ``torchao`` extra) makes an x86
-            CPU package. Without a task metric (outputs-only checks) int8 is skipped with a note; a failure in
-            int8 fails only the int8 artifacts. ``None``: no int8.
+        int8: opt-in int8 versions of the float artifacts (:class:`~fx_lightning.deploy.int8.quantize.Int8Options`, or a
+            dict of its fields from YAML): ``{"formats": ["onnx"], "calibration_batches": 8, "max_metric_drop": 0.01,
+            "max_float_layers": 4}``. Each is static post-training quantization (per-channel weights) of the float
+            artifact of its format, which is written too, calibrated on the first ``calibration_batches`` training
+            batches (read in eval mode; the network, its BatchNorm statistics and the random state are untouched),
+            checked in its runtime with ``metric`` against ``max_metric_drop`` (absolute) instead of ``tolerance``. Over
+            budget, the layers with the largest error alone on the calibration data are kept in float one at a time, up
+            to ``max_float_layers``; still over budget, it is not announced and the warning says by how much it missed.
+            The deploy table and ``fuse_report.json`` show the int8 rows (``"onnx-int8"``) with the metric drop, the
+            latency against the float artifact, the layers kept in float and the calibration time. ``"aoti"`` (torchao's
+            PT2E flow, the ``torchao`` extra) makes an x86 CPU package. Without a task metric (outputs-only checks) int8
+            is skipped with a note; a failure in int8 fails only the int8 artifacts. ``None``: no int8.
         calibration_dataloader: data to calibrate int8 on instead of the training dataloader (set from Python).
         dynamic_batch: export ``pt2``/``onnx`` with a dynamic batch dimension (checked on a second batch size);
             ``False`` fixes the batch size of the example input. A network that receives a list of tensors, or
@@ -835,8 +840,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         notes: list[str],
     ) -> dict[str, Artifact]:
         """The int8 artifacts, calibrated on training batches and gated by the task metric
-        (:func:`fx_lightning.deploy.int8.quantize.quantize_artifacts`); none, with a note, when there is no metric to gate them
-        with or no training data to calibrate on."""
+        (:func:`~fx_lightning.deploy.int8.quantize.quantize_artifacts`); none, with a note, when there is no
+        metric to gate them with or no training data to calibrate on."""
         assert self.int8 is not None
         if "through" in data:
             notes.append(

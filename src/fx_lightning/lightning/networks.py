@@ -22,8 +22,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import prune
 
-from fx_lightning.lightning.compat import compiled_module, recompile
 from fx_lightning.fusion.tracing import contains_batch_norm, is_batch_norm_module
+from fx_lightning.lightning.compat import compiled_module, recompile
 
 #: The name of the LightningModule's own layers as one network.
 SELF = "self"

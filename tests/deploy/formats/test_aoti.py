@@ -9,8 +9,8 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from deploy_nets import EXAMPLE_BATCH, NUM_CLASSES, Case, make_case
-from fx_lightning.deploy.flow import ArtifactMismatchWarning, verify_artifacts
 from fx_lightning.deploy.export import Artifact, write_artifacts
+from fx_lightning.deploy.flow import ArtifactMismatchWarning, verify_artifacts
 from fx_lightning.deploy.formats import MissingCompilerError
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from deploy_nets import make_case
-from fx_lightning.deploy.flow import verify_artifacts
 from fx_lightning.deploy.export import Artifact, write_artifacts
+from fx_lightning.deploy.flow import verify_artifacts
 from fx_lightning.deploy.formats import registered_exporters
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from deploy_nets import make_case
-from fx_lightning.deploy.flow import export_and_verify
 from fx_lightning.deploy.export import MissingExtraError, write_artifacts
+from fx_lightning.deploy.flow import export_and_verify
 
 
 def test_openvino_missing_names_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from deploy_nets import EXAMPLE_BATCH, make_case
-from fx_lightning.deploy.flow import verify_artifacts
 from fx_lightning.deploy.export import FORMATS, export_artifacts, write_artifacts
+from fx_lightning.deploy.flow import verify_artifacts
 from fx_lightning.deploy.formats import (
     Exporter,
     ExportJob,
@@ -81,7 +81,9 @@ def test_registered_format_is_written_validated_and_verified(copy_format: Export
 def test_registry_errors(copy_format: Exporter) -> None:
     with pytest.raises(ValueError, match=r"a format named 'copy' is already registered\. Registered: \['pt2', "):
         register_exporter(copy_format)
-    with pytest.raises(TypeError, match=r"register_exporter\(exporter=...\) expects an fx_lightning.deploy.formats.Exporter"):
+    with pytest.raises(
+        TypeError, match=r"register_exporter\(exporter=...\) expects an fx_lightning\.deploy\.formats\.Exporter"
+    ):
         register_exporter("onnx")  # type: ignore[arg-type]
     with pytest.raises(KeyError, match=r"unregister_exporter\('tflite'\): no such format"):
         unregister_exporter("tflite")

@@ -323,10 +323,10 @@ def test_fuse_on_export_keeps_a_sensitive_layer_in_float_or_does_not_announce_in
     max_float_layers: int, announced: bool, make_trainer: Any, tmp_path: Path
 ) -> None:
     import lightning.pytorch as pl
+    from test_int8_gate import BUDGET, accuracy, labelled, sensitive_net
     from torch.utils.data import DataLoader, TensorDataset
 
     from fx_lightning.deploy.flow import ArtifactMismatchWarning
-    from test_int8_gate import BUDGET, accuracy, labelled, sensitive_net
 
     class Module(pl.LightningModule):  # a network whose first convolution cannot take an int8 input
         def __init__(self) -> None:

@@ -15,8 +15,9 @@ from fx_lightning.deploy.formats.onnx import ONNX
 from fx_lightning.deploy.formats.openvino import OPENVINO
 from fx_lightning.deploy.formats.pt2 import PT2
 from fx_lightning.deploy.formats.weights import WEIGHTS
+from fx_lightning.registry import Registry
 
-_REGISTRY: dict[str, Exporter] = {}
+FORMATS: Registry[Exporter] = Registry("format", "register_exporter", "unregister_exporter")
 
 
 def register_exporter(exporter: Exporter) -> Exporter:
@@ -32,13 +33,7 @@ def register_exporter(exporter: Exporter) -> Exporter:
             f"{type(exporter).__name__}. Build one with Exporter(name=..., write=..., load=..., runtime=..., "
             "check=...)."
         )
-    if exporter.name in _REGISTRY:
-        raise ValueError(
-            f"register_exporter(Exporter(name={exporter.name!r}, ...)) failed: a format named {exporter.name!r} is "
-            f"already registered. Registered: {list(_REGISTRY)}. Choose another name."
-        )
-    _REGISTRY[exporter.name] = exporter
-    return exporter
+    return FORMATS.register(exporter.name, exporter)
 
 
 def unregister_exporter(name: str) -> Exporter:
@@ -47,14 +42,12 @@ def unregister_exporter(name: str) -> Exporter:
     Raises:
         KeyError: if no format of that name is registered.
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unregister_exporter({name!r}): no such format. Registered: {list(_REGISTRY)}.")
-    return _REGISTRY.pop(name)
+    return FORMATS.unregister(name)
 
 
 def registered_exporters() -> dict[str, Exporter]:
     """The registered formats, by name, in registration order (the order artifacts are written in)."""
-    return dict(_REGISTRY)
+    return FORMATS.as_dict()
 
 
 register_exporter(PT2)
@@ -64,6 +57,7 @@ register_exporter(OPENVINO)
 register_exporter(WEIGHTS)
 
 __all__ = [
+    "FORMATS",
     "ExportJob",
     "Exporter",
     "LoadContext",

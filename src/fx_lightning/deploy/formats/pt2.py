@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from fx_lightning.deploy.formats.base import Exporter, ExportJob, LoadContext, Runner, module_device, no_options, to_device
+from fx_lightning.deploy.formats.base import (
+    Exporter,
+    ExportJob,
+    LoadContext,
+    Runner,
+    module_device,
+    no_options,
+    to_device,
+)
 
 
 def write_pt2(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:

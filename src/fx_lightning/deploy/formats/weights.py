@@ -11,7 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fx_lightning.deploy.formats.base import Exporter, ExportJob, LoadContext, Runner, module_device, no_options, to_device
+from fx_lightning.deploy.formats.base import (
+    Exporter,
+    ExportJob,
+    LoadContext,
+    Runner,
+    module_device,
+    no_options,
+    to_device,
+)
 
 
 def write_weights(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.deploy.flow import ArtifactReport, check_in_runtimes, failed_path, padded_rows
 from fx_lightning.deploy.export import Artifact
+from fx_lightning.deploy.flow import ArtifactReport, check_in_runtimes, failed_path, padded_rows
 from fx_lightning.deploy.formats.base import first_line
 from fx_lightning.verify.verifier import GetInput, GetTarget, default_get_input, default_get_target, preserved_rng
 
@@ -186,7 +186,7 @@ def int8_options(value: Int8Options | Mapping[str, Any] | None, owner: str) -> I
         options = Int8Options(**fields)
     else:
         raise TypeError(
-            f"{owner}(int8={value!r}) expects a dict of int8 options (or fx_lightning.deploy.int8.quantize.Int8Options), got "
+            f"{owner}(int8={value!r}) expects a dict of int8 options (or an Int8Options), got "
             f"{type(value).__name__}. Pass e.g. int8={{'formats': ['onnx'], 'max_metric_drop': 0.01}}."
         )
     if options is None:

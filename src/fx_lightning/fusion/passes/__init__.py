@@ -16,10 +16,11 @@ from fx_lightning.fusion.passes.fold_constant_scale import fold_constant_scale
 from fx_lightning.fusion.passes.merge_branches import merge_branches
 from fx_lightning.fusion.passes.remove_dropout import remove_dropout
 from fx_lightning.fusion.passes.rewriting import PassChanges, Rewrite
+from fx_lightning.registry import Registry
 
 GraphPass = Callable[[fx.GraphModule], PassChanges]
 
-_REGISTRY: dict[str, GraphPass] = {}
+PASSES: Registry[GraphPass] = Registry("pass", "register_pass")
 
 
 def register_pass(name: str, fn: GraphPass) -> GraphPass:
@@ -28,18 +29,12 @@ def register_pass(name: str, fn: GraphPass) -> GraphPass:
     Raises:
         ValueError: if ``name`` is already registered.
     """
-    if name in _REGISTRY:
-        raise ValueError(
-            f"register_pass({name!r}, ...) failed: a pass named {name!r} is already registered. "
-            f"Registered: {sorted(_REGISTRY)}. Choose another name."
-        )
-    _REGISTRY[name] = fn
-    return fn
+    return PASSES.register(name, fn)
 
 
 def registered_passes() -> dict[str, GraphPass]:
     """The registered passes, by name, in the order they run."""
-    return dict(_REGISTRY)
+    return PASSES.as_dict()
 
 
 register_pass("remove_dropout", remove_dropout)
@@ -50,4 +45,4 @@ register_pass("fold_bn_into_following", fold_bn_into_following)
 register_pass("merge_branches", merge_branches)
 register_pass("fold_constant_scale", fold_constant_scale)
 
-__all__ = ["GraphPass", "PassChanges", "Rewrite", "register_pass", "registered_passes"]
+__all__ = ["PASSES", "GraphPass", "PassChanges", "Rewrite", "register_pass", "registered_passes"]
