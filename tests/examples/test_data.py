@@ -26,7 +26,7 @@ def test_load_digits_shapes_ranges_and_labels() -> None:
 
 
 def test_load_digits_matches_raw_file() -> None:
-    raw = importlib.resources.files("fx_lightning").joinpath("data", "digits.csv.gz").read_bytes()
+    raw = importlib.resources.files("fx_lightning.examples").joinpath("digits.csv.gz").read_bytes()
     first = [int(v) for v in gzip.decompress(raw).decode().splitlines()[0].split(",")]
     images, labels = load_digits()
     expected = torch.tensor(first[:64], dtype=torch.float32).reshape(1, 8, 8) / 16
@@ -127,8 +127,7 @@ def test_digits_datamodule_invalid_arguments_raise(kwargs: dict, match: str) -> 
 
 
 def test_load_digits_damaged_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "digits.csv.gz").write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    (tmp_path / "digits.csv.gz").write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
     monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
     with pytest.raises(RuntimeError, match=r"read 3 columns from digits.csv.gz, expected 65 .*reinstall fx-lightning"):
         load_digits()

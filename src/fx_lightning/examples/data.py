@@ -1,7 +1,7 @@
 """The digits data set shipped with the package, and a LightningDataModule over it.
 
 The file is scikit-learn's 8x8 handwritten digits (1797 images, UCI ML hand-written digits), stored as
-``data/digits.csv.gz`` inside the package, so examples and tests train on real data without a download.
+``digits.csv.gz`` beside this module, so examples and tests train on real data without a download.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def load_digits() -> tuple[Tensor, Tensor]:
         >>> tuple(images.shape), tuple(labels.shape), labels.dtype
         ((1797, 1, 8, 8), (1797,), torch.int64)
     """
-    raw = importlib.resources.files("fx_lightning").joinpath("examples", _DATA_FILE).read_bytes()
+    raw = importlib.resources.files("fx_lightning.examples").joinpath(_DATA_FILE).read_bytes()
     text = gzip.decompress(raw).decode("ascii")
     table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2)
     if table.shape[1] != _NUM_PIXELS + 1:
