@@ -63,6 +63,7 @@ from benchmarking import (
 from fx_lightning import fuse
 from fx_lightning.fusion.counting import count_ops
 from fx_lightning.testing import randomize_batch_norm
+from fx_lightning.verify.compare import relative_error
 
 # The re-parameterisable networks live with the tests, so that the tests and this benchmark time identical models.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -282,12 +283,6 @@ def _export_onnx_session(fused: nn.Module, example: torch.Tensor, threads: int) 
     return ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _relative_error(out: Any, ref: torch.Tensor) -> float:
-    out_t = torch.as_tensor(out).to(device=ref.device, dtype=torch.float64)
-    ref64 = ref.to(torch.float64)
-    return ((out_t - ref64).abs().max() / ref64.abs().max().clamp_min(1e-30)).item()
-
-
 def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> list[CaseResult]:
     """Build every variant of one model and dtype, then time them at each batch size."""
     dtype = DTYPES[dtype_name]
@@ -336,7 +331,7 @@ def run_model(name: str, dtype_name: str, opts: Options, notes: list[str]) -> li
                     del variants[key]
                     continue
                 out = out[0] if key == ORT else out
-                errors[key] = _relative_error(out, reference)
+                errors[key] = relative_error(reference.double(), torch.as_tensor(out).to(reference.device).double())
                 if errors[key] > _TOLERANCE[dtype]:
                     notes.append(f"{name} batch {batch} {dtype_name}: {key} relative error {errors[key]:.1e}")
             # Deterministic where timings are noisy: ATen ops and Python calls of one forward per variant.

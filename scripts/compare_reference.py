@@ -24,10 +24,11 @@ from torch.fx.experimental.optimization import fuse as reference_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fx_lightning import count_kernels, fuse
+from fx_lightning.verify.compare import relative_error
 
 # The zoo builders live with the tests, so that the test suite and this comparison build identical models.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo import build, example_input, reference_pitfalls, relative_error, zoo_names  # noqa: E402
+from zoo import build, example_input, reference_pitfalls, zoo_names  # noqa: E402
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _run_tool(tool: Any, model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -
     seconds = time.perf_counter() - start
     with torch.no_grad():
         out = fused(x)
-    result = ToolResult(count_kernels(fused, x), relative_error(out, ref), seconds)
+    result = ToolResult(count_kernels(fused, x), relative_error(ref, out), seconds)
     del fused
     return result
 
@@ -82,7 +83,7 @@ def _conv_transpose_helper_note(model: nn.Module, x: torch.Tensor, ref: torch.Te
     try:
         fused = fuse_conv_bn_eval(model.conv, model.bn, transpose=True)
         with torch.no_grad():
-            err = relative_error(fused(x), ref)
+            err = relative_error(ref, fused(x))
     except Exception as err:  # noqa: BLE001 - reported as the helper's outcome
         return f"torch.nn.utils.fusion.fuse_conv_bn_eval(transpose=True): {type(err).__name__}: {_first_line(str(err))}"
     return f"torch.nn.utils.fusion.fuse_conv_bn_eval(transpose=True): relative error {err:.2e}"

@@ -29,6 +29,7 @@ from torch import nn
 
 from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
+from fx_lightning.verify.compare import relative_error
 
 # Large language/vision-language and plain-ViT families: no BatchNorm, and slow to build.
 SKIPPED_FAMILIES = frozenset(
@@ -87,11 +88,6 @@ def _alarm(*_: Any) -> None:
     raise _Timeout
 
 
-def _relative(out: torch.Tensor, truth: torch.Tensor) -> float:
-    scale = truth.abs().max().clamp_min(1e-30)
-    return ((out.double() - truth).abs().max() / scale).item()
-
-
 def survey_model(family: str, name: str, size: int, use_example_inputs: bool) -> Row:
     """Build ``name`` without weights, randomise its BatchNorm statistics, fuse it and measure."""
     import timm
@@ -111,9 +107,9 @@ def survey_model(family: str, name: str, size: int, use_example_inputs: bool) ->
             reference = model(x)
         row.input_size = x.shape[-1]
         truth = copy.deepcopy(model).double()(x.double())
-        row.own_error = _relative(reference, truth)
+        row.own_error = relative_error(truth, reference.double())
         fused = fuse(model, example_inputs=(x,) if use_example_inputs else None)
-        row.error = _relative(fused(x), truth)
+        row.error = relative_error(truth, fused(x).double())
         row.bn_before, row.bn_after = count_kernels(model, x), count_kernels(fused, x)
         row.conv_before, row.conv_after = (
             count_kernels(model, x, keyword="conv"),

@@ -80,12 +80,6 @@ class LibraryStyleNet(nn.Module):
         return self.bn_head(self.fc(torch.flatten(self.pool(x), 1)))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max abs difference relative to the reference's max magnitude, computed in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def module_types(module: nn.Module) -> list[str]:
     """Class names of every sub-module, for structure assertions."""
     return [type(m).__name__ for m in module.modules()]

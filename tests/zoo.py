@@ -86,14 +86,6 @@ def example_input(name: str, seed: int = SEED) -> torch.Tensor:
     return torch.randn(BATCH, 3, side, side, generator=gen)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |out - ref| / max |ref|``, computed in float64; the absolute difference when ``ref`` is all zero."""
-    ref64 = ref.detach().double()
-    diff = (out.detach().double() - ref64).abs().max()
-    scale = ref64.abs().max()
-    return (diff / scale).item() if scale > 0 else diff.item()
-
-
 class _SharedConv(nn.Module):
     """One conv module called at two sites, only the first followed by BN (pytorch/pytorch#104593)."""
 

@@ -21,12 +21,7 @@ from fx_lightning.deploy.export import (
 )
 from fx_lightning.fusion.checkpoint_form import checkpoint_plan
 from fx_lightning.testing import randomize_batch_norm
-
-
-def rel_err(out: Tensor, ref: Tensor) -> float:
-    """Max abs difference relative to the reference's max magnitude, in float64."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+from numerics import rel_err
 
 
 class TinyNet(nn.Module):

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import fx, nn
 
-from engine_nets import ConvNormAct, LibraryStyleNet, batch_norm_count, conv_bn, rel_err
+from engine_nets import ConvNormAct, LibraryStyleNet, batch_norm_count, conv_bn
 from fx_lightning import Merged, count_kernels, fuse, register_pass, registered_passes
 from fx_lightning.fusion.passes import PassChanges, Rewrite
 from fx_lightning.fusion.passes.rewriting import install_for_node, with_new_params
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 
 def _snapshot(model: nn.Module) -> dict[str, object]:

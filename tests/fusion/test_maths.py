@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_nets import rel_err
 from fx_lightning.fusion.maths import (
     BatchNormStats,
     cast_like,
@@ -17,6 +16,7 @@ from fx_lightning.fusion.maths import (
     fold_bn_before_linear,
     scale_output_channels,
 )
+from numerics import rel_err
 
 
 def _stats(c: int, affine: bool = True, dtype: torch.dtype = torch.float64) -> BatchNormStats:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import Tensor, fx, nn
 
-from engine_nets import conv_bn, rel_err
+from engine_nets import conv_bn
 from fx_lightning import fuse, registered_passes
 from fx_lightning.fusion.passes import PassChanges, Rewrite
 from fx_lightning.fusion.passes.rewriting import install_for_node, scope_of, with_new_params
 from fx_lightning.fusion.report import Merged
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 
 def _double_conv_in(block: str) -> object:

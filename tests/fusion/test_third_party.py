@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from engine_nets import rel_err
 from fx_lightning import count_kernels, fuse
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, reads_only_settings
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,14 +18,15 @@ from torch import Tensor, fx, nn
 
 from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err as _rel_err
 
 RTOL = 1e-5
 
 
-def _rel_err(out: Any, ref: Any) -> float:
+def _output_rel_err(out: Any, ref: Any) -> float:
     out = out["out"] if isinstance(out, dict) else out[-1] if isinstance(out, (list, tuple)) else out
     ref = ref["out"] if isinstance(ref, dict) else ref[-1] if isinstance(ref, (list, tuple)) else ref
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
+    return _rel_err(out, ref)
 
 
 class EmbeddingNet(nn.Module):
@@ -76,10 +77,10 @@ def test_fuse_keeps_the_class_and_every_method(
     report = fused.fusion_report
     assert report.skipped == [], str(report)
     with torch.no_grad():
-        assert _rel_err(fused(x), model(x)) <= RTOL
+        assert _output_rel_err(fused(x), model(x)) <= RTOL
         for name in methods:
             method = getattr(fused, name)
-            assert _rel_err(method(x), getattr(model, name)(x)) <= RTOL, name
+            assert _output_rel_err(method(x), getattr(model, name)(x)) <= RTOL, name
     assert count_kernels(fused, x) == 0
 
 
@@ -90,7 +91,7 @@ def test_fuse_timm_forward_head_runs_on_fused_features() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         features = fused.forward_features(x)
-        assert _rel_err(fused.forward_head(features), model.forward_head(model.forward_features(x))) <= RTOL
+        assert _output_rel_err(fused.forward_head(features), model.forward_head(model.forward_features(x))) <= RTOL
 
 
 def test_fuse_keeps_dropout_modules_for_mc_dropout() -> None:

@@ -16,7 +16,8 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as reference_fuse
 
 from fx_lightning import count_kernels, fuse
-from zoo import FAST_MODELS, example_input, reference_pitfalls, relative_error, zoo_names
+from numerics import rel_err
+from zoo import FAST_MODELS, example_input, reference_pitfalls, zoo_names
 from zoo import build as build_zoo_model
 
 RTOL = 1e-5
@@ -88,7 +89,7 @@ def test_fuse_zoo_model_matches_and_folds(name: str) -> None:
     with torch.no_grad():
         ref = model(x)
         out = fused(x)
-    err = relative_error(out, ref)
+    err = rel_err(out, ref)
     assert err <= RTOL, f"{name}: fused output differs from the original by {err:.3e} (relative), above {RTOL}"
 
     report = fused.fusion_report
@@ -123,7 +124,7 @@ def test_fuse_reference_pitfall_exact(case: str) -> None:
     fused = fuse(model)
     model.eval()
     with torch.no_grad():
-        err = relative_error(fused(x), model(x))
+        err = rel_err(fused(x), model(x))
     assert err <= RTOL, f"{case}: relative error {err:.3e} above {RTOL}"
     assert count_kernels(fused, x) == _PITFALL_LEFT.get(case, 0)
     assert fused.fusion_report.num_folded == 1 - _PITFALL_LEFT.get(case, 0)

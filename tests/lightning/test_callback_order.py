@@ -23,6 +23,7 @@ from fx_lightning import FuseOnExport
 from fx_lightning.examples.data import DigitsDataModule
 from fx_lightning.examples.models import DigitsCNN
 from fx_lightning.lightning.callback import Outcome
+from numerics import rel_err
 
 #: The artifacts may differ from the reference by rounding only.
 RELATIVE = 1e-5
@@ -88,10 +89,6 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DigitsCNN]
     return {other: run(other, with_fuse=False, first=False, root=root / other)[0] for other in OTHERS}
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize("first", [True, False], ids=["fuse_first", "fuse_last"])
 @pytest.mark.parametrize("other", list(OTHERS))
 def test_fuse_on_export_artifacts_equal_the_model_without_it(
@@ -118,9 +115,9 @@ def test_fuse_on_export_artifacts_equal_the_model_without_it(
             assert "_orig and <name>_mask" in " ".join(result.notes)
         else:
             deployed = DigitsCNN.load_from_checkpoint(result.artifacts["ckpt"], strict=True).eval()
-        assert relative(fuse.fused["net"](x), expected) <= RELATIVE
-        assert relative(program(x), expected) <= RELATIVE
-        assert relative(deployed(x), expected) <= RELATIVE
+        assert rel_err(fuse.fused["net"](x), expected) <= RELATIVE
+        assert rel_err(program(x), expected) <= RELATIVE
+        assert rel_err(deployed(x), expected) <= RELATIVE
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["fuse_first", "fuse_last"])
@@ -150,6 +147,6 @@ def test_fuse_on_export_backbone_finetuning_artifacts_equal_the_model_without_it
         expected = reference(x)
         program = torch.export.load(result.artifacts["pt2"]).module()
         deployed = BackboneDigitsCNN.load_from_checkpoint(result.artifacts["ckpt"], strict=True).eval()
-        assert relative(fuse.fused["backbone"](x), reference.backbone(x)) <= RELATIVE
-        assert relative(program(x), reference.backbone(x)) <= RELATIVE
-        assert relative(deployed(x), expected) <= RELATIVE
+        assert rel_err(fuse.fused["backbone"](x), reference.backbone(x)) <= RELATIVE
+        assert rel_err(program(x), reference.backbone(x)) <= RELATIVE
+        assert rel_err(deployed(x), expected) <= RELATIVE

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine_nets import batch_norm_count, rel_err
+from engine_nets import batch_norm_count
 from fx_lightning import fuse
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 # Only the BatchNorm passes, so that branch merging does not change the structures asserted here.
 BN_PASSES = ["remove_dropout", "fold_bn_into_preceding", "fold_bn_into_following"]

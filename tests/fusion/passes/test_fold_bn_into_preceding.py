@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from engine_nets import BatchNormAct2d, ConvNormAct, batch_norm_count, rel_err
+from engine_nets import BatchNormAct2d, ConvNormAct, batch_norm_count
 from fx_lightning import count_kernels, fuse
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 BN_PASSES = ["remove_dropout", "fold_bn_into_preceding", "fold_bn_into_following"]
 

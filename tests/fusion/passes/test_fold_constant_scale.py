@@ -11,6 +11,7 @@ from torch import Tensor, fx, nn
 from fx_lightning import fuse
 from fx_lightning.fusion.counting import count_kernels
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 
 RTOL = 1e-5
 _ARITHMETIC = {
@@ -33,10 +34,6 @@ _ARITHMETIC = {
 }
 
 
-def _rel_err(out: Tensor, ref: Tensor) -> float:
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
-
-
 def _arithmetic_left(gm: nn.Module) -> int:
     # fuse() returns a model it did not change as an eval-mode copy of the module itself.
     gm = gm if isinstance(gm, fx.GraphModule) else fx.symbolic_trace(gm)
@@ -55,7 +52,7 @@ def _check(model: nn.Module, x: Tensor, left: int, **fuse_kwargs: object) -> nn.
     assert _arithmetic_left(fused) == left
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
-    assert _rel_err(out, ref) <= RTOL
+    assert rel_err(out, ref) <= RTOL
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     return fused

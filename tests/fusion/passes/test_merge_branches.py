@@ -15,14 +15,10 @@ from fx_lightning.fusion.counting import count_kernels
 from fx_lightning.fusion.passes import PassChanges
 from fx_lightning.fusion.passes.merge_branches import merge_branches
 from fx_lightning.testing import randomize_batch_norm
+from numerics import rel_err
 from reparam_models import MobileOneBlock, RepVGGBlock, mobileone_net, repvgg_net
 
 RTOL = 1e-5
-
-
-def _rel_err(out: Tensor, ref: Tensor) -> float:
-    out, ref = out.detach(), ref.detach()
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
 
 
 def _convs(model: nn.Module, x: Tensor) -> int:
@@ -40,7 +36,7 @@ def _check(model: nn.Module, x: Tensor, convs_left: int, **fuse_kwargs: object) 
         out = fused(x)
     assert _convs(fused, x) == convs_left
     assert out.shape == ref.shape
-    assert _rel_err(out, ref) <= RTOL
+    assert rel_err(out, ref) <= RTOL
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     return fused
@@ -225,7 +221,7 @@ def test_merge_branches_keeps_other_summands() -> None:
         fused = fuse(model)
         out = fused(x, y)
     assert count_kernels(fused, x, y, keyword="convolution") == 1
-    assert _rel_err(out, ref) <= RTOL
+    assert rel_err(out, ref) <= RTOL
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -284,7 +280,7 @@ def test_merge_branches_in_place_add_of_fresh_output() -> None:
     assert isinstance(result, PassChanges)
     assert len(result.merged) == 1
     assert _convs(gm, x) == 1
-    assert _rel_err(gm(x), ref) <= RTOL
+    assert rel_err(gm(x), ref) <= RTOL
 
 
 def test_merge_branches_skips_in_place_add_into_input() -> None:
@@ -309,7 +305,7 @@ def test_merge_branches_network_matches_hand_written_deploy_form(factory: Callab
     fused = _check(model, x, convs_left=_convs(deploy, x))
     assert _convs(fused, x) < _convs(model, x)
     with torch.no_grad():
-        assert _rel_err(fused(x), deploy(x)) <= RTOL
+        assert rel_err(fused(x), deploy(x)) <= RTOL
     assert fused.fusion_report.skipped == []
 
 
