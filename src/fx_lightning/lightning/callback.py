@@ -41,7 +41,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.deploy.checkpoint import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.deploy.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.deploy.flow import DeployReport, verify_artifacts
 from fx_lightning.deploy.formats import registered_exporters
@@ -66,6 +65,7 @@ from fx_lightning.lightning.batches import (
     to_device,
     verification_batches,
 )
+from fx_lightning.lightning.deploy_checkpoint import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.lightning.networks import (
     SELF,
     Network,
@@ -103,7 +103,7 @@ Stage = Literal["test", "predict", "validate"]
 ExportStage = Literal["fit", "test", "predict", "validate"]
 OnMismatch = Literal["revert", "raise", "warn"]
 
-#: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.deploy.checkpoint`).
+#: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.lightning.deploy_checkpoint`).
 CHECKPOINT_FORMAT = "ckpt"
 #: Checkpoints written by earlier versions after ``fit`` carried the unfused weights under this key.
 LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
