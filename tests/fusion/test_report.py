@@ -145,7 +145,7 @@ def test_report_to_dict_is_json_and_holds_every_field() -> None:
     assert data["reverted_reasons"] == {"body": "why"}
     assert data["max_rel_error"] == 1e-6
     assert data["seconds"] == 0.25
-    assert set(data) == {f for f in FusionReport.__dataclass_fields__}
+    assert set(data) == set(FusionReport.__dataclass_fields__)
 
 
 def test_report_to_dict_returns_copies() -> None:
