@@ -209,11 +209,6 @@ def test_checkpoint_form_raises_for_a_module_that_fuse_did_not_return() -> None:
             call(net, copy.deepcopy(net))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint_plan's argument errors are worded as checkpoint_state_dict(...): errors should name the "
-    "function the user called",
-)
 def test_checkpoint_plan_errors_name_checkpoint_plan() -> None:
     with pytest.raises(TypeError, match=r"^checkpoint_plan\(original=\.\.\.\)"):
         checkpoint_plan({}, fuse(conv_bn().eval()))  # type: ignore[arg-type]

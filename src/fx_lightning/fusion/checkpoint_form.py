@@ -54,7 +54,7 @@ def checkpoint_plan(original: nn.Module, fused: nn.Module) -> list[CheckpointFol
     Raises:
         TypeError: if an argument is not a module, or ``fused`` has no fusion report.
     """
-    report = _report_of(original, fused)
+    report = _report_of(original, fused, "checkpoint_plan")
     state = original.state_dict(keep_vars=True)
     return [_plan_one(record, original, fused, state, _tied(state)) for record in report.folded]
 
@@ -83,7 +83,7 @@ def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Te
         >>> sorted(state) == sorted(net.state_dict()), state["1.weight"].tolist(), state["1.running_mean"].tolist()
         (True, [1.0, 1.0], [0.0, 0.0])
     """
-    report = _report_of(original, fused)
+    report = _report_of(original, fused, "checkpoint_state_dict")
     live = original.state_dict(keep_vars=True)
     plans = [_plan_one(record, original, fused, live, _tied(live)) for record in report.folded]
     state = {k: v.detach().clone() for k, v in live.items()}
@@ -94,17 +94,17 @@ def checkpoint_state_dict(original: nn.Module, fused: nn.Module) -> dict[str, Te
     return state
 
 
-def _report_of(original: object, fused: object) -> object:
+def _report_of(original: object, fused: object, caller: str) -> object:
     for label, value in (("original", original), ("fused", fused)):
         if not isinstance(value, nn.Module):
             raise TypeError(
-                f"checkpoint_state_dict({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
-                "Call checkpoint_state_dict(model, fuse(model))."
+                f"{caller}({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
+                f"Call {caller}(model, fuse(model))."
             )
     report = getattr(fused, "fusion_report", None)
     if report is None or not hasattr(report, "folded"):
         raise TypeError(
-            f"checkpoint_state_dict(fused=...) expects the module returned by fx_lightning.fuse(), which carries "
+            f"{caller}(fused=...) expects the module returned by fx_lightning.fuse(), which carries "
             f".fusion_report; got a {type(fused).__name__} without one. Pass fused=fuse(original)."
         )
     return report
