@@ -190,8 +190,8 @@ def test_checkpoint_form_raises_for_an_argument_that_is_not_a_module() -> None:
     for call in (checkpoint_state_dict, checkpoint_plan):
         with pytest.raises(
             TypeError,
-            match=r"\(original=\.\.\.\) expects a torch\.nn\.Module, got dict\. Call checkpoint_state_dict\(model, "
-            r"fuse\(model\)\)\.",
+            match=rf"^{call.__name__}\(original=\.\.\.\) expects a torch\.nn\.Module, got dict\. "
+            rf"Call {call.__name__}\(model, fuse\(model\)\)\.",
         ):
             call({}, fuse(net))  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"\(fused=\.\.\.\) expects a torch\.nn\.Module, got str\."):
