@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fx_lightning.verify.compare import default_rtol
-
 __all__ = ["DetectionAgreement", "ImageAgreement", "compare_detections", "is_detections"]
 
 DETECTION_KEYS = ("boxes", "scores", "labels")
@@ -55,14 +53,14 @@ class ImageAgreement:
     Attributes:
         reference: the reference's detection count.
         candidate: the candidate's detection count.
-        agreed: the reference detections, in score order, that the candidate matches before the two part (all of
-            them when the lists agree).
-        divergence: the score at which the two part (the higher of the first unmatched detection on either side),
-            or ``None`` when they agree throughout.
-        tied: how many detections share the score level of ``divergence`` (scores within rounding of it): the
-            larger count of the two lists, or 2 when each list holds one there and they differ (a tie at the
-            selection boundary); two or more make the divergence a tie.
-        top: the reference's best score (``nan`` without detections), to say how far from the top it parted.
+        agreed: the reference detections that the candidate matches above the score level where the two part
+            (all of them when the lists agree): the part that was checked.
+        divergence: the score at which the two part (of the first detection on either side without a match), or
+            ``None`` when they agree throughout.
+        tied: the detections competing at that score level: those of the same list within rounding of it, plus
+            the other list's unmatched ones of the same label within the comparison's tolerance of it; two or more
+            make the divergence a tie.
+        top: the reference's best score (``nan`` without detections).
     """
 
     reference: int
@@ -79,7 +77,7 @@ class ImageAgreement:
 
     @property
     def explained(self) -> bool:
-        """They part at a tied score level, after at least one detection agreed."""
+        """They part at a tied score level, below at least one agreeing detection."""
         return not self.agrees and self.tied >= 2 and self.agreed > 0
 
     def reason(self) -> str:
@@ -87,14 +85,15 @@ class ImageAgreement:
         if self.agrees or self.explained:
             return ""
         where = (
-            f"the detections part at score {self.divergence:.9g} after {self.agreed} of {self.reference} agreed "
+            f"the detections part at score {self.divergence:.7g} below {self.agreed} agreeing of {self.reference} "
             f"(the candidate has {self.candidate})"
         )
         if self.tied < 2:
-            return f"{where}, and no other detection has that score: a real mismatch, not a tie"
+            return f"{where}, and no other detection competes at that score: a real mismatch, not a tie"
         return (
-            f"{where}: the top score level (score {self.top:.9g}) is already tied and differs, so nothing agreed "
-            "before the tie and the detections are not verified; check on images where the top score is not tied"
+            f"{where}: the top score level ({self.divergence:.7g}, best score {self.top:.7g}) is tied and differs, "
+            "so nothing agreed above the tie and these detections are not verified (everything is tied from the "
+            "top); verify on data whose best detections are not tied"
         )
 
 
@@ -105,8 +104,9 @@ class DetectionAgreement:
     Attributes:
         images: images compared.
         differing: images whose detections differ.
-        explained: differing images that part at a tied score level after at least one agreeing detection.
-        agreed: reference detections in the agreeing part of every image (the whole list where they agree).
+        explained: differing images that part at a tied score level below at least one agreeing detection.
+        agreed: reference detections that agree above the first tie where the lists part (the whole list where
+            they agree), over every image.
         total: reference detections over every image.
         failures: why differing images are not explained (the first few).
     """
@@ -142,7 +142,7 @@ class DetectionAgreement:
     def describe(self) -> str:
         """One phrase: what agreed, over how many images."""
         return (
-            f"{self.agreed} of {self.total} detections agree in score order before the first tie; "
+            f"{self.agreed} of {self.total} detections agree in score order above the first tie; "
             f"{self.differing} of {self.images} images differ, {self.explained} of them at a tied score level"
         )
 
@@ -158,25 +158,29 @@ def compare_detections(
 
     Per image, both lists are sorted by descending score and walked together from the top. Each reference
     detection ``r``, in turn, must be matched by a candidate detection not matched yet with the same label, every
-    box coordinate within ``rtol`` times the reference's largest box coordinate, and a score within ``rtol`` times
+    box coordinate within ``rtol`` times the reference's largest box coordinate and a score within ``rtol`` times
     the reference's largest score (so the order of detections whose scores lie within that tolerance does not
     matter), and no unmatched candidate detection may score above ``r`` by more than that tolerance. The first
     reference detection without a match, or the first candidate detection above every remaining reference one
-    (or left over at the end), is where the two *part*; its score ``s`` is the divergence. The level of ``s`` is
-    every detection of either list whose score lies within ``tie_rtol`` times the largest reference score of
-    ``s``. The divergence is:
+    (or left over at the end), is where the two *part*; its score ``s`` is the divergence, and the detections
+    checked are the reference's that score above ``s``'s level (every one of them matched). That detection is
+    *tied* when another detection competes with it at ``s``: one of its own list whose score is within rounding
+    of ``s`` (``tie_rtol`` times the largest reference score: several anchors scored alike, which one runtime
+    computes bit for bit equal), or an unmatched one of the other list with the same label and a score within
+    ``rtol`` (a tie at the selection boundary: both anchors had that score, each runtime kept another). The
+    divergence is:
 
-    * *explained* (a tie) when that level holds two or more detections in one list (several anchors scored
-      alike), or one in each list with different boxes (a tie at the selection boundary: both anchors had that
-      score, each runtime kept another), and at least one detection agreed before it; everything below ``s`` may
-      then legitimately differ and is not compared;
-    * a *real mismatch* when the level holds one detection only (a box, label or score that the other list has
-      nowhere near its score);
-    * *not verified* when it is tied but nothing agreed before it (the top level itself is tied and differs).
+    * *explained* (a tie) when it is tied and at least one reference detection agreed above its level; below
+      ``s`` the selections may legitimately differ (another box kept, so another neighbour suppressed) and
+      nothing is compared;
+    * a *real mismatch* when it is not tied (a box, label or score that the other list has nowhere near that
+      score);
+    * *not verified* when it is tied but nothing agreed above it: everything is tied from the top.
 
     Limits: only ``boxes``, ``scores`` and ``labels`` are compared (masks and keypoints are not); detections below
-    the first tie are not checked at all, so an image tied near its top says little (the agreed count says how
-    much was checked); the matching is greedy (each reference detection takes the first fitting candidate in
+    the first tie are not checked at all, so an image tied near its top says little (``agreed`` says how much was
+    checked); a box that moves while its score stays exactly the same looks, in the outputs alone, like a tie at
+    the selection boundary; the matching is greedy (each reference detection takes the first fitting candidate in
     score order), which can report a divergence earlier than an optimal matching would, never later.
 
     Args:
@@ -184,9 +188,8 @@ def compare_detections(
         candidate: the candidate's detections for the same images.
         rtol: the relative tolerance of boxes and scores (to each image's largest reference box coordinate and
             score; absolute where the reference has no detection).
-        tie_rtol: how close two scores must be to count as tied, relative to the largest reference score;
-            ``None`` for the rounding a float computation may leave (:func:`~fx_lightning.verify.compare.
-            default_rtol` of the scores' dtype), never more than ``rtol``.
+        tie_rtol: how close two scores of one list must be to count as tied, relative to the largest reference
+            score; ``None`` for four units of rounding of the scores' dtype (``4 * torch.finfo(dtype).eps``).
 
     Returns:
         One :class:`ImageAgreement` per image.
@@ -202,7 +205,7 @@ def compare_detections(
         ...          "labels": torch.tensor([1, 1, 1])}]
         >>> image = compare_detections(ref, cand, rtol=1e-3)[0]
         >>> image.agreed, image.divergence, image.tied, image.explained
-        (1, 0.5, 2, True)
+        (1, 0.5, 4, True)
     """
     for name, value in (("reference", reference), ("candidate", candidate)):
         if not is_detections(value):
@@ -230,8 +233,9 @@ def _compare_image(
     box_scale = float(np.abs(ref_boxes).max()) if ref_boxes.size else 0.0
     score_tol = rtol * score_scale if score_scale > 0 else rtol
     box_tol = rtol * box_scale if box_scale > 0 else rtol
-    tie = default_rtol(reference["scores"].dtype) if tie_rtol is None else tie_rtol
-    tie_tol = min(tie, rtol) * score_scale if score_scale > 0 else min(tie, rtol)
+    dtype = reference["scores"].dtype
+    tie = (4 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0) if tie_rtol is None else tie_rtol
+    tie_tol = tie * score_scale if score_scale > 0 else tie
     same_width = ref_boxes.shape[1] == cand_boxes.shape[1]
     if (
         n_ref == n_cand
@@ -243,13 +247,12 @@ def _compare_image(
         return ImageAgreement(n_ref, n_cand, n_ref, top=top)  # the same detections in the same order
 
     free = np.ones(n_cand, dtype=bool)
-    partner = np.full(n_ref, -1)
-    divergence: float | None = None
-    agreed = 0
+    parted: tuple[str, int] | None = None  # which list holds the first detection without a match, and where
+    done = 0  # reference detections matched, all from the top
     for i in range(n_ref):
         first_free = int(free.argmax()) if free.any() else -1
         if first_free >= 0 and cand_scores[first_free] > ref_scores[i] + score_tol:
-            divergence = float(cand_scores[first_free])  # the candidate has a detection above r that r's list lacks
+            parted = ("candidate", first_free)  # a candidate detection above r that the reference lacks
             break
         fits = free & (np.abs(cand_scores - ref_scores[i]) <= score_tol) & (cand_labels == ref_labels[i])
         if same_width:
@@ -257,30 +260,35 @@ def _compare_image(
         else:
             fits[:] = False
         if not fits.any():
-            divergence = float(ref_scores[i])
+            parted = ("reference", i)
             break
-        j = int(fits.argmax())
-        free[j] = False
-        partner[i] = j
-        agreed += 1
+        free[int(fits.argmax())] = False
+        done += 1
     else:
         if free.any():
-            divergence = float(cand_scores[int(free.argmax())])
-    if divergence is None:
-        return ImageAgreement(n_ref, n_cand, agreed, top=top)
-    in_ref = np.flatnonzero(np.abs(ref_scores - divergence) <= tie_tol)
-    in_cand = np.flatnonzero(np.abs(cand_scores - divergence) <= tie_tol)
-    tied = max(len(in_ref), len(in_cand))
-    if len(in_ref) == 1 and len(in_cand) == 1 and partner[in_ref[0]] != in_cand[0]:
-        tied = 2  # one detection in each list at that score, different ones: a tie at the selection boundary
-    return ImageAgreement(n_ref, n_cand, agreed, divergence, tied, top)
+            parted = ("candidate", int(free.argmax()))
+    if parted is None:
+        return ImageAgreement(n_ref, n_cand, n_ref, top=top)
+    side, index = parted
+    if side == "reference":
+        divergence, label = float(ref_scores[index]), ref_labels[index]
+        own = int(np.sum(np.abs(ref_scores - divergence) <= tie_tol))
+        rivals = free & (cand_labels == label) & (np.abs(cand_scores - divergence) <= score_tol)
+    else:
+        divergence, label = float(cand_scores[index]), cand_labels[index]
+        own = int(np.sum(np.abs(cand_scores - divergence) <= tie_tol))
+        unmatched = np.arange(n_ref) >= done
+        rivals = unmatched & (ref_labels == label) & (np.abs(ref_scores - divergence) <= score_tol)
+    agreed = int(np.sum(ref_scores > divergence + tie_tol))
+    return ImageAgreement(n_ref, n_cand, agreed, divergence, own + int(rivals.sum()), top)
 
 
 def _sorted(detections: Mapping[str, Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores and boxes (float64, one box row per detection) and labels, as arrays, by descending score."""
     scores = detections["scores"].detach().cpu().to(torch.float64).reshape(-1)
     order = scores.argsort(descending=True, stable=True)
-    boxes = detections["boxes"].detach().cpu().to(torch.float64).reshape(len(scores), -1)
+    boxes = detections["boxes"].detach().cpu().to(torch.float64)
+    boxes = boxes.reshape(len(scores), -1) if boxes.numel() else boxes.reshape(0, boxes.shape[-1] if boxes.dim() else 0)
     labels = detections["labels"].detach().cpu().reshape(-1)
     return scores[order].numpy(), boxes[order].numpy(), labels[order].numpy()
 
