@@ -103,7 +103,7 @@ def test_compare_detections_everything_tied_from_the_top_is_not_verified() -> No
     assert result.tied >= 2
     assert result.agreed == 0
     assert not result.explained
-    assert "is tied and differs, so nothing agreed above the tie and these detections are not verified" in (
+    assert "the top score level (best score 0.5), where 5 detections compete: nothing agreed above the tie, so" in (
         result.reason()
     )
 
@@ -128,8 +128,8 @@ def test_detection_agreement_counts_images_and_keeps_the_first_reasons() -> None
         agreement.add(one(reference, image([2], [0.95])), f"batch 1, image {i}")
     assert not agreement.explains_all
     assert len(agreement.failures) == DetectionAgreement.KEEP
-    assert agreement.failures[0].startswith("batch 1, image 0: the detections part at score 0.95")
-    assert "6 of 7 images differ, 1 of them at a tied score level" in agreement.describe()
+    assert agreement.failures[0].startswith("batch 1, image 0: the detections part at score 0.95 (0 of the reference")
+    assert "6 of 7 images differ, 1 of them explained by a tie" in agreement.describe()
 
 
 def test_is_detections_accepts_torchvision_form_only() -> None:

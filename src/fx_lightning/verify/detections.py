@@ -84,16 +84,16 @@ class ImageAgreement:
         """Why the image is not verified ("" when it agrees or its divergence is explained by a tie)."""
         if self.agrees or self.explained:
             return ""
-        where = (
-            f"the detections part at score {self.divergence:.7g} below {self.agreed} agreeing of {self.reference} "
-            f"(the candidate has {self.candidate})"
-        )
         if self.tied < 2:
-            return f"{where}, and no other detection competes at that score: a real mismatch, not a tie"
+            return (
+                f"the detections part at score {self.divergence:.7g} ({self.agreed} of the reference's "
+                f"{self.reference} agree above it, the candidate has {self.candidate}), and no other detection "
+                "competes at that score: a real mismatch, not a tie"
+            )
         return (
-            f"{where}: the top score level ({self.divergence:.7g}, best score {self.top:.7g}) is tied and differs, "
-            "so nothing agreed above the tie and these detections are not verified (everything is tied from the "
-            "top); verify on data whose best detections are not tied"
+            f"the detections part at score {self.divergence:.7g}, the top score level (best score {self.top:.7g}), "
+            f"where {self.tied} detections compete: nothing agreed above the tie, so these detections are not "
+            "verified (everything is tied from the top); verify on data whose best detections are not tied"
         )
 
 
@@ -143,7 +143,7 @@ class DetectionAgreement:
         """One phrase: what agreed, over how many images."""
         return (
             f"{self.agreed} of {self.total} detections agree in score order above the first tie; "
-            f"{self.differing} of {self.images} images differ, {self.explained} of them at a tied score level"
+            f"{self.differing} of {self.images} images differ, {self.explained} of them explained by a tie"
         )
 
 
