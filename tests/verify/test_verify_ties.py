@@ -148,3 +148,15 @@ def test_verifier_detections_that_agree_keep_the_metric_verdict_without_a_tie_no
     assert result.detections is not None
     assert result.detections.differing == 0
     assert result.detections.agreed == result.detections.total > 0
+
+
+def test_verifier_negative_tolerance_never_passes_even_where_ties_explain_the_detections() -> None:
+    original, permuted = networks()
+    verifier = Verifier(MeanAveragePrecision(), tolerance=-1.0)
+    for batch in batches(original, bright=True):
+        verifier.update(original, permuted, batch)
+    result = verifier.compute()
+    assert result.detections is not None
+    assert result.detections.explains_all
+    assert not result.passed
+    assert result.ties == ""

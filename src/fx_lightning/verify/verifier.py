@@ -308,6 +308,9 @@ class Verifier(nn.Module):
         scale (:func:`fx_lightning.verify.compare.compare_trees`); leaves whose shapes differ (a box count changed by
         rounding) are listed, never an error. With ``parts``, the outputs of the sub-modules at the same paths of
         the two networks (the continuous parts before any post-processing) are compared on the same batch.
+        Detections (lists of ``boxes``/``scores``/``labels`` dicts) are also compared image by image in score order,
+        down to the first tied score level where they part (:func:`fx_lightning.verify.detections.
+        compare_detections`), so that a metric moved only by exact score ties broken differently can pass.
 
         Args:
             original: the network before fusion.
@@ -481,7 +484,7 @@ class Verifier(nn.Module):
         if metric_original:
             same_names = set(metric_original) == set(metric_fused)
             passed = same_names and all(abs(metric_fused[k] - v) <= self.tolerance for k, v in metric_original.items())
-            if not passed and same_names and detections is not None and detections.differing:
+            if not passed and same_names and self.tolerance >= 0 and detections is not None and detections.differing:
                 # post-processing that broke exact score ties differently moves the metric without an error
                 ties = _ties_sentence(metric_original, metric_fused, self.tolerance, detections)
                 passed = detections.explains_all
