@@ -220,17 +220,10 @@ class WholeTorchvisionDetector(pl.LightningModule):
     ("name", "size"),
     [
         ("fasterrcnn_mobilenet_v3_large_320_fpn", 96),
-        pytest.param(
-            "ssdlite320_mobilenet_v3_large",
-            128,
-            marks=pytest.mark.xfail(
-                reason="the untrained SSDlite's ONNX artifact gives other detections in ONNX Runtime than in torch "
-                "(mAR@100 0.41 vs 0.35 in one run): it fails its own verdict while weights and ckpt pass. Its head "
-                "outputs agree within 3.4e-7 relative, but a random network scores many anchors exactly alike "
-                "(ties at the top score), and the two runtimes break those ties differently in top-k and NMS",
-                strict=False,
-            ),
-        ),
+        # Its untrained network scores many anchors exactly alike, and ONNX Runtime breaks those ties otherwise than
+        # torch in top-k and NMS: the ONNX artifact's mAR moves beyond the tolerance, and it passes because its
+        # detections agree down to the first tie in every image (its notes say so).
+        ("ssdlite320_mobilenet_v3_large", 128),
     ],
 )
 def test_fuse_on_export_whole_torchvision_detector_deploys(tmp_path: Path, name: str, size: int) -> None:
@@ -261,4 +254,7 @@ def test_fuse_on_export_whole_torchvision_detector_deploys(tmp_path: Path, name:
         verification = entries[fmt]["verification"]
         assert verification["passed"] is True, fmt
         assert "MeanAveragePrecision.map" in verification["metric_artifact"], fmt
+        # a metric beyond its tolerance passes only where exact score ties explain it, and the notes say so
+        moved = max(abs(drop) for drop in verification["metric_drop"].values()) > verification["tolerance"]
+        assert moved == any("broke exact score ties differently" in note for note in entries[fmt]["notes"]), fmt
     assert entries["onnx"]["latency_ms"] is not None

@@ -172,6 +172,8 @@ class ArtifactReport:
         )
         if v.varying and not v.metric_original:
             figures.append(f"compared: {v.compared}")
+        if v.ties:  # detections that part at an untied score, or at a tie with nothing agreed above it
+            figures.append(v.ties)
         summary = (self.details.get("int8") or {}).get("summary")
         if summary:
             figures.append(f"int8: {summary}")

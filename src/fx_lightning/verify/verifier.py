@@ -26,6 +26,7 @@ from torchmetrics import MaxMetric, MeanMetric, MeanSquaredError, Metric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from fx_lightning.verify.compare import Comparison, compare_trees
+from fx_lightning.verify.detections import DetectionAgreement, compare_detections, is_detections
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -120,7 +121,9 @@ class VerificationResult:
         passed: whether every metric stayed within ``tolerance``; without a metric, whether the outputs did:
             ``max_rel_diff <= output_tolerance`` (``tolerance`` when not given), relative to each output leaf's
             scale; where outputs vary in shape (post-processed detections), the continuous parts decide
-            (``parts_max_rel_diff``). With a metric and ``output_tolerance``, the outputs must hold it too.
+            (``parts_max_rel_diff``). With a metric and ``output_tolerance``, the outputs must hold it too. For
+            detections, a metric beyond ``tolerance`` still passes when every image whose detections differ is
+            explained by exact score ties broken differently (see ``ties``).
         output_tolerance: the largest allowed ``max_rel_diff``, or ``None`` when outputs are only reported.
         notes: what was not checked, and why.
         max_rel_diff: the largest difference of an output leaf relative to its scale (the largest finite
@@ -130,6 +133,11 @@ class VerificationResult:
         parts: the sub-modules whose outputs were compared where the network's own outputs vary in shape (the
             continuous parts: backbone features, head outputs), by path.
         parts_max_rel_diff: the largest relative difference over ``parts``, or ``None`` when none was compared.
+        detections: for detection outputs (lists of ``boxes``/``scores``/``labels`` dicts), how the detections
+            agree image by image in score order, down to the first tied score level where they part
+            (:func:`fx_lightning.verify.detections.compare_detections`); ``None`` for other outputs.
+        ties: where the metric differs beyond ``tolerance`` on detections whose images differ, whether score ties
+            explain it, in one sentence (also among ``notes``); ``""`` otherwise.
     """
 
     metric_original: dict[str, float]
@@ -145,6 +153,8 @@ class VerificationResult:
     varying: list[str] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
     parts_max_rel_diff: float | None = None
+    detections: DetectionAgreement | None = None
+    ties: str = ""
 
     @property
     def compared(self) -> str:
@@ -188,6 +198,8 @@ class VerificationResult:
         if self.top1_agreement is not None:
             outputs += f", top-1 agreement {100 * self.top1_agreement:.2f}%"
         lines.append(outputs)
+        if self.detections is not None and self.detections.differing:
+            lines.append(f"  detections: {self.detections.describe()}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -263,6 +275,13 @@ class Verifier(nn.Module):
         self.num_samples = SumMetric()
         self.num_targeted = SumMetric()
         self.num_varying = SumMetric()
+        # detections compared in score order (compare_detections): images, differing, explained, detections
+        self.detection_counts = nn.ModuleDict(
+            {name: SumMetric() for name in ("images", "differing", "explained", "agreed", "total")}
+        )
+        #: Why differing images are not explained by score ties (the first few, this process).
+        self.detection_failures: list[str] = []
+        self._batches = 0
         #: Why the task metric is not computed (no default metric fits the outputs and targets), or "".
         self.outputs_only = ""
         #: Output leaves whose shapes differed on some batch, and the sub-modules compared instead (this process).
@@ -289,6 +308,9 @@ class Verifier(nn.Module):
         scale (:func:`fx_lightning.verify.compare.compare_trees`); leaves whose shapes differ (a box count changed by
         rounding) are listed, never an error. With ``parts``, the outputs of the sub-modules at the same paths of
         the two networks (the continuous parts before any post-processing) are compared on the same batch.
+        Detections (lists of ``boxes``/``scores``/``labels`` dicts) are also compared image by image in score order,
+        down to the first tied score level where they part (:func:`fx_lightning.verify.detections.
+        compare_detections`), so that a metric moved only by exact score ties broken differently can pass.
 
         Args:
             original: the network before fusion.
@@ -346,6 +368,7 @@ class Verifier(nn.Module):
             if parts_diff:
                 worst = max(c.max_rel for c in parts_diff.values())
                 self.parts_max_rel_diff.update(torch.tensor(worst, device=device, dtype=torch.float64))
+        self._compare_detections(preds_original, preds_fused, max(limit, 0.0), device)
         batch_size = _batch_size(preds_original, inputs)
         self.num_samples.update(torch.tensor(float(batch_size), device=device))
         if isinstance(preds_original, Tensor) and preds_original.dim() == 2 and preds_original.shape[0] > 0:
@@ -363,6 +386,20 @@ class Verifier(nn.Module):
             self.metric_original.update(_as_float(preds_original), target)
             self.metric_fused.update(_as_float(tree_map(_to(device), preds_fused)), target)
             self.num_targeted.update(torch.tensor(float(batch_size), device=device))
+
+    def _compare_detections(self, original: Any, fused: Any, rtol: float, device: torch.device) -> None:
+        """Count how two batches of detections agree in score order (nothing for other outputs)."""
+        batch = self._batches
+        self._batches += 1
+        if not (is_detections(original) and is_detections(fused) and len(original) == len(fused)):
+            return
+        agreement = DetectionAgreement()
+        for i, image in enumerate(compare_detections(original, fused, rtol=rtol)):
+            agreement.add(image, f"batch {batch}, image {i}")
+        for name, metric in self.detection_counts.items():
+            metric.update(torch.tensor(float(getattr(agreement, name)), device=device))
+        room = DetectionAgreement.KEEP - len(self.detection_failures)
+        self.detection_failures += agreement.failures[: max(room, 0)]
 
     def default_metric_for(self, outputs: Any, target: Any = None) -> None:
         """Choose the default metric (``metric=None``) from one batch of the original network's outputs and its
@@ -402,6 +439,7 @@ class Verifier(nn.Module):
             parts_value = float(self.parts_max_rel_diff.compute())
             num_varying = int(round(float(self.num_varying.compute())))
             top1 = float(self.top1_agreement.compute())
+            counts = {name: int(round(float(m.compute()))) for name, m in self.detection_counts.items()}
         if num_samples == 0:
             raise RuntimeError(
                 "Verifier.compute() was called before any batch was seen. Feed batches with "
@@ -441,10 +479,16 @@ class Verifier(nn.Module):
                 )
             )
 
+        detections = DetectionAgreement(**counts, failures=list(self.detection_failures)) if counts["images"] else None
+        ties = ""
         if metric_original:
-            passed = all(
-                abs(metric_fused[k] - v) <= self.tolerance for k, v in metric_original.items() if k in metric_fused
-            ) and set(metric_original) == set(metric_fused)
+            same_names = set(metric_original) == set(metric_fused)
+            passed = same_names and all(abs(metric_fused[k] - v) <= self.tolerance for k, v in metric_original.items())
+            if not passed and same_names and self.tolerance >= 0 and detections is not None and detections.differing:
+                # post-processing that broke exact score ties differently moves the metric without an error
+                ties = _ties_sentence(metric_original, metric_fused, self.tolerance, detections)
+                passed = detections.explains_all
+                notes.append(ties)
             if self.output_tolerance is not None:
                 passed = passed and max_rel_diff <= self.output_tolerance
         elif varying:
@@ -471,6 +515,8 @@ class Verifier(nn.Module):
             varying=list(self.varying),
             parts=list(self.parts),
             parts_max_rel_diff=parts_max_rel,
+            detections=detections,
+            ties=ties,
         )
 
     def reset(self) -> None:
@@ -488,6 +534,10 @@ class Verifier(nn.Module):
         self.num_samples.reset()
         self.num_targeted.reset()
         self.num_varying.reset()
+        for metric in self.detection_counts.values():
+            metric.reset()
+        self.detection_failures.clear()
+        self._batches = 0
         self.varying.clear()
         self.parts.clear()
 
@@ -547,6 +597,25 @@ def verify(
     if seen == 0:
         raise ValueError("verify(batches=...) got no batches. Pass a non-empty DataLoader or list of batches.")
     return verifier.compute()
+
+
+def _ties_sentence(
+    original: dict[str, float], fused: dict[str, float], tolerance: float, detections: DetectionAgreement
+) -> str:
+    """Whether exact score ties explain a metric difference beyond ``tolerance``, in one sentence."""
+    name, diff = max(((k, abs(fused[k] - v)) for k, v in original.items() if k in fused), key=lambda kv: kv[1])
+    differs = f"{name} differs by {diff:.3g} (tolerance {tolerance:g})"
+    if detections.explains_all:
+        return (
+            f"{differs}: the two networks broke exact score ties differently; detections agree down to the first "
+            f"tie in every image ({detections.agreed} of {detections.total} detections compared; "
+            f"{detections.differing} of {detections.images} images differ, each at a tied score level)"
+        )
+    unexplained = detections.differing - detections.explained
+    return (
+        f"{differs}, and {unexplained} of the {detections.differing} images whose detections differ are not "
+        f"explained by score ties ({detections.describe()}): " + "; ".join(detections.failures)
+    )
 
 
 def _run(net: Callable[..., Any], inputs: Any) -> Any:
