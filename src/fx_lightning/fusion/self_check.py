@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from fx_lightning.errors import first_line
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped
 from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
@@ -155,7 +156,7 @@ class _Check:
         try:
             got = self.run(scope, applied)
         except Exception as err:  # noqa: BLE001 - a rewritten unit that fails where the original ran is wrong
-            return _Verdict(False, f"it raises {type(err).__name__}: {_first_line(err)}")
+            return _Verdict(False, f"it raises {type(err).__name__}: {first_line(str(err))}")
         if not scope:
             self.last_whole = (frozenset(applied), got)
         comparison = compare_trees((record.output, record.after), got)
@@ -273,7 +274,7 @@ def _whole_model(check: _Check, result: nn.Module, applied: set[int]) -> tuple[s
             inputs = _clone(check.inputs)
             got = (run_seeded(result, inputs), (inputs, {}))
         except Exception as err:  # noqa: BLE001 - the original ran on these inputs
-            return f"it raises {type(err).__name__}: {_first_line(err)}", None
+            return f"it raises {type(err).__name__}: {first_line(str(err))}", None
     # Rounding accumulates over a whole model (bfloat16 most of all): the verdict allows it, the figure shows it.
     comparison = compare_trees(want, got, rtol=_WHOLE_MODEL_ULPS * default_rtol(_float_dtype(want)))
     if comparison.structure:
@@ -373,11 +374,6 @@ def _all_float(tree: Any) -> bool:
 
 def _describe(comparison: Comparison) -> str:
     return comparison.describe()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _outermost(scopes: set[str]) -> list[str]:

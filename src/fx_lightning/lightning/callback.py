@@ -41,18 +41,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torchmetrics import Metric, MetricCollection
 
-from fx_lightning.deploy.checkpoint import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.deploy.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.deploy.flow import DeployReport, verify_artifacts
 from fx_lightning.deploy.formats import registered_exporters
-from fx_lightning.deploy.int8.quantize import (
-    SUFFIX,
-    Int8Options,
-    int8_options,
-    quantize_artifacts,
-    read_batches,
-    unmade,
-)
+from fx_lightning.deploy.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, unmade
 from fx_lightning.fusion.engine import fuse
 from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.fusion.report import FusionReport
@@ -66,6 +58,7 @@ from fx_lightning.lightning.batches import (
     to_device,
     verification_batches,
 )
+from fx_lightning.lightning.deploy_checkpoint import CHECKPOINT_FILE, DeployCheckpoint, write_deploy_checkpoint
 from fx_lightning.lightning.networks import (
     SELF,
     Network,
@@ -78,6 +71,7 @@ from fx_lightning.lightning.networks import (
     without_pruning,
 )
 from fx_lightning.lightning.result import FuseResult, Outcome, agreement_text
+from fx_lightning.loaders import read_batches
 from fx_lightning.verify.verifier import (
     Verifier,
     call_with_input,
@@ -103,7 +97,7 @@ Stage = Literal["test", "predict", "validate"]
 ExportStage = Literal["fit", "test", "predict", "validate"]
 OnMismatch = Literal["revert", "raise", "warn"]
 
-#: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.deploy.checkpoint`).
+#: The deploy checkpoint, written next to the other artifacts (see :mod:`fx_lightning.lightning.deploy_checkpoint`).
 CHECKPOINT_FORMAT = "ckpt"
 #: Checkpoints written by earlier versions after ``fit`` carried the unfused weights under this key.
 LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
@@ -194,7 +188,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             (see :mod:`fx_lightning.deploy.formats`). Checked here, against ``export_formats``.
         deploy_latency_budget: seconds spent timing the artifacts and both eager networks on the example input
             after they are checked; ``0`` skips the timing.
-        int8: opt-in int8 versions of the float artifacts (:class:`~fx_lightning.deploy.int8.quantize.Int8Options`, or a
+        int8: opt-in int8 versions of the float artifacts (:class:`~fx_lightning.deploy.int8.options.Int8Options`, or a
             dict of its fields from YAML): ``{"formats": ["onnx"], "calibration_batches": 8, "max_metric_drop": 0.01,
             "max_float_layers": 4}``. Each is static post-training quantization (per-channel weights) of the float
             artifact of its format, which is written too, calibrated on the first ``calibration_batches`` training
@@ -840,7 +834,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         notes: list[str],
     ) -> dict[str, Artifact]:
         """The int8 artifacts, calibrated on training batches and gated by the task metric
-        (:func:`~fx_lightning.deploy.int8.quantize.quantize_artifacts`); none, with a note, when there is no
+        (:func:`~fx_lightning.deploy.int8.gate.quantize_artifacts`); none, with a note, when there is no
         metric to gate them with or no training data to calibrate on."""
         assert self.int8 is not None
         if "through" in data:

@@ -9,8 +9,16 @@ what it needs installed. :func:`fx_lightning.deploy.export.export_artifacts` and
 
 from __future__ import annotations
 
-from fx_lightning.deploy.formats.aoti import AOTI, MissingCompilerError
-from fx_lightning.deploy.formats.base import Exporter, ExportJob, LoadContext, MissingExtraError, Runner
+from fx_lightning.deploy.formats.aoti import AOTI
+from fx_lightning.deploy.formats.base import (
+    Exporter,
+    ExportJob,
+    LoadContext,
+    MissingCompilerError,
+    MissingExtraError,
+    Runner,
+    check_options,
+)
 from fx_lightning.deploy.formats.onnx import ONNX
 from fx_lightning.deploy.formats.openvino import OPENVINO
 from fx_lightning.deploy.formats.pt2 import PT2
@@ -64,6 +72,7 @@ __all__ = [
     "MissingCompilerError",
     "MissingExtraError",
     "Runner",
+    "check_options",
     "register_exporter",
     "registered_exporters",
     "unregister_exporter",

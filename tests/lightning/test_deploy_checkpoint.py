@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from fx_lightning import FuseOnExport
-from fx_lightning.deploy.checkpoint import fresh_copy
 from fx_lightning.examples.models import DigitsCNN
 from fx_lightning.lightning.callback import Outcome
+from fx_lightning.lightning.deploy_checkpoint import fresh_copy
 
 
 class NoHyperparameters(DigitsCNN):
@@ -53,7 +53,7 @@ def test_deploy_checkpoint_that_computes_something_else_is_not_announced(
     def wrong_values(original: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]:
         return {k: torch.zeros_like(v) for k, v in original.state_dict().items()}
 
-    monkeypatch.setattr("fx_lightning.deploy.checkpoint.checkpoint_state_dict", wrong_values)
+    monkeypatch.setattr("fx_lightning.lightning.deploy_checkpoint.checkpoint_state_dict", wrong_values)
     callback = FuseOnExport(export_dir=str(tmp_path / "out"), export_formats=["ckpt", "weights"])
     # the checkpoint gets its own verdict, and the export goes on: the weights are written, verified, announced
     with pytest.warns(UserWarning, match=r"the 'ckpt' artifact .*deploy.ckpt .*failed verification over"):
