@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 from fx_lightning.errors import first_line
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped
+from fx_lightning.trees import tree_to
 from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 
 __all__ = ["check_units"]
@@ -143,7 +144,7 @@ class _Check:
         args, kwargs = _clone(record.args), _clone(record.kwargs)
         if double:
             module = copy.deepcopy(module).double()
-            args, kwargs = _as_double(args), _as_double(kwargs)
+            args, kwargs = tree_to(args, dtype=torch.float64), tree_to(kwargs, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
             if record.rng is not None:
                 torch.set_rng_state(record.rng)
@@ -345,10 +346,6 @@ def run_seeded(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
 
 def _clone(tree: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
-
-
-def _as_double(tree: Any) -> Any:
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
 
 
 def _floats(tree: Any) -> list[torch.Tensor]:

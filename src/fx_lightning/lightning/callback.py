@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback as _LightningCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.deploy.export import Artifact, MissingExtraError, write_artifacts
@@ -72,6 +72,7 @@ from fx_lightning.lightning.networks import (
 )
 from fx_lightning.lightning.result import FuseResult, Outcome, agreement_text
 from fx_lightning.loaders import read_batches
+from fx_lightning.trees import leading_sizes
 from fx_lightning.verify.verifier import (
     Verifier,
     call_with_input,
@@ -1326,7 +1327,7 @@ def _dynamic_batch(wanted: bool, args: tuple[Any, ...]) -> tuple[bool, str]:
         return False, ""
     if any(isinstance(a, (list, tuple)) for a in args):
         return False, "its input is a list of tensors, which has no batch dimension to make dynamic"
-    sizes = sorted({t.shape[0] for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim() > 0})
+    sizes = sorted(leading_sizes(args))
     if sizes and sizes[0] < 2:
         return False, f"it receives batches of {sizes[0]} here, and a dynamic batch needs an example of 2 or more"
     return True, ""

@@ -26,6 +26,7 @@ from fx_lightning.errors import first_line
 from fx_lightning.fusion.probe import Call
 from fx_lightning.lightning import compat
 from fx_lightning.lightning.networks import Network, pruned_tensors, without_pruning
+from fx_lightning.trees import module_device
 from fx_lightning.verify.compare import compare_trees
 from fx_lightning.verify.verifier import eval_mode
 
@@ -118,8 +119,7 @@ def write_deploy_checkpoint(
     torch.save(checkpoint, path)
 
     reloaded, loaded_with, notes = _reload(pl_module, path)
-    device = next(iter(pl_module.parameters()), torch.empty(0)).device
-    reloaded.to(device)
+    reloaded.to(module_device(pl_module))
     result = DeployCheckpoint(path, loaded_with, 0.0, notes, reloaded)
     errors, mismatches = [], []
     for network, module in fused.items():
