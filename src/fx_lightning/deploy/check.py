@@ -89,6 +89,7 @@ def verify_artifacts(
     latency_budget_s: float | None = 1.0,
     strict: bool = False,
     through: Through | None = None,
+    owner: str = "verify_artifacts",
 ) -> DeployReport:
     """Check every artifact in the runtime that will run it, with the task metric, and time it.
 
@@ -125,6 +126,8 @@ def verify_artifacts(
             a batch's input, e.g. the LightningModule's forward with the network replaced by it, for a network that
             does not take the batch's input or return what the metric takes (a ``ModelOutput`` whose ``logits``
             the forward returns, a detector called on ``list(images)``); ``None``: the network itself.
+        owner: the function the user called, which error messages name (``"export_and_verify"`` when it checks
+            through this one).
 
     Returns:
         The :class:`DeployReport`.
@@ -146,11 +149,11 @@ def verify_artifacts(
         >>> report.passed, report.artifacts["pt2"].verification.num_samples
         (True, 32)
     """
-    items = _validate_verify(artifacts, original, fused, batches, example_inputs, metric, max_batches, strict)
-    tolerance = check_tolerance("verify_artifacts", "tolerance", tolerance)
+    items = _validate_verify(owner, artifacts, original, fused, batches, example_inputs, metric, max_batches, strict)
+    tolerance = check_tolerance(owner, "tolerance", tolerance)
     if output_tolerance is not None:
-        output_tolerance = check_tolerance("verify_artifacts", "output_tolerance", output_tolerance)
-    budget = _check_budget(latency_budget_s)
+        output_tolerance = check_tolerance(owner, "output_tolerance", output_tolerance)
+    budget = _check_budget(owner, latency_budget_s)
     inputs = tuple(example_inputs)
     reports, loaded = check_in_runtimes(
         items,
@@ -165,6 +168,7 @@ def verify_artifacts(
         get_target=get_target,
         max_batches=max_batches,
         through=through,
+        owner=owner,
     )
     deploy = DeployReport(
         artifacts=reports,
@@ -181,7 +185,7 @@ def verify_artifacts(
     failures = _rename_failed(deploy)
     if failures and strict:
         raise RuntimeError(
-            f"verify_artifacts(strict=True): {len(failures)} artifact(s) failed and were renamed, not announced: "
+            f"{owner}(strict=True): {len(failures)} artifact(s) failed and were renamed, not announced: "
             + " | ".join(failures)
             + ". Check the runtime's options (e.g. the ONNX Runtime optimisation level), or loosen the tolerance."
         )
@@ -204,6 +208,7 @@ def check_in_runtimes(
     get_target: GetTarget,
     max_batches: int | None,
     through: Through | None = None,
+    owner: str = "verify_artifacts",
 ) -> tuple[dict[str, ArtifactReport], dict[str, Runner]]:
     """Load every artifact in its runtime and verify it over ``batches`` in one pass (arguments already checked):
     the reports, and the loaded runners for timing. Nothing is renamed, warned about or timed.
@@ -253,7 +258,7 @@ def check_in_runtimes(
         for fmt in runners
     }
     reference = original if through is None else through(original)
-    _verification_pass(reference, runners, verifiers, reports, batches, get_input, max_batches)
+    _verification_pass(reference, runners, verifiers, reports, batches, get_input, max_batches, owner)
     for fmt, verifier in verifiers.items():
         if not reports[fmt].error:
             start = time.perf_counter()
@@ -287,6 +292,7 @@ def _verification_pass(
     batches: Iterable[Any],
     get_input: GetInput,
     max_batches: int | None,
+    owner: str,
 ) -> None:
     """One pass over the data: the original network once per batch, every artifact beside it."""
     live = dict(runners)
@@ -312,9 +318,7 @@ def _verification_pass(
             if max_batches is not None and seen >= max_batches:
                 break
     if seen == 0:
-        raise ValueError(
-            "verify_artifacts(batches=...) got no batches. Pass a non-empty DataLoader or list of batches."
-        )
+        raise ValueError(f"{owner}(batches=...) got no batches. Pass a non-empty DataLoader or list of batches.")
 
 
 def _on_this_process(verifier: Verifier) -> Verifier:
@@ -457,6 +461,7 @@ def _rename_failed(deploy: DeployReport) -> list[str]:
 
 
 def _validate_verify(
+    owner: str,
     artifacts: Any,
     original: Any,
     fused: Any,
@@ -469,22 +474,22 @@ def _validate_verify(
     for label, value in (("original", original), ("fused", fused)):
         if not isinstance(value, nn.Module):
             raise TypeError(
-                f"verify_artifacts({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
+                f"{owner}({label}=...) expects a torch.nn.Module, got {type(value).__name__}. "
                 "Pass the original network and the fused one the artifacts were written from."
             )
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
         raise TypeError(
-            f"verify_artifacts(batches=...) expects an iterable of batches such as a DataLoader, got "
+            f"{owner}(batches=...) expects an iterable of batches such as a DataLoader, got "
             f"{type(batches).__name__}. Wrap a single batch in a list: batches=[batch]."
         )
-    check_example_inputs("verify_artifacts", example_inputs)
-    check_metric("verify_artifacts", metric)
-    check_max_batches("verify_artifacts", "max_batches", max_batches)
+    check_example_inputs(owner, example_inputs)
+    check_metric(owner, metric)
+    check_max_batches(owner, "max_batches", max_batches)
     if not isinstance(strict, bool):
-        raise TypeError(f"verify_artifacts(strict={strict!r}) expects True or False.")
+        raise TypeError(f"{owner}(strict={strict!r}) expects True or False.")
     if not isinstance(artifacts, Mapping) or not artifacts:
         raise TypeError(
-            f"verify_artifacts(artifacts={artifacts!r}) expects a non-empty dict of format -> Artifact (what "
+            f"{owner}(artifacts={artifacts!r}) expects a non-empty dict of format -> Artifact (what "
             "write_artifacts returns) or path."
         )
     items: dict[str, Artifact] = {}
@@ -495,25 +500,24 @@ def _validate_verify(
             continue
         if not isinstance(value, (str, Path)):
             raise TypeError(
-                f"verify_artifacts(artifacts={{{fmt!r}: {value!r}}}) expects an Artifact or a path, got "
-                f"{type(value).__name__}."
+                f"{owner}(artifacts={{{fmt!r}: {value!r}}}) expects an Artifact or a path, got {type(value).__name__}."
             )
         if fmt not in exporters:
             raise ValueError(
-                f"verify_artifacts(artifacts={{{fmt!r}: ...}}): a path needs a registered format "
+                f"{owner}(artifacts={{{fmt!r}: ...}}): a path needs a registered format "
                 f"({list(exporters)}) to be loaded; pass Artifact({fmt!r}, path, runner=...) for any other."
             )
-        options = check_options(exporters[fmt], {}, "verify_artifacts")
+        options = check_options(exporters[fmt], {}, owner)
         items[fmt] = Artifact(fmt, Path(value), runtime=exporters[fmt].runtime(options), options=options)
     return items
 
 
-def _check_budget(budget: Any) -> float:
+def _check_budget(owner: str, budget: Any) -> float:
     if budget is None:
         return 0.0
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or math.isnan(budget) or budget < 0:
         raise ValueError(
-            f"verify_artifacts(latency_budget_s={budget!r}) expects seconds >= 0 (or None to skip timing), "
+            f"{owner}(latency_budget_s={budget!r}) expects seconds >= 0 (or None to skip timing), "
             "e.g. latency_budget_s=1.0."
         )
     return float(budget)

@@ -117,5 +117,8 @@ def export_and_verify(
             example_inputs,
             int8_wanted,
             **{k: v for k, v in verify_kwargs.items() if k in keys},
+            owner="export_and_verify",
         )
-    return verify_artifacts(written, original, fused, batches, example_inputs, **verify_kwargs)
+    return verify_artifacts(
+        written, original, fused, batches, example_inputs, owner="export_and_verify", **verify_kwargs
+    )

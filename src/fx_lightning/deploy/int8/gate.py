@@ -65,6 +65,7 @@ def quantize_artifacts(
     get_input: GetInput = default_get_input,
     get_target: GetTarget = default_get_target,
     max_batches: int | None = None,
+    owner: str = "quantize_artifacts",
 ) -> dict[str, Artifact]:
     """Make, calibrate and gate the int8 version of each float artifact ``options.formats`` names.
 
@@ -83,6 +84,7 @@ def quantize_artifacts(
         get_input: maps a batch to the network input.
         get_target: maps a batch to the metric target.
         max_batches: verify on at most this many batches.
+        owner: the function the user called, which error messages name.
 
     Returns:
         ``"<format>-int8"`` -> its :class:`~fx_lightning.deploy.export.Artifact` (``tolerance`` = the budget, ``base`` =
@@ -98,7 +100,7 @@ def quantize_artifacts(
         calibration_inputs = _calibration_inputs(calibration, options.calibration_batches, get_input, inputs)
     if not calibration_inputs:
         raise ValueError(
-            "quantize_artifacts(calibration=...) gave no batches: int8 calibration needs training batches. Pass "
+            f"{owner}(calibration=...) gave no batches: int8 calibration needs training batches. Pass "
             "the training DataLoader (or a list of batches)."
         )
     made: dict[str, Artifact] = {}
@@ -109,7 +111,9 @@ def quantize_artifacts(
             error = f"its float '{fmt}' artifact was not written, so there is nothing to quantize"
             made[name] = unmade(fmt, base, error)
             continue
-        gate = _Gate(name, base, options, original, fused, batches, inputs, metric, get_input, get_target, max_batches)
+        gate = _Gate(
+            name, base, options, original, fused, batches, inputs, metric, get_input, get_target, max_batches, owner
+        )
         with preserved_rng():
             made[name] = gate.run(calibration_inputs)
     return made
@@ -133,6 +137,7 @@ class _Gate:
     get_input: GetInput
     get_target: GetTarget
     max_batches: int | None
+    owner: str
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, calibration: list[tuple[Any, ...]]) -> Artifact:
@@ -206,6 +211,7 @@ class _Gate:
             get_input=self.get_input,
             get_target=self.get_target,
             max_batches=self.max_batches,
+            owner=self.owner,
         )
         report = reports[self.name]
         self.attempts.append(_attempt_record(report, float_layers))
