@@ -3,7 +3,7 @@
 * :func:`write_artifacts` writes the network in each format of the registry (:mod:`fx_lightning.deploy.formats`):
   ``torch.export`` programs (``.pt2``), ONNX files, AOTInductor packages (``.aoti.pt2``), OpenVINO IR and plain
   weights;
-  :func:`fx_lightning.deploy.flow.verify_artifacts` then checks each file in its runtime with the task metric.
+  :func:`fx_lightning.deploy.check.verify_artifacts` then checks each file in its runtime with the task metric.
 * :func:`export_artifacts` writes them, reloads each one and compares its outputs with the module's on the example
   inputs before returning the paths.
 * :func:`checkpoint_state_dict` (from :mod:`..fusion.checkpoint_form`) expresses a fused network
@@ -79,7 +79,7 @@ class Artifact:
         loader: the registered format whose runtime loads it, when its own name is not one (an int8 ONNX file,
             ``"onnx-int8"``, is loaded as ``"onnx"``); ``None`` for ``format``.
         tolerance: its own verification tolerance (an int8 artifact's metric budget), instead of the one
-            :func:`fx_lightning.deploy.flow.verify_artifacts` is given; ``None`` for that one.
+            :func:`fx_lightning.deploy.check.verify_artifacts` is given; ``None`` for that one.
         base: the artifact of the same runtime it derives from (``"onnx"`` for ``"onnx-int8"``): its latency is also
             reported relative to that one's.
         details: facts about how it was made (the int8 calibration, the layers kept in float), reported with it.
@@ -139,7 +139,7 @@ def write_artifacts(
     owner: str = "write_artifacts",
 ) -> dict[str, Artifact]:
     """Write ``module`` in each format to ``directory``, without checking the files (see
-    :func:`fx_lightning.deploy.flow.verify_artifacts` for that, or :func:`export_artifacts`).
+    :func:`fx_lightning.deploy.check.verify_artifacts` for that, or :func:`export_artifacts`).
 
     Every argument is checked, and every format's needs (an extra, a C++ compiler) too, before anything is written.
     With ``keep_going=True`` a format that cannot be written (``torch.export`` cannot capture a whole detector, so
@@ -402,7 +402,7 @@ def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any]
     """Raise when a reloaded artifact's tensors differ from the module's beyond ``rtol`` relative to each output's
     scale (:func:`fx_lightning.verify.compare.compare_trees`); ``atol`` bounds the leaves whose reference is all zeros,
     which have no scale. Leaves whose shapes differ (post-processed detections) are not judged here: they are
-    listed in a warning, and the task metric judges them (:func:`fx_lightning.deploy.flow.verify_artifacts`)."""
+    listed in a warning, and the task metric judges them (:func:`fx_lightning.deploy.check.verify_artifacts`)."""
     refs = [r for r in references if isinstance(r, Tensor)]
     outs = [o for o in outputs if isinstance(o, Tensor)]
     if len(outs) != len(refs):

@@ -45,7 +45,7 @@ class DeployCheckpoint:
         notes: anything the user should know (why ``load_from_checkpoint`` could not be used, outputs that vary
             in shape and were left to the task metric).
         module: the LightningModule reloaded from the file (on the module's device), so that the caller can check
-            it further, e.g. over the verification data with :func:`fx_lightning.deploy.flow.verify_artifacts`.
+            it further, e.g. over the verification data with :func:`fx_lightning.deploy.check.verify_artifacts`.
         max_rel_diff: the same difference relative to each output's scale.
         error: why the reloaded networks cannot stand for the fused ones (outputs of another structure), or ``""``.
         mismatch: where their outputs differ on the captured inputs beyond ``rtol``, or ``""``: a verdict only where

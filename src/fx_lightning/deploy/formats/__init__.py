@@ -3,7 +3,7 @@
 Each format lives in its own module (:mod:`.pt2`, :mod:`.onnx`, :mod:`.aoti`, :mod:`.openvino`, :mod:`.weights`) as an
 :class:`Exporter`: how to write the network, how to load the file back in the runtime that will run it, and
 what it needs installed. :func:`fx_lightning.deploy.export.export_artifacts` and
-:func:`fx_lightning.deploy.flow.verify_artifacts` read this table; adding a format means adding one module and one
+:func:`fx_lightning.deploy.check.verify_artifacts` read this table; adding a format means adding one module and one
 :func:`register_exporter` call.
 """
 
