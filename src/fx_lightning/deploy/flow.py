@@ -77,6 +77,7 @@ def export_and_verify(
 
     Example:
         >>> import tempfile
+        >>> import torch
         >>> from fx_lightning import fuse
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3)).eval()
         >>> data = [(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
