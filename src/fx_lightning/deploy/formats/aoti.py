@@ -98,11 +98,8 @@ def write_aoti(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
     try:
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(options["inductor_configs"]))
     except Exception as err:
-        raise RuntimeError(
-            f"{job.owner}(formats=['aoti']) could not compile {type(job.module).__name__} with AOTInductor: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'onnx', 'weights']."
-        ) from err
+        doing = f"compile {type(job.module).__name__} with AOTInductor"
+        raise job.failed("aoti", doing, err, ["pt2", "onnx", "weights"]) from err
     return path
 
 

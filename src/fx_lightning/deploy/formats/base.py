@@ -74,6 +74,14 @@ class ExportJob:
                 ) from err
         return self._program
 
+    def failed(self, fmt: str, doing: str, err: BaseException, instead: list[str]) -> RuntimeError:
+        """The error a writer raises when ``fmt`` cannot be written: the call, what failed (``doing``), the upstream
+        error's first line, and the formats to export ``instead``; raise it ``from err``."""
+        return RuntimeError(
+            f"{self.owner}(formats=[{fmt!r}]) could not {doing}: {type(err).__name__}: {first_line(err)} (full error "
+            f"above). Export the other formats with formats={instead!r}."
+        )
+
 
 @dataclass(frozen=True)
 class LoadContext:

@@ -119,11 +119,7 @@ def write_onnx(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
         )
         onnx.checker.check_model(str(path))
     except Exception as err:
-        raise RuntimeError(
-            f"{job.owner}(formats=['onnx']) could not export {type(job.module).__name__}: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'weights']."
-        ) from err
+        raise job.failed("onnx", f"export {type(job.module).__name__}", err, ["pt2", "weights"]) from err
     return path
 
 
@@ -146,11 +142,10 @@ def _write_torchscript_onnx(job: ExportJob, path: Path, onnx: Any) -> None:
             )
         onnx.checker.check_model(str(path))
     except Exception as err:
-        raise RuntimeError(
-            f"{job.owner}(formats=['onnx']) could not export {type(job.module).__name__}: torch.export cannot "
-            f"capture it, and the TorchScript-based exporter failed too: {type(err).__name__}: {first_line(err)}. "
-            "Export the other formats with formats=['weights']."
-        ) from err
+        doing = (
+            f"export {type(job.module).__name__}: torch.export cannot capture it, and the TorchScript-based exporter"
+        )
+        raise job.failed("onnx", doing + " failed too", err, ["weights"]) from err
 
 
 def load_onnx(path: Path, context: LoadContext) -> Runner:

@@ -29,7 +29,6 @@ from fx_lightning.deploy.formats.base import (
     Runner,
     reject_unknown,
 )
-from fx_lightning.errors import first_line
 from fx_lightning.trees import tensor_leaves
 
 
@@ -76,11 +75,7 @@ def write_openvino(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Pa
         model = ov.convert_model(job.program("openvino"))
         ov.save_model(model, str(path), compress_to_fp16=False)
     except Exception as err:
-        raise RuntimeError(
-            f"{job.owner}(formats=['openvino']) could not convert {type(job.module).__name__}: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'onnx', 'weights']."
-        ) from err
+        raise job.failed("openvino", f"convert {type(job.module).__name__}", err, ["pt2", "onnx", "weights"]) from err
     return path
 
 
