@@ -3,9 +3,10 @@
 Everything here works on plain ``nn.Module`` objects and callables, without Lightning, so it can time any
 inference variant (eager, fused, compiled, ONNX Runtime) the same way:
 
-* :func:`interleaved_timings` runs every variant once per round, rotating the order each round, so that
-  machine drift (other processes, frequency scaling) hits all variants alike; ratios are taken within a
-  round and their median reported.
+* :func:`interleaved_timings` runs every variant once per round, in balanced orders, so that machine drift (other
+  processes, frequency scaling) hits all variants alike; ratios are taken within a round and their median
+  reported. It is :func:`fx_lightning.verify.latency.measure_latency` (which also provides :func:`time_calls`
+  and :func:`balanced_orders`), its results in milliseconds.
 * :func:`bn_to_identity` builds the speed limit of folding: the same network with every BatchNorm
   replaced by ``nn.Identity`` (what a perfect fold would cost, minus nothing).
 * :func:`time_fusers` times the fusers on one model, interleaved; :func:`measure_fusion` runs one fuser
@@ -41,6 +42,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fx_lightning.fusion.counting import count_ops
+from fx_lightning.verify.latency import (  # time_calls and balanced_orders: fuse_cost.py imports them from here
+    balanced_orders,
+    measure_latency,
+    time_calls,  # noqa: F401
+)
 
 FUSERS = ("fx_lightning.fuse", "torch.fx fuse")
 """Names of the fusers :func:`measure_fusion` knows, in the order the benchmark reports them."""
@@ -84,34 +90,6 @@ class VariantTiming:
         return q[2] - q[0]
 
 
-def time_calls(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
-    """Return the mean wall time in seconds of ``iters`` calls of ``fn``.
-
-    On CUDA the calls are bracketed by CUDA events and the end event is synchronised, so the time covers
-    the kernels, not only their launch; on other devices ``time.perf_counter`` is used.
-
-    Args:
-        fn: a callable taking no argument (a forward pass on prepared inputs).
-        iters: number of calls, at least 1.
-        device: where ``fn`` runs its work.
-
-    Returns:
-        Seconds per call.
-    """
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0 / iters
-    begin = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - begin) / iters
-
-
 def interleaved_timings(
     variants: dict[str, Callable[[], Any]],
     reference: str,
@@ -123,7 +101,8 @@ def interleaved_timings(
     budget_s: float = 10.0,
     min_sample_s: float = 0.05,
 ) -> dict[str, VariantTiming]:
-    """Time every variant round by round, each round running all variants in a balanced order.
+    """Time every variant round by round, each round running all variants in a balanced order: the package's
+    :func:`fx_lightning.verify.latency.measure_latency` with the benchmark's defaults, in milliseconds per round.
 
     The number of rounds adapts to the cost of one round: as many as fit in ``budget_s``, clamped to
     ``[min_rounds, max_rounds]``. Fast variants repeat their call within a sample so that timer
@@ -151,42 +130,26 @@ def interleaved_timings(
         >>> sorted(out), out["a"].ratio
         (['a', 'b'], 1.0)
     """
-    if reference not in variants:
-        raise ValueError(
-            f"interleaved_timings(reference={reference!r}) is not one of the variants {list(variants)}. "
-            "Pass the name of the variant to compare against."
+    timings = measure_latency(
+        variants,
+        reference,
+        budget_s=budget_s,
+        warmup=warmup,
+        min_rounds=min_rounds,
+        max_rounds=max_rounds,
+        min_sample_s=min_sample_s,
+        device=device,
+        owner="interleaved_timings",
+    )
+    return {
+        name: VariantTiming(
+            median_ms=t.median_ms,
+            ratio=t.ratio,
+            samples_ms=[sample * 1e3 for sample in t.samples],
+            iters_per_sample=t.calls_per_sample,
         )
-    if not 1 <= min_rounds <= max_rounds:
-        raise ValueError(
-            f"interleaved_timings(min_rounds={min_rounds}, max_rounds={max_rounds}) needs "
-            "1 <= min_rounds <= max_rounds."
-        )
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    one_call = {name: time_calls(variants[name], 1, device) for name in names}
-    iters = {name: max(1, math.ceil(min_sample_s / max(one_call[name], 1e-9))) for name in names}
-    round_s = sum(iters[name] * one_call[name] for name in names)
-    rounds = min(max_rounds, max(min_rounds, int(budget_s / max(round_s, 1e-9))))
-
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    orders = balanced_orders(len(names))
-    for r in range(rounds):
-        for i in orders[r % len(orders)]:
-            samples[names[i]].append(time_calls(variants[names[i]], iters[names[i]], device))
-    result = {}
-    for name in names:
-        ratios = [s / ref for s, ref in zip(samples[name], samples[reference])]
-        result[name] = VariantTiming(
-            median_ms=statistics.median(samples[name]) * 1e3,
-            ratio=statistics.median(ratios),
-            samples_ms=[s * 1e3 for s in samples[name]],
-            iters_per_sample=iters[name],
-        )
-    return result
+        for name, t in timings.items()
+    }
 
 
 def paired_ratio_interval(
@@ -234,24 +197,6 @@ def paired_ratio_interval(
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     tail = (1 - confidence) / 2
     return medians[int(tail * (resamples - 1))], medians[math.ceil((1 - tail) * (resamples - 1))]
-
-
-def balanced_orders(n: int) -> list[list[int]]:
-    """Orders of ``n`` variants in which each runs first equally often and right after each other equally often.
-
-    A plain rotation would keep every variant's predecessor fixed (what it leaves in caches, how much of the
-    turbo budget it used); these are the rows of a Williams Latin square, which balances both. For odd ``n``
-    the square's rows are followed by their reverses.
-
-    Example:
-        >>> balanced_orders(4)
-        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
-    """
-    first = [0]
-    for k in range(1, n):
-        first.append((k + 1) // 2 if k % 2 else n - k // 2)
-    rows = [[(v + r) % n for v in first] for r in range(n)]
-    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 def count_python_calls(fn: Callable[[], Any], into: Callable[..., Any] | None = None) -> int:

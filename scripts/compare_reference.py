@@ -24,6 +24,7 @@ from torch.fx.experimental.optimization import fuse as reference_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fx_lightning import count_kernels, fuse
+from fx_lightning.errors import first_line
 from fx_lightning.verify.compare import relative_error
 
 # The zoo builders live with the tests, so that the test suite and this comparison build identical models.
@@ -57,7 +58,7 @@ def _run_tool(tool: Any, model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -
     try:
         fused = tool(model)
     except Exception as err:  # noqa: BLE001 - a tool failing is a result to report, not a crash
-        return ToolResult(failure=f"{type(err).__name__}: {_first_line(str(err))}")
+        return ToolResult(failure=f"{type(err).__name__}: {first_line(str(err), limit=160)}")
     seconds = time.perf_counter() - start
     with torch.no_grad():
         out = fused(x)
@@ -85,13 +86,9 @@ def _conv_transpose_helper_note(model: nn.Module, x: torch.Tensor, ref: torch.Te
         with torch.no_grad():
             err = relative_error(ref, fused(x))
     except Exception as err:  # noqa: BLE001 - reported as the helper's outcome
-        return f"torch.nn.utils.fusion.fuse_conv_bn_eval(transpose=True): {type(err).__name__}: {_first_line(str(err))}"
+        reason = f"{type(err).__name__}: {first_line(str(err), limit=160)}"
+        return f"torch.nn.utils.fusion.fuse_conv_bn_eval(transpose=True): {reason}"
     return f"torch.nn.utils.fusion.fuse_conv_bn_eval(transpose=True): relative error {err:.2e}"
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _fmt_left(result: ToolResult) -> str:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import whole_models  # noqa: E402
 from benchmarking import balanced_orders, load_average, markdown_table, time_calls  # noqa: E402
 from fx_lightning import count_kernels, fuse  # noqa: E402
-from fx_lightning.deploy.formats.base import first_line  # noqa: E402
+from fx_lightning.errors import first_line  # noqa: E402
 from fx_lightning.fusion.probe import count_batch_norms  # noqa: E402
 from fx_lightning.verify.compare import Comparison, compare_trees  # noqa: E402
 

@@ -150,6 +150,34 @@ def test_export_artifacts_unexportable_module_raises(tmp_path: Path) -> None:
         export_artifacts(DataBranch(), (torch.randn(2, 3),), tmp_path, formats=["pt2"])
 
 
+@pytest.mark.parametrize("owner", ["write_artifacts", "export_artifacts"])
+def test_capture_failure_names_the_function_called(tmp_path: Path, owner: str) -> None:
+    write = {"write_artifacts": write_artifacts, "export_artifacts": export_artifacts}[owner]
+    with pytest.raises(RuntimeError, match=rf"^{owner}\(formats=\['pt2'\]\): torch.export.export could not capture "):
+        write(DataBranch(), (torch.randn(2, 3),), tmp_path, formats=["pt2"])
+
+
+def test_export_and_verify_capture_failure_names_export_and_verify(tmp_path: Path) -> None:
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"'pt2' artifact .* could not be checked"):
+        report = fx_lightning.export_and_verify(
+            DataBranch(), DataBranch(), (x,), tmp_path, [(x,)], ["pt2"], latency_budget_s=0
+        )
+    error = report.artifacts["pt2"].error
+    assert error.startswith("it could not be made: RuntimeError: export_and_verify(formats=['pt2']): torch.export")
+    assert "export_artifacts" not in error
+
+
+@pytest.mark.parametrize("owner", ["write_artifacts", "export_artifacts"])
+def test_missing_extra_names_the_function_called(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: str) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    write = {"write_artifacts": write_artifacts, "export_artifacts": export_artifacts}[owner]
+    pip = r'pip install "fx-lightning\[onnx\]"'
+    with pytest.raises(MissingExtraError, match=rf"^{owner}\(formats=\['onnx'\]\) needs onnx, onnxruntime .*{pip}"):
+        write(nn.Linear(3, 2), (torch.randn(1, 3),), tmp_path, formats=["onnx"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_artifacts_onnx_failure_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_export(*args: object, **kwargs: object) -> None:
         raise ValueError("unsupported operator")

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from fx_lightning.verify.latency import measure_latency
+from fx_lightning.verify.latency import balanced_orders, measure_latency, time_calls
 
 
 def test_measure_latency_orders_a_slower_variant_after_the_reference() -> None:
@@ -50,3 +50,35 @@ def test_measure_latency_invalid_arguments_raise(kwargs: dict, match: str) -> No
     call = {"variants": {"a": lambda: None}, "reference": "a"} | kwargs
     with pytest.raises(ValueError, match=match):
         measure_latency(**call)
+
+
+def test_measure_latency_orders_rounds_by_balanced_orders() -> None:
+    order: list[str] = []
+    variants = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    out = measure_latency(variants, "a", budget_s=0.0, warmup=0, min_rounds=6, max_rounds=6, min_sample_s=0.0)
+    assert out["a"].rounds == 6
+    timed = order[3:]  # after one calibration call each
+    rounds = [timed[i : i + 3] for i in range(0, len(timed), 3)]
+    assert rounds == [[["a", "b", "c"][i] for i in row] for row in balanced_orders(3)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_balanced_orders_balance_first_place_and_predecessors(n: int) -> None:
+    orders = balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    assert len({sum(order[0] == v for order in orders) for v in range(n)}) == 1
+    pairs = [(a, b) for order in orders for a, b in zip(order, order[1:])]
+    assert len(set(pairs)) == n * (n - 1)
+    assert len({pairs.count(p) for p in set(pairs)}) == 1
+
+
+def test_time_calls_averages_over_calls() -> None:
+    assert time_calls(lambda: time.sleep(0.001), 4) >= 0.001  # each call sleeps 1 ms
+    assert time_calls(lambda: None, 1000, torch.device("cpu")) < 1e-3
+
+
+def test_measure_latency_errors_name_the_caller() -> None:
+    with pytest.raises(ValueError, match=r"^interleaved_timings\(reference='x'\) is not one of the variants"):
+        measure_latency({"a": lambda: None}, "x", owner="interleaved_timings")
+    with pytest.raises(ValueError, match=r"^interleaved_timings\(budget_s=1.0, min_rounds=0, max_rounds=5\) needs 1"):
+        measure_latency({"a": lambda: None}, "a", min_rounds=0, max_rounds=5, owner="interleaved_timings")

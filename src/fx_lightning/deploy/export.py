@@ -3,7 +3,7 @@
 * :func:`write_artifacts` writes the network in each format of the registry (:mod:`fx_lightning.deploy.formats`):
   ``torch.export`` programs (``.pt2``), ONNX files, AOTInductor packages (``.aoti.pt2``), OpenVINO IR and plain
   weights;
-  :func:`fx_lightning.deploy.flow.verify_artifacts` then checks each file in its runtime with the task metric.
+  :func:`fx_lightning.deploy.check.verify_artifacts` then checks each file in its runtime with the task metric.
 * :func:`export_artifacts` writes them, reloads each one and compares its outputs with the module's on the example
   inputs before returning the paths.
 * :func:`checkpoint_state_dict` (from :mod:`..fusion.checkpoint_form`) expresses a fused network
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from fx_lightning.deploy.formats import (
@@ -35,10 +34,13 @@ from fx_lightning.deploy.formats import (
     MissingCompilerError,
     MissingExtraError,
     Runner,
+    check_options,
     registered_exporters,
 )
-from fx_lightning.deploy.formats.base import first_line as _first_line
+from fx_lightning.deploy.formats.base import batch_dim_shapes
+from fx_lightning.errors import first_line
 from fx_lightning.fusion.checkpoint_form import checkpoint_state_dict
+from fx_lightning.trees import batch_size, leading_sizes
 from fx_lightning.verify.compare import compare_trees
 
 #: The built-in formats, in the order they are written; :func:`fx_lightning.deploy.formats.registered_exporters` has
@@ -77,7 +79,7 @@ class Artifact:
         loader: the registered format whose runtime loads it, when its own name is not one (an int8 ONNX file,
             ``"onnx-int8"``, is loaded as ``"onnx"``); ``None`` for ``format``.
         tolerance: its own verification tolerance (an int8 artifact's metric budget), instead of the one
-            :func:`fx_lightning.deploy.flow.verify_artifacts` is given; ``None`` for that one.
+            :func:`fx_lightning.deploy.check.verify_artifacts` is given; ``None`` for that one.
         base: the artifact of the same runtime it derives from (``"onnx"`` for ``"onnx-int8"``): its latency is also
             reported relative to that one's.
         details: facts about how it was made (the int8 calibration, the layers kept in float), reported with it.
@@ -134,9 +136,10 @@ def write_artifacts(
     dynamic_batch: bool = False,
     options: ExportOptions | None = None,
     keep_going: bool = False,
+    owner: str = "write_artifacts",
 ) -> dict[str, Artifact]:
     """Write ``module`` in each format to ``directory``, without checking the files (see
-    :func:`fx_lightning.deploy.flow.verify_artifacts` for that, or :func:`export_artifacts`).
+    :func:`fx_lightning.deploy.check.verify_artifacts` for that, or :func:`export_artifacts`).
 
     Every argument is checked, and every format's needs (an extra, a C++ compiler) too, before anything is written.
     With ``keep_going=True`` a format that cannot be written (``torch.export`` cannot capture a whole detector, so
@@ -154,6 +157,8 @@ def write_artifacts(
         options: per-format options, e.g. ``{"onnx": {"optimization_level": "basic"}}``; see each module of
             :mod:`fx_lightning.deploy.formats`.
         keep_going: report a format that fails to export in its artifact's ``error`` instead of raising.
+        owner: the function the user called, which error messages name (``"export_and_verify"`` when it writes
+            through this one).
 
     Returns:
         The :class:`Artifact` of each format, in registry order.
@@ -164,9 +169,9 @@ def write_artifacts(
         MissingCompilerError: (a ``RuntimeError``) if ``"aoti"`` is asked for and no C++ compiler works.
         RuntimeError: if an export fails (without ``keep_going``).
     """
-    chosen = _validate_export("write_artifacts", module, example_inputs, formats, 0.0, 0.0, name, dynamic_batch)
-    checked = _check_options("write_artifacts", chosen, options)
-    job = _job("write_artifacts", module, example_inputs, dynamic_batch)
+    chosen = _validate_export(owner, module, example_inputs, formats, 0.0, 0.0, name, dynamic_batch)
+    checked = _check_options(owner, chosen, options)
+    job = _job(owner, module, example_inputs, dynamic_batch)
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -181,14 +186,14 @@ def write_artifacts(
                 path=out_dir / f"{name}.{fmt}",
                 runtime=exporter.runtime(checked[fmt]),
                 options=checked[fmt],
-                error=f"it could not be made: {type(err).__name__}: {_first_line(err)}",
+                error=f"it could not be made: {type(err).__name__}: {first_line(err)}",
             )
     return written
 
 
 def _job(owner: str, module: nn.Module, example_inputs: Sequence[Any], dynamic_batch: bool) -> ExportJob:
     inputs = tuple(example_inputs)
-    return ExportJob(module, inputs, _batch_dynamic_shapes(owner, inputs) if dynamic_batch else None)
+    return ExportJob(module, inputs, _batch_dynamic_shapes(owner, inputs) if dynamic_batch else None, owner)
 
 
 def _write(exporter: Exporter, job: ExportJob, stem: Path, options: dict[str, Any]) -> Artifact:
@@ -201,16 +206,9 @@ def _write(exporter: Exporter, job: ExportJob, stem: Path, options: dict[str, An
         runtime=exporter.runtime(options),
         seconds=time.perf_counter() - start,
         options=options,
-        batch_size=_batch_size(job.inputs) if fixed else None,
+        batch_size=batch_size(job.inputs) if fixed else None,
         notes=list(job.notes.get(exporter.name, [])),
     )
-
-
-def _batch_size(inputs: tuple[Any, ...]) -> int | None:
-    if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
-        return len(inputs[0])  # a list of images: as many as were exported
-    sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_options(owner: str, chosen: Mapping[str, Exporter], options: Any) -> dict[str, dict[str, Any]]:
@@ -228,7 +226,7 @@ def _check_options(owner: str, chosen: Mapping[str, Exporter], options: Any) -> 
             f"{owner}(options=...) has options for unknown format(s) {unknown}. "
             f"Valid formats: {list(registered_exporters())}."
         )
-    return {fmt: exporter.check(options.get(fmt, {})) for fmt, exporter in chosen.items()}
+    return {fmt: check_options(exporter, options.get(fmt, {}), owner) for fmt, exporter in chosen.items()}
 
 
 # ----------------------------------------------------------------------------------------- export_artifacts
@@ -307,7 +305,7 @@ def export_artifacts(
             except Exception as err:
                 raise RuntimeError(
                     f"export_artifacts(dynamic_batch=True): {type(module).__name__} itself fails on a batch twice as "
-                    f"large as the example: {type(err).__name__}: {_first_line(err)}. Export with dynamic_batch=False."
+                    f"large as the example: {type(err).__name__}: {first_line(err)}. Export with dynamic_batch=False."
                 ) from err
     out_dir = Path(directory).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +324,7 @@ def export_artifacts(
                     raise
                 raise RuntimeError(
                     f"export_artifacts(dynamic_batch=True): the reloaded '{fmt}' artifact {path} does not accept a "
-                    f"batch of another size: {type(err).__name__}: {_first_line(err)}. The forward fixes the batch "
+                    f"batch of another size: {type(err).__name__}: {first_line(err)}. The forward fixes the batch "
                     "size somewhere (e.g. a reshape to a constant); export with dynamic_batch=False."
                 ) from err
             _check_close(fmt, path, tree_leaves(outputs), tree_leaves(reference), rtol, atol)
@@ -339,13 +337,13 @@ def _doubled_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _batch_dynamic_shapes(owner: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    batch_sizes = {t.shape[0] for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0}
+    batch_sizes = leading_sizes(inputs)
     if batch_sizes & {0, 1}:
         raise ValueError(
             f"{owner}(dynamic_batch=True) needs example inputs with batch size >= 2, got batch size(s) "
             f"{sorted(batch_sizes)}: torch.export treats sizes 0 and 1 as constants. Pass e.g. (x.repeat(2, 1, 1, 1),)."
         )
-    return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
+    return batch_dim_shapes(inputs)
 
 
 def _validate_export(
@@ -364,11 +362,7 @@ def _validate_export(
             f"{owner}(module=...) expects a torch.nn.Module, got {type(module).__name__}. "
             f"Pass the network, e.g. {owner}(fuse(model.net), (x,), 'out')."
         )
-    if isinstance(example_inputs, (Tensor, str)) or not isinstance(example_inputs, Sequence):
-        raise TypeError(
-            f"{owner}(example_inputs=...) expects a tuple of positional inputs, got "
-            f"{type(example_inputs).__name__}. Wrap a single tensor: example_inputs=(x,)."
-        )
+    check_example_inputs(owner, example_inputs)
     exporters = registered_exporters()
     if isinstance(formats, str):
         formats = [formats]
@@ -395,11 +389,20 @@ def _validate_export(
     return {fmt: exporter for fmt, exporter in exporters.items() if fmt in formats}
 
 
+def check_example_inputs(owner: str, example_inputs: Any) -> None:
+    """Check that ``example_inputs`` is a sequence of positional inputs, not one tensor (``TypeError`` if not)."""
+    if isinstance(example_inputs, (Tensor, str)) or not isinstance(example_inputs, Sequence):
+        raise TypeError(
+            f"{owner}(example_inputs=...) expects a tuple of positional inputs, got "
+            f"{type(example_inputs).__name__}. Wrap a single tensor: example_inputs=(x,)."
+        )
+
+
 def _check_close(fmt: str, path: Path, outputs: list[Any], references: list[Any], rtol: float, atol: float) -> None:
     """Raise when a reloaded artifact's tensors differ from the module's beyond ``rtol`` relative to each output's
     scale (:func:`fx_lightning.verify.compare.compare_trees`); ``atol`` bounds the leaves whose reference is all zeros,
     which have no scale. Leaves whose shapes differ (post-processed detections) are not judged here: they are
-    listed in a warning, and the task metric judges them (:func:`fx_lightning.deploy.flow.verify_artifacts`)."""
+    listed in a warning, and the task metric judges them (:func:`fx_lightning.deploy.check.verify_artifacts`)."""
     refs = [r for r in references if isinstance(r, Tensor)]
     outs = [o for o in outputs if isinstance(o, Tensor)]
     if len(outs) != len(refs):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fx_lightning.errors import first_line
+
 
 @dataclass(frozen=True)
 class Folded:
@@ -153,7 +155,7 @@ class FusionReport:
         lines = [self.summary()]
         rows = [(r.bn, f"-> {r.into}", r.rule) for r in self.folded]
         rows += [(r.bn, "left", r.reason) for r in self.skipped]
-        rows += [(r.path, "untraced", _first_line(r.error)) for r in self.untraced]
+        rows += [(r.path, "untraced", first_line(r.error, limit=120)) for r in self.untraced]
         rows += [(r.into, "<- merged", f"{' + '.join(r.consumed)} ({r.rule})") for r in self.merged]
         rows += [(p or "<model>", "as graph", "replaced by generated code for the rewrites above") for p in self.graphs]
         rows += [
@@ -165,8 +167,3 @@ class FusionReport:
             lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _first_line(text: str, limit: int = 120) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from fx_lightning.errors import first_line
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped
+from fx_lightning.trees import tree_to
 from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 
 __all__ = ["check_units"]
@@ -142,7 +144,7 @@ class _Check:
         args, kwargs = _clone(record.args), _clone(record.kwargs)
         if double:
             module = copy.deepcopy(module).double()
-            args, kwargs = _as_double(args), _as_double(kwargs)
+            args, kwargs = tree_to(args, dtype=torch.float64), tree_to(kwargs, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
             if record.rng is not None:
                 torch.set_rng_state(record.rng)
@@ -155,7 +157,7 @@ class _Check:
         try:
             got = self.run(scope, applied)
         except Exception as err:  # noqa: BLE001 - a rewritten unit that fails where the original ran is wrong
-            return _Verdict(False, f"it raises {type(err).__name__}: {_first_line(err)}")
+            return _Verdict(False, f"it raises {type(err).__name__}: {first_line(str(err))}")
         if not scope:
             self.last_whole = (frozenset(applied), got)
         comparison = compare_trees((record.output, record.after), got)
@@ -273,7 +275,7 @@ def _whole_model(check: _Check, result: nn.Module, applied: set[int]) -> tuple[s
             inputs = _clone(check.inputs)
             got = (run_seeded(result, inputs), (inputs, {}))
         except Exception as err:  # noqa: BLE001 - the original ran on these inputs
-            return f"it raises {type(err).__name__}: {_first_line(err)}", None
+            return f"it raises {type(err).__name__}: {first_line(str(err))}", None
     # Rounding accumulates over a whole model (bfloat16 most of all): the verdict allows it, the figure shows it.
     comparison = compare_trees(want, got, rtol=_WHOLE_MODEL_ULPS * default_rtol(_float_dtype(want)))
     if comparison.structure:
@@ -346,10 +348,6 @@ def _clone(tree: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
-def _as_double(tree: Any) -> Any:
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
-
-
 def _floats(tree: Any) -> list[torch.Tensor]:
     leaves: list[torch.Tensor] = []
     tree_map(lambda t: leaves.append(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else None, tree)
@@ -373,11 +371,6 @@ def _all_float(tree: Any) -> bool:
 
 def _describe(comparison: Comparison) -> str:
     return comparison.describe()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _outermost(scopes: set[str]) -> list[str]:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fx_lightning.deploy.int8.quantize import read_batches
 from fx_lightning.lightning import compat
+from fx_lightning.loaders import read_batches
 
 _OWN_LOOP = {"test": "test", "predict": "predict", "validate": "validate"}
 
@@ -77,7 +77,7 @@ class OnDevice:
 
 def calibration_batches(loaders: Any, count: int) -> list[Any]:
     """The first ``count`` batches of the (first) training dataloader, read once, as the user's loader gives them
-    (:func:`fx_lightning.deploy.int8.quantize.read_batches`: the loader's own generator is put back as found)."""
+    (:func:`fx_lightning.loaders.read_batches`: the loader's own generator is put back as found)."""
     found = _as_list(loaders)
     return read_batches(found[0], count) if found else []
 

@@ -38,20 +38,13 @@ from lightning.pytorch.callbacks import Callback as _LightningCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.deploy.export import Artifact, MissingExtraError, write_artifacts
 from fx_lightning.deploy.flow import DeployReport, verify_artifacts
 from fx_lightning.deploy.formats import registered_exporters
-from fx_lightning.deploy.int8.quantize import (
-    SUFFIX,
-    Int8Options,
-    int8_options,
-    quantize_artifacts,
-    read_batches,
-    unmade,
-)
+from fx_lightning.deploy.int8 import SUFFIX, Int8Options, int8_options, quantize_artifacts, unmade
 from fx_lightning.fusion.engine import fuse
 from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.fusion.report import FusionReport
@@ -78,6 +71,8 @@ from fx_lightning.lightning.networks import (
     without_pruning,
 )
 from fx_lightning.lightning.result import FuseResult, Outcome, agreement_text
+from fx_lightning.loaders import read_batches
+from fx_lightning.trees import leading_sizes
 from fx_lightning.verify.verifier import (
     Verifier,
     call_with_input,
@@ -194,7 +189,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             (see :mod:`fx_lightning.deploy.formats`). Checked here, against ``export_formats``.
         deploy_latency_budget: seconds spent timing the artifacts and both eager networks on the example input
             after they are checked; ``0`` skips the timing.
-        int8: opt-in int8 versions of the float artifacts (:class:`~fx_lightning.deploy.int8.quantize.Int8Options`, or a
+        int8: opt-in int8 versions of the float artifacts (:class:`~fx_lightning.deploy.int8.options.Int8Options`, or a
             dict of its fields from YAML): ``{"formats": ["onnx"], "calibration_batches": 8, "max_metric_drop": 0.01,
             "max_float_layers": 4}``. Each is static post-training quantization (per-channel weights) of the float
             artifact of its format, which is written too, calibrated on the first ``calibration_batches`` training
@@ -840,7 +835,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         notes: list[str],
     ) -> dict[str, Artifact]:
         """The int8 artifacts, calibrated on training batches and gated by the task metric
-        (:func:`~fx_lightning.deploy.int8.quantize.quantize_artifacts`); none, with a note, when there is no
+        (:func:`~fx_lightning.deploy.int8.gate.quantize_artifacts`); none, with a note, when there is no
         metric to gate them with or no training data to calibrate on."""
         assert self.int8 is not None
         if "through" in data:
@@ -1332,7 +1327,7 @@ def _dynamic_batch(wanted: bool, args: tuple[Any, ...]) -> tuple[bool, str]:
         return False, ""
     if any(isinstance(a, (list, tuple)) for a in args):
         return False, "its input is a list of tensors, which has no batch dimension to make dynamic"
-    sizes = sorted({t.shape[0] for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim() > 0})
+    sizes = sorted(leading_sizes(args))
     if sizes and sizes[0] < 2:
         return False, f"it receives batches of {sizes[0]} here, and a dynamic batch needs an example of 2 or more"
     return True, ""

@@ -15,9 +15,6 @@ from typing import Any
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-#: The versions the private accesses below were checked against.
-CHECKED_AGAINST = {"lightning": "2.6", "pytorch_lightning": "2.6", "torch": "2.14"}
-
 _LOOPS = {
     "val": lambda trainer: trainer.fit_loop.epoch_loop.val_loop,
     "validate": lambda trainer: trainer.validate_loop,

@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from fx_lightning.deploy.export import checkpoint_state_dict
+from fx_lightning.errors import first_line
 from fx_lightning.fusion.probe import Call
 from fx_lightning.lightning import compat
 from fx_lightning.lightning.networks import Network, pruned_tensors, without_pruning
+from fx_lightning.trees import module_device
 from fx_lightning.verify.compare import compare_trees
 from fx_lightning.verify.verifier import eval_mode
 
@@ -43,7 +45,7 @@ class DeployCheckpoint:
         notes: anything the user should know (why ``load_from_checkpoint`` could not be used, outputs that vary
             in shape and were left to the task metric).
         module: the LightningModule reloaded from the file (on the module's device), so that the caller can check
-            it further, e.g. over the verification data with :func:`fx_lightning.deploy.flow.verify_artifacts`.
+            it further, e.g. over the verification data with :func:`fx_lightning.deploy.check.verify_artifacts`.
         max_rel_diff: the same difference relative to each output's scale.
         error: why the reloaded networks cannot stand for the fused ones (outputs of another structure), or ``""``.
         mismatch: where their outputs differ on the captured inputs beyond ``rtol``, or ``""``: a verdict only where
@@ -117,8 +119,7 @@ def write_deploy_checkpoint(
     torch.save(checkpoint, path)
 
     reloaded, loaded_with, notes = _reload(pl_module, path)
-    device = next(iter(pl_module.parameters()), torch.empty(0)).device
-    reloaded.to(device)
+    reloaded.to(module_device(pl_module))
     result = DeployCheckpoint(path, loaded_with, 0.0, notes, reloaded)
     errors, mismatches = [], []
     for network, module in fused.items():
@@ -150,7 +151,7 @@ def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]
         return cls.load_from_checkpoint(path, map_location="cpu", strict=True), "load_from_checkpoint", []
     except Exception as first:  # noqa: BLE001 - e.g. __init__ arguments not saved with save_hyperparameters()
         first_error = first
-        reason = f"{type(first).__name__}: {_first_line(first)}"
+        reason = f"{type(first).__name__}: {first_line(first)}"
     fresh = fresh_copy(pl_module)
     # our own file, just written; hyper-parameters may hold any object, so not weights_only
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
@@ -158,7 +159,7 @@ def _reload(pl_module: nn.Module, path: Path) -> tuple[nn.Module, str, list[str]
         fresh.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise RuntimeError(
-            f"the deploy checkpoint {path} does not load strictly into {cls.__name__}: {_first_line(err)}"
+            f"the deploy checkpoint {path} does not load strictly into {cls.__name__}: {first_line(err)}"
         ) from err
     note = (
         f"{cls.__name__}.load_from_checkpoint could not load the deploy checkpoint ({reason}); its state dict loads "
@@ -179,8 +180,3 @@ def fresh_copy(pl_module: nn.Module) -> nn.Module:
         if owner is not None:
             memo[id(owner)] = None
     return copy.deepcopy(pl_module, memo)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

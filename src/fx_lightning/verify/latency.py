@@ -1,8 +1,10 @@
 """Median latency of several callables measured side by side, in interleaved rounds within a time budget.
 
-Each round calls every variant once (a sample may repeat a fast call so that it lasts long enough to time),
-in an order that rotates from round to round, so that drift of a shared machine hits every variant alike. The
-ratio of a variant to the reference is the median over rounds of the two samples of the same round.
+Each round calls every variant once (a sample may repeat a fast call so that it lasts long enough to time), in an
+order that changes from round to round (:func:`balanced_orders`: each variant runs first, and right after each
+other, equally often), so that drift of a shared machine hits every variant alike. The ratio of a variant to the
+reference is the median over rounds of the two samples of the same round. On CUDA the calls are timed with CUDA
+events (:func:`time_calls`). ``scripts/benchmarking.py`` times its variants with the same function.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def measure_latency(
     min_rounds: int = 3,
     max_rounds: int = 1000,
     min_sample_s: float = 1e-3,
+    device: torch.device | None = None,
+    owner: str = "measure_latency",
 ) -> dict[str, Latency]:
     """Time every variant in interleaved rounds, on the current torch thread count, under ``torch.no_grad()``.
 
@@ -69,6 +73,9 @@ def measure_latency(
         min_rounds: fewest timed rounds.
         max_rounds: most timed rounds.
         min_sample_s: shortest duration of one timed sample; faster calls are repeated within a sample.
+        device: where the variants run: on CUDA they are timed with CUDA events; ``None`` (or another device):
+            with ``time.perf_counter``.
+        owner: the function the user called, which error messages name.
 
     Returns:
         name -> :class:`Latency`, in the order of ``variants``.
@@ -83,28 +90,31 @@ def measure_latency(
     """
     if reference not in variants:
         raise ValueError(
-            f"measure_latency(reference={reference!r}) is not one of the variants {list(variants)}. "
+            f"{owner}(reference={reference!r}) is not one of the variants {list(variants)}. "
             "Pass the name of the variant to compare against."
         )
-    if not (isinstance(budget_s, (int, float)) and budget_s >= 0) or not 1 <= min_rounds <= max_rounds:
+    budget_ok = isinstance(budget_s, (int, float)) and budget_s >= 0
+    if not budget_ok or not 1 <= min_rounds <= max_rounds:
+        needs = ("budget_s >= 0 and " if not budget_ok else "") + "1 <= min_rounds <= max_rounds"
         raise ValueError(
-            f"measure_latency(budget_s={budget_s!r}, min_rounds={min_rounds!r}, max_rounds={max_rounds!r}) needs "
-            "budget_s >= 0 and 1 <= min_rounds <= max_rounds."
+            f"{owner}(budget_s={budget_s!r}, min_rounds={min_rounds!r}, max_rounds={max_rounds!r}) needs {needs}."
         )
     names = list(variants)
     with torch.no_grad():
         for name in names:
             for _ in range(warmup):
                 variants[name]()
-        one_call = {name: _seconds(variants[name], 1) for name in names}
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        one_call = {name: time_calls(variants[name], 1, device) for name in names}
         calls = {name: max(1, math.ceil(min_sample_s / max(one_call[name], 1e-9))) for name in names}
         round_s = sum(calls[name] * one_call[name] for name in names)
         rounds = min(max_rounds, max(min_rounds, int(budget_s / max(round_s, 1e-9))))
         samples: dict[str, list[float]] = {name: [] for name in names}
+        orders = balanced_orders(len(names))
         for r in range(rounds):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                samples[name].append(_seconds(variants[name], calls[name]))
+            for i in orders[r % len(orders)]:
+                samples[names[i]].append(time_calls(variants[names[i]], calls[names[i]], device))
     return {
         name: Latency(
             median_ms=statistics.median(samples[name]) * 1e3,
@@ -117,8 +127,43 @@ def measure_latency(
     }
 
 
-def _seconds(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
+def time_calls(fn: Callable[[], Any], calls: int, device: torch.device | None = None) -> float:
+    """The mean wall time in seconds of ``calls`` calls of ``fn``.
+
+    On CUDA the calls are bracketed by CUDA events and the end event is synchronised, so that the time covers the
+    kernels, not only their launch; elsewhere ``time.perf_counter`` is used.
+
+    Example:
+        >>> time_calls(lambda: None, 10) < 1.0
+        True
+    """
+    if device is not None and device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0 / calls
+    begin = time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - begin) / calls
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` variants in which each runs first equally often and right after each other equally often.
+
+    A plain rotation would keep every variant's predecessor fixed (what it leaves in caches, how much of the turbo
+    budget it used); these are the rows of a Williams Latin square, which balances both. For odd ``n`` the square's
+    rows are followed by their reverses.
+
+    Example:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    first = [0]
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 from torchmetrics import MaxMetric, MeanMetric, MeanSquaredError, Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from fx_lightning.trees import batch_size, leading_size, like_module, tree_to
 from fx_lightning.verify.compare import Comparison, compare_trees
 from fx_lightning.verify.detections import DetectionAgreement, compare_detections, is_detections
 
@@ -382,9 +383,9 @@ class Verifier(nn.Module):
                     f"{shapes[1]} for what the metric scores. They must compute the same function; check the fusion "
                     "report."
                 )
-            target = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, target)
+            target = tree_to(target, device=device)
             self.metric_original.update(_as_float(preds_original), target)
-            self.metric_fused.update(_as_float(tree_map(_to(device), preds_fused)), target)
+            self.metric_fused.update(_as_float(tree_to(preds_fused, device=device)), target)
             self.num_targeted.update(torch.tensor(float(batch_size), device=device))
 
     def _compare_detections(self, original: Any, fused: Any, rtol: float, device: torch.device) -> None:
@@ -619,9 +620,7 @@ def _ties_sentence(
 
 
 def _run(net: Callable[..., Any], inputs: Any) -> Any:
-    param = _first_floating_parameter(net)
-    if param is not None:
-        inputs = _match_inputs(inputs, param.dtype, param.device)
+    inputs = like_module(inputs, net)
     with eval_mode(net):
         return call_with_input(net, inputs)
 
@@ -677,26 +676,6 @@ def preserved_rng() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-
-
-def _first_floating_parameter(net: Any) -> Tensor | None:
-    if not isinstance(net, nn.Module):
-        return None
-    for tensor in (*net.parameters(), *net.buffers()):
-        if tensor.is_floating_point():
-            return tensor
-    return None
-
-
-def _match_inputs(inputs: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    def convert(value: Any) -> Any:
-        if not isinstance(value, Tensor):
-            return value
-        if value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
-        return value.to(device)
-
-    return tree_map(convert, inputs)
 
 
 @contextlib.contextmanager
@@ -867,25 +846,19 @@ def _device_of(output: Any) -> torch.device:
 
 
 def _batch_size(preds: Any, inputs: Any) -> int:
-    """The batch's sample count: a list of images counts its images; otherwise the first batched tensor of the
-    input; the outputs' only when the input has none. Never the length of a list of outputs (five feature maps
+    """The batch's sample count: its inputs' (:func:`fx_lightning.trees.batch_size`, else their first batched
+    tensor's); the outputs' only when the input has none. Never the length of a list of outputs (five feature maps
     of one batch are not five samples)."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    first = args[0] if args else None
-    if isinstance(first, (list, tuple)) and first and all(isinstance(t, Tensor) for t in first):
-        return len(first)
-    leaf = next((t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.dim() > 0), None)
-    if leaf is not None:
-        return int(leaf.shape[0])
+    size = batch_size(args)
+    size = leading_size(args) if size is None else size
+    if size is not None:
+        return size
     if isinstance(preds, Tensor):
         return int(preds.shape[0]) if preds.dim() > 0 else 1
     if isinstance(preds, (list, tuple)) and preds and all(isinstance(p, Mapping) for p in preds):
         return len(preds)  # one detection dict per image
     return 1
-
-
-def _to(device: torch.device) -> Callable[[Any], Any]:
-    return lambda t: t.to(device) if isinstance(t, Tensor) else t
 
 
 def _as_float(preds: Any) -> Any:

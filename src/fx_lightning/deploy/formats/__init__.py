@@ -3,14 +3,22 @@
 Each format lives in its own module (:mod:`.pt2`, :mod:`.onnx`, :mod:`.aoti`, :mod:`.openvino`, :mod:`.weights`) as an
 :class:`Exporter`: how to write the network, how to load the file back in the runtime that will run it, and
 what it needs installed. :func:`fx_lightning.deploy.export.export_artifacts` and
-:func:`fx_lightning.deploy.flow.verify_artifacts` read this table; adding a format means adding one module and one
+:func:`fx_lightning.deploy.check.verify_artifacts` read this table; adding a format means adding one module and one
 :func:`register_exporter` call.
 """
 
 from __future__ import annotations
 
-from fx_lightning.deploy.formats.aoti import AOTI, MissingCompilerError
-from fx_lightning.deploy.formats.base import Exporter, ExportJob, LoadContext, MissingExtraError, Runner
+from fx_lightning.deploy.formats.aoti import AOTI
+from fx_lightning.deploy.formats.base import (
+    Exporter,
+    ExportJob,
+    LoadContext,
+    MissingCompilerError,
+    MissingExtraError,
+    Runner,
+    check_options,
+)
 from fx_lightning.deploy.formats.onnx import ONNX
 from fx_lightning.deploy.formats.openvino import OPENVINO
 from fx_lightning.deploy.formats.pt2 import PT2
@@ -64,6 +72,7 @@ __all__ = [
     "MissingCompilerError",
     "MissingExtraError",
     "Runner",
+    "check_options",
     "register_exporter",
     "registered_exporters",
     "unregister_exporter",

@@ -25,20 +25,16 @@ from fx_lightning.deploy.formats.base import (
     Exporter,
     ExportJob,
     LoadContext,
+    MissingCompilerError,
     Runner,
-    first_line,
-    module_device,
+    on_device,
     reject_unknown,
-    to_device,
 )
+from fx_lightning.errors import first_line
 
 #: Inductor settings an AOTI package is compiled with unless ``inductor_configs`` says otherwise.
 DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
 SUFFIX = ".aoti.pt2"  # aoti_compile_and_package wants a .pt2 name; ".aoti" tells it from a torch.export program
-
-
-class MissingCompilerError(RuntimeError):
-    """No working C++ compiler: AOTInductor cannot build its package."""
 
 
 def check_aoti(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,7 +79,7 @@ def find_compiler() -> str:
     except exc.InvalidCxxCompiler as err:
         searched = [c for c in _as_tuple(inductor_config.cpp.cxx) if c is not None]
         raise MissingCompilerError(
-            f"export_artifacts(formats=['aoti']) needs a C++ compiler to build the AOTInductor package, and none "
+            f"needs a C++ compiler to build the AOTInductor package, and none "
             f"works here: tried {searched} (torch._inductor.config.cpp.cxx; $CXX={os.environ.get('CXX', '')!r}). "
             "Install one (e.g. apt-get install g++), or set CXX=/path/to/g++, or leave 'aoti' out of formats."
         ) from err
@@ -102,11 +98,8 @@ def write_aoti(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
     try:
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(options["inductor_configs"]))
     except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['aoti']) could not compile {type(job.module).__name__} with AOTInductor: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'onnx', 'weights']."
-        ) from err
+        doing = f"compile {type(job.module).__name__} with AOTInductor"
+        raise job.failed("aoti", doing, err, ["pt2", "onnx", "weights"]) from err
     return path
 
 
@@ -115,8 +108,7 @@ def load_aoti(path: Path, context: LoadContext) -> Runner:
     from torch._inductor import aoti_load_package
 
     compiled = aoti_load_package(str(path))
-    device = module_device(context.module)
-    return lambda *args: compiled(*to_device(args, device))
+    return on_device(compiled, context.module)
 
 
 def aoti_runtime(options: Mapping[str, Any]) -> str:

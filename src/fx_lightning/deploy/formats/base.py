@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import Dim
 from torch.utils._pytree import tree_map
+
+from fx_lightning.errors import first_line
+from fx_lightning.trees import module_device, tree_to
 
 #: A loaded artifact, called like the network: ``runner(*inputs)``.
 Runner = Callable[..., Any]
@@ -21,6 +25,10 @@ Runner = Callable[..., Any]
 
 class MissingExtraError(ModuleNotFoundError):
     """An optional dependency of fx-lightning is not installed; the message names the pip extra to install."""
+
+
+class MissingCompilerError(RuntimeError):
+    """No working C++ compiler: AOTInductor cannot build its package."""
 
 
 @dataclass
@@ -31,11 +39,14 @@ class ExportJob:
         module: the network to write, in eval mode.
         inputs: positional inputs of one forward call.
         dynamic_shapes: ``torch.export`` dynamic shapes (a dynamic batch dimension), or ``None`` for fixed shapes.
+        owner: the function the user called (``"write_artifacts"``, ``"export_artifacts"``, ...), which the
+            exporters' errors name.
     """
 
     module: nn.Module
     inputs: tuple[Any, ...]
     dynamic_shapes: tuple[Any, ...] | None = None
+    owner: str = "write_artifacts"
     _program: torch.export.ExportedProgram | None = None
     _capture_error: Exception | None = None
     #: what each format's writer wants reported with its artifact (format -> notes), e.g. an exporter fallback.
@@ -56,12 +67,20 @@ class ExportJob:
             if self._capture_error is not None:
                 err = self._capture_error
                 raise RuntimeError(
-                    f"export_artifacts(formats=[{fmt!r}]): torch.export.export could not capture "
+                    f"{self.owner}(formats=[{fmt!r}]): torch.export.export could not capture "
                     f"{type(self.module).__name__}: {type(err).__name__}: {first_line(err)} (full error above). "
                     "Export the other formats with formats=['weights'], or make the forward exportable (no branches "
                     "on tensor values)."
                 ) from err
         return self._program
+
+    def failed(self, fmt: str, doing: str, err: BaseException, instead: list[str]) -> RuntimeError:
+        """The error a writer raises when ``fmt`` cannot be written: the call, what failed (``doing``), the upstream
+        error's first line, and the formats to export ``instead``; raise it ``from err``."""
+        return RuntimeError(
+            f"{self.owner}(formats=[{fmt!r}]) could not {doing}: {type(err).__name__}: {first_line(err)} (full error "
+            f"above). Export the other formats with formats={instead!r}."
+        )
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,19 @@ class Exporter:
     traced: bool = True
 
 
+def check_options(exporter: Exporter, options: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """``exporter.check(options)``; what it needs and does not find here (an extra, a compiler) is named with the call
+    that asked for it: ``write_artifacts(formats=['onnx']) needs onnx, ...``.
+
+    Raises:
+        MissingExtraError, MissingCompilerError: prefixed with ``owner(formats=[name])``.
+    """
+    try:
+        return exporter.check(options)
+    except (MissingExtraError, MissingCompilerError) as err:
+        raise type(err)(f"{owner}(formats=[{exporter.name!r}]) {err}") from err
+
+
 def no_options(fmt: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """A ``check`` for formats without options: any option given is an error."""
 
@@ -124,19 +156,13 @@ def reject_unknown(fmt: str, options: Mapping[str, Any], known: tuple[str, ...])
         )
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (the type's name when the message is empty)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+def on_device(run: Runner, module: nn.Module) -> Runner:
+    """``run`` fed as the module it was written from is: every tensor on the module's device, contiguous (as compiled
+    runtimes expect)."""
+    device = module_device(module)
+    return lambda *args: run(*tree_to(args, device=device, contiguous=True))
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """The device of the module's first parameter or buffer (the CPU for a module without tensors)."""
-    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
-
-
-def to_device(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
-    """``args`` with every tensor moved to ``device`` (and made contiguous, as compiled runtimes expect)."""
-    if all(isinstance(a, torch.Tensor) and a.device == device and a.is_contiguous() for a in args):
-        return args  # the common case, without the cost of a tree walk on every call
-    return tree_map(lambda t: t.to(device).contiguous() if isinstance(t, torch.Tensor) else t, args)
+def batch_dim_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``torch.export`` dynamic shapes with a dynamic leading (batch) dimension on every tensor input that has one."""
+    return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None, inputs)

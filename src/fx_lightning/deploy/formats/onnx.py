@@ -31,9 +31,10 @@ from fx_lightning.deploy.formats.base import (
     LoadContext,
     MissingExtraError,
     Runner,
-    first_line,
     reject_unknown,
 )
+from fx_lightning.errors import first_line
+from fx_lightning.trees import tensor_leaves
 
 _INLINE_LIMIT = 1 << 30  # bytes of parameters above which ONNX weights go to an external data file
 #: Short names of ``onnxruntime.GraphOptimizationLevel`` members.
@@ -53,8 +54,7 @@ def import_onnx() -> tuple[Any, Any]:
         import onnxruntime
     except ImportError as err:
         raise MissingExtraError(
-            f"export_artifacts(formats=['onnx']) needs onnx, onnxruntime and onnxscript ({err}). "
-            'Install them with: pip install "fx-lightning[onnx]"'
+            f'needs onnx, onnxruntime and onnxscript ({err}). Install them with: pip install "fx-lightning[onnx]"'
         ) from err
     return onnx, onnxruntime
 
@@ -119,11 +119,7 @@ def write_onnx(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
         )
         onnx.checker.check_model(str(path))
     except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['onnx']) could not export {type(job.module).__name__}: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'weights']."
-        ) from err
+        raise job.failed("onnx", f"export {type(job.module).__name__}", err, ["pt2", "weights"]) from err
     return path
 
 
@@ -146,11 +142,10 @@ def _write_torchscript_onnx(job: ExportJob, path: Path, onnx: Any) -> None:
             )
         onnx.checker.check_model(str(path))
     except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['onnx']) could not export {type(job.module).__name__}: torch.export cannot "
-            f"capture it, and the TorchScript-based exporter failed too: {type(err).__name__}: {first_line(err)}. "
-            "Export the other formats with formats=['weights']."
-        ) from err
+        doing = (
+            f"export {type(job.module).__name__}: torch.export cannot capture it, and the TorchScript-based exporter"
+        )
+        raise job.failed("onnx", doing + " failed too", err, ["weights"]) from err
 
 
 def load_onnx(path: Path, context: LoadContext) -> Runner:
@@ -168,7 +163,7 @@ def load_onnx(path: Path, context: LoadContext) -> Runner:
     spec = context.output_spec
 
     def run(*args: Any) -> Any:
-        tensors = [t for t in tree_leaves(args) if isinstance(t, Tensor)]
+        tensors = tensor_leaves(args)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(names, tensors)}
         outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
         if spec is not None and spec.num_leaves == len(outputs):

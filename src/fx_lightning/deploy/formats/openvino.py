@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
 from fx_lightning.deploy.formats.base import (
     Exporter,
@@ -28,9 +27,9 @@ from fx_lightning.deploy.formats.base import (
     LoadContext,
     MissingExtraError,
     Runner,
-    first_line,
     reject_unknown,
 )
+from fx_lightning.trees import tensor_leaves
 
 
 def import_openvino() -> Any:
@@ -39,8 +38,7 @@ def import_openvino() -> Any:
         import openvino
     except ImportError as err:
         raise MissingExtraError(
-            f"export_artifacts(formats=['openvino']) needs openvino ({err}). "
-            'Install it with: pip install "fx-lightning[openvino]"'
+            f'needs openvino ({err}). Install it with: pip install "fx-lightning[openvino]"'
         ) from err
     return openvino
 
@@ -77,11 +75,7 @@ def write_openvino(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Pa
         model = ov.convert_model(job.program("openvino"))
         ov.save_model(model, str(path), compress_to_fp16=False)
     except Exception as err:
-        raise RuntimeError(
-            f"export_artifacts(formats=['openvino']) could not convert {type(job.module).__name__}: "
-            f"{type(err).__name__}: {first_line(err)} (full error above). Export the other formats with "
-            "formats=['pt2', 'onnx', 'weights']."
-        ) from err
+        raise job.failed("openvino", f"convert {type(job.module).__name__}", err, ["pt2", "onnx", "weights"]) from err
     return path
 
 
@@ -96,7 +90,7 @@ def load_openvino(path: Path, context: LoadContext) -> Runner:
     spec = context.output_spec
 
     def run(*args: Any) -> Any:
-        arrays = [t.detach().cpu().contiguous().numpy() for t in tree_leaves(args) if isinstance(t, Tensor)]
+        arrays = [t.detach().cpu().contiguous().numpy() for t in tensor_leaves(args)]
         results = compiled(arrays)
         outputs = [torch.from_numpy(results[out].copy()) for out in compiled.outputs]
         if spec is not None and spec.num_leaves == len(outputs):

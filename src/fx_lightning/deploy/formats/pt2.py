@@ -13,9 +13,8 @@ from fx_lightning.deploy.formats.base import (
     ExportJob,
     LoadContext,
     Runner,
-    module_device,
     no_options,
-    to_device,
+    on_device,
 )
 
 
@@ -29,9 +28,8 @@ def write_pt2(job: ExportJob, stem: Path, options: Mapping[str, Any]) -> Path:
 def load_pt2(path: Path, context: LoadContext) -> Runner:
     """The saved program as a module (on the device its weights were saved from)."""
     program = torch.export.load(path).module()
-    device = module_device(context.module)
     # a plain function, not the module: exported modules refuse .eval(), which verification calls on modules
-    return lambda *args: program(*to_device(args, device))
+    return on_device(program, context.module)
 
 
 def pt2_runtime(options: Mapping[str, Any]) -> str:

@@ -16,9 +16,8 @@ from fx_lightning.deploy.formats.base import (
     ExportJob,
     LoadContext,
     Runner,
-    module_device,
     no_options,
-    to_device,
+    on_device,
 )
 
 
@@ -44,8 +43,7 @@ def load_weights(path: Path, context: LoadContext) -> Runner:
     _, load, _ = weights_backend(path.suffix)
     restored.load_state_dict(load(path), strict=True)
     restored.eval()
-    device = module_device(context.module)
-    return lambda *args: restored(*to_device(args, device))
+    return on_device(restored, context.module)
 
 
 def weights_runtime(options: Mapping[str, Any]) -> str:

@@ -26,11 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils._pytree import tree_leaves
+from torch import nn
 
-from fx_lightning.deploy.formats.base import MissingExtraError, first_line
+from fx_lightning.deploy.export import Artifact
+from fx_lightning.deploy.formats.base import MissingExtraError
 from fx_lightning.deploy.formats.onnx import import_onnx
+from fx_lightning.deploy.int8.backends import Int8Backend, register_int8_backend
+from fx_lightning.deploy.int8.options import Int8Options
+from fx_lightning.errors import first_line
+from fx_lightning.trees import tensor_leaves
 
 #: ONNX operators whose weights are quantized (and whose names a float fallback lists).
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -235,10 +239,24 @@ def _is_x86() -> bool:
 def _feeds(calibration: Sequence[tuple[Any, ...]], names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """ONNX Runtime feeds of the calibration inputs (already in batches the file runs)."""
     for args in calibration:
-        tensors = [t.detach().cpu().contiguous() for t in tree_leaves(args) if isinstance(t, Tensor)]
+        tensors = [t.detach().cpu().contiguous() for t in tensor_leaves(args)]
         if any(t.dtype == torch.bfloat16 for t in tensors):
             raise TypeError(
                 "int8 'onnx' calibrates through NumPy, which has no bfloat16: export the network in float32 "
                 "(e.g. a float32 copy of a bf16-true model) to quantize it"
             )
         yield {name: t.numpy() for name, t in zip(names, tensors)}
+
+
+def _check() -> None:
+    import_quantization()
+
+
+def _make(
+    base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
+) -> OnnxQuantizer:
+    return OnnxQuantizer(base.path, calibration, options.calibration_method)
+
+
+#: ``onnx-int8``: how the int8 version of an ``onnx`` artifact is made.
+ONNX_INT8 = register_int8_backend(Int8Backend("onnx", "int8 QDQ", _check, _make, calibration_methods=tuple(METHODS)))

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.export import Dim
-from torch.utils._pytree import tree_leaves, tree_map
 
+from fx_lightning.deploy.export import Artifact
 from fx_lightning.deploy.formats.aoti import DEFAULT_INDUCTOR_CONFIGS, find_compiler
-from fx_lightning.deploy.formats.base import MissingExtraError, module_device
+from fx_lightning.deploy.formats.base import MissingExtraError, batch_dim_shapes
+from fx_lightning.deploy.int8.backends import Int8Backend, register_int8_backend
+from fx_lightning.deploy.int8.options import Int8Options
+from fx_lightning.trees import leading_size, module_device, tensor_leaves
 
 #: Layers the x86 Inductor quantizer makes int8 (and a float fallback can name).
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -100,7 +102,7 @@ class Pt2eQuantizer:
     @property
     def num_samples(self) -> int:
         """Calibration samples seen (rows of the first input over all calibration calls)."""
-        return sum(_rows(args) for args in self.calibration)
+        return sum(1 if (rows := leading_size(args)) is None else rows for args in self.calibration)
 
     def facts(self) -> dict[str, Any]:
         """How it quantizes: the x86 Inductor quantizer's default static configuration, min/max observers."""
@@ -133,7 +135,7 @@ class Pt2eQuantizer:
         calibration inputs, its outputs' squared error relative to the float network's. Most sensitive first."""
         if self._float_outputs is None:
             with torch.no_grad():
-                self._float_outputs = [_leaves(self._capture()(*args)) for args in self.calibration]
+                self._float_outputs = [tensor_leaves(self._capture()(*args)) for args in self.calibration]
         reference = self._float_outputs
         energy = sum(float(o.double().square().sum()) for outs in reference for o in outs) or 1.0
         errors = []
@@ -143,7 +145,7 @@ class Pt2eQuantizer:
                 squared = sum(
                     float((q.double() - f.double()).square().sum())
                     for args, fs in zip(self.calibration, reference)
-                    for q, f in zip(_leaves(converted(*args)), fs)
+                    for q, f in zip(tensor_leaves(converted(*args)), fs)
                 )
             errors.append((layer, squared / energy))
         return sorted(errors, key=lambda item: -item[1] if item[1] == item[1] else -math.inf)  # NaN: most sensitive
@@ -174,15 +176,25 @@ class Pt2eQuantizer:
         return convert_pt2e(prepared)
 
     def _dynamic_shapes(self) -> tuple[Any, ...] | None:
-        if not self.dynamic_batch:
-            return None
-        return tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() > 0 else None, self.inputs)
+        return batch_dim_shapes(self.inputs) if self.dynamic_batch else None
 
 
-def _leaves(out: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+def _check() -> None:
+    import_torchao()
+    find_compiler()
 
 
-def _rows(args: tuple[Any, ...]) -> int:
-    first = next((t for t in tree_leaves(args) if isinstance(t, Tensor) and t.dim() > 0), None)
-    return int(first.shape[0]) if first is not None else 1
+def _make(
+    base: Artifact, fused: nn.Module, inputs: tuple[Any, ...], calibration: list[tuple[Any, ...]], options: Int8Options
+) -> Pt2eQuantizer:
+    return Pt2eQuantizer(
+        fused,
+        inputs,
+        calibration,
+        dynamic_batch=base.batch_size is None,
+        inductor_configs=dict(base.options.get("inductor_configs") or {}),
+    )
+
+
+#: ``aoti-int8``: how the int8 version of an ``aoti`` package is made.
+AOTI_INT8 = register_int8_backend(Int8Backend("aoti", "int8 PT2E x86 Inductor", _check, _make))
