@@ -443,6 +443,8 @@ def export_and_verify(
     options: ExportOptions | None = None,
     int8: Int8Options | Mapping[str, Any] | None = None,
     calibration: Iterable[Any] | None = None,
+    artifacts: Mapping[str, Artifact] | None = None,
+    keep_going: bool = False,
     **verify_kwargs: Any,
 ) -> DeployReport:
     """:func:`~fx_lightning.deploy.export.write_artifacts` then :func:`verify_artifacts`: write, check, time, report.
@@ -462,6 +464,10 @@ def export_and_verify(
             ``{"formats": ["onnx"], "max_metric_drop": 0.01}``); each one's float format is written too.
             ``None``: no int8.
         calibration: the batches int8 calibrates on (the training data); required with ``int8``.
+        artifacts: artifacts the caller made itself, checked and timed with the written ones, after them (an
+            :class:`~fx_lightning.deploy.export.Artifact` with ``runner=``, e.g. a checkpoint it reloaded).
+        keep_going: an int8 version that cannot be made (its calibration data cannot be read, its quantizer
+            fails) fails only the int8 artifacts, with the reason as their ``error``, instead of raising.
         **verify_kwargs: :func:`verify_artifacts`'s keyword arguments (``metric``, ``tolerance``, ``strict``, ...).
 
     Returns:
@@ -477,7 +483,12 @@ def export_and_verify(
         >>> sorted(report.announced()), report.artifacts["weights"].verification.num_samples
         (['pt2', 'weights'], 24)
     """
-    from fx_lightning.deploy.int8.quantize import int8_options, quantize_artifacts  # it builds on this module
+    from fx_lightning.deploy.int8.quantize import (  # it builds on this module
+        SUFFIX,
+        int8_options,
+        quantize_artifacts,
+        unmade,
+    )
 
     int8_wanted = int8_options(int8, "export_and_verify")
     if int8_wanted is not None:
@@ -501,16 +512,23 @@ def export_and_verify(
     )
     if int8_wanted is not None:
         keys = ("metric", "get_input", "get_target", "max_batches")
-        written |= quantize_artifacts(
-            written,
-            original,
-            fused,
-            calibration,
-            batches,
-            example_inputs,
-            int8_wanted,
-            **{k: v for k, v in verify_kwargs.items() if k in keys},
-        )
+        try:
+            written |= quantize_artifacts(
+                written,
+                original,
+                fused,
+                calibration,
+                batches,
+                example_inputs,
+                int8_wanted,
+                **{k: v for k, v in verify_kwargs.items() if k in keys},
+            )
+        except Exception as err:
+            if not keep_going:
+                raise
+            error = f"int8 could not be made: {type(err).__name__}: {err}"
+            written |= {f + SUFFIX: unmade(f, written.get(f), error) for f in int8_wanted.formats}
+    written |= dict(artifacts or {})
     return verify_artifacts(written, original, fused, batches, example_inputs, **verify_kwargs)
 
 
