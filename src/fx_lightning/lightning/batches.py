@@ -22,7 +22,8 @@ import torch
 
 from fx_lightning.deploy.int8.quantize import read_batches
 from fx_lightning.lightning import compat
-from fx_lightning.lightning.networks import Network, forward_of, run_forward
+from fx_lightning.lightning.networks import Network, forward_of, networks_of, run_forward
+from fx_lightning.lightning.options import FuseOptions
 from fx_lightning.verify.verifier import default_get_input, default_get_target
 
 _OWN_LOOP = {"test": "test", "predict": "predict", "validate": "validate"}
@@ -209,27 +210,23 @@ def example_input(trainer: Any, pl_module: Any, given: Any, binding: InputBindin
     return binding.input_of(to_device(trainer, pl_module, first_batch))
 
 
-def check_first_batch(
-    trainer: Any,
-    pl_module: Any,
-    networks: list[Network],
-    batches: Batches,
-    binding: InputBinding,
-    given_example: Any,
-    verify: bool,
-) -> None:
-    """Fail before training on what the first verification batch shows: the input and target layout, the forward
-    signature. Errors repeat ``FuseOnExport(get_input=...)``/``(get_target=...)`` and the batch.
+def check_first_batch(trainer: Any, pl_module: Any, options: FuseOptions, stage: str) -> None:
+    """Fail before training on what the first verification batch before ``stage`` shows: the input and target
+    layout, the forward signature. Errors repeat ``FuseOnExport(get_input=...)``/``(get_target=...)`` and the batch.
 
     Raises:
         TypeError: if the forward cannot take the input the way it will be called (or what ``get_input``/
             ``get_target`` raised, with the batch named).
     """
+    networks = networks_of(pl_module, options.attributes)
     if not networks:
         return
+    batches = verification_batches(trainer, stage, options.verify_dataloader, options.max_verify_batches)
     batch = batches.first()
+    given_example = options.example_input
     if batch is None and given_example is None:
         return
+    binding = InputBinding(options.get_input, options.get_target)
     where = f"the first {batches.source} batch ({describe(batch)})"
     binding.bind(pl_module, networks, batch)
     if given_example is not None:
@@ -242,7 +239,7 @@ def check_first_batch(
                 f"FuseOnExport(get_input={callable_name(binding.get_input)}) could not take the network input "
                 f"from {where}: {err}"
             ) from err
-    if batch is not None and verify:
+    if batch is not None and options.verify:
         try:
             binding.target_of(batch)
         except Exception as err:

@@ -1,10 +1,9 @@
 """``FuseOnExport``: the Lightning callback that fuses, verifies and exports at the right moments.
 
-The callback decides *when* things happen and delegates *what* happens: :mod:`.options` checks what it was asked,
-:mod:`.fusing` fuses the LightningModule's networks (:func:`fx_lightning.fuse`) and verifies them with torchmetrics,
-:mod:`.export` writes and checks the artifacts (:func:`fx_lightning.deploy.flow.export_and_verify`),
-:mod:`.summary` reports, warns and raises, :mod:`.networks` puts fused networks in place and back, :mod:`.batches`
-finds the batches and binds their inputs, and every use of Lightning's internals sits in :mod:`.compat`.
+The callback decides *when* things happen and delegates *what* happens: :mod:`.options` checks its arguments,
+:mod:`.fusing` fuses and verifies, :mod:`.export` writes and checks the artifacts (through
+:func:`fx_lightning.deploy.flow.export_and_verify`), :mod:`.summary` reports, warns and raises, :mod:`.networks`
+swaps networks, :mod:`.batches` finds the batches, and every use of Lightning's internals sits in :mod:`.compat`.
 
 When, in one picture::
 
@@ -35,20 +34,13 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from fx_lightning.lightning import compat
-from fx_lightning.lightning.batches import InputBinding, check_first_batch, keep_one_shot, verification_batches
+from fx_lightning.lightning.batches import InputBinding, check_first_batch, keep_one_shot
 from fx_lightning.lightning.export import export, exports_unfolded
 from fx_lightning.lightning.fusing import Run, compute_verification, prepare
 from fx_lightning.lightning.networks import SELF, Swap, is_fused, networks_of, restore_original
-from fx_lightning.lightning.options import (
-    CHECKPOINT_FORMAT,
-    OPTION_NAMES,
-    ExportStage,
-    FuseOptions,
-    OnMismatch,
-    Stage,
-)
+from fx_lightning.lightning.options import OPTION_NAMES, ExportStage, FuseOptions, OnMismatch, Stage
 from fx_lightning.lightning.result import FuseResult, FuseState, Outcome
-from fx_lightning.lightning.summary import REPORT_FILE, info, raise_or_warn, report_file, trainer_fn, write_report
+from fx_lightning.lightning.summary import info, raise_or_warn, report_file, trainer_fn, write_report
 from fx_lightning.verify.verifier import preserved_rng
 
 try:  # the standalone package is installed next to ``lightning``; users may build either Trainer
@@ -59,15 +51,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     _CALLBACK_BASES = (_LightningCallback,)
 
 __all__ = ["SELF", "FuseOnExport", "FuseResult", "Outcome", "is_fused", "restore_original"]
-__all__ += ["CHECKPOINT_FORMAT", "REPORT_FILE", "report_file"]  # kept importable from here
 
 #: Checkpoints written by earlier versions after ``fit`` carried the unfused weights under this key.
 LEGACY_UNFUSED_STATE_KEY = "fx_lightning_unfused_state_dict"
-
-_COMPILED_NOTE = (
-    "{name} runs compiled (torch.compile): its networks were fused, verified and exported through its own "
-    "uncompiled forward{loop}"
-)
 
 
 class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -209,30 +195,8 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         passes: list[str] | None = None,
         strict: bool = False,
     ) -> None:
-        self.options = FuseOptions(
-            attributes=attributes,
-            stages=stages,
-            fuse_after_fit=fuse_after_fit,
-            verify=verify,
-            metric=metric,
-            tolerance=tolerance,
-            on_mismatch=on_mismatch,
-            max_verify_batches=max_verify_batches,
-            verify_dataloader=verify_dataloader,
-            get_input=get_input,
-            get_target=get_target,
-            example_input=example_input,
-            export_dir=export_dir,
-            export_formats=export_formats,
-            export_stages=export_stages,
-            export_options=export_options,
-            deploy_latency_budget=deploy_latency_budget,
-            int8=int8,
-            calibration_dataloader=calibration_dataloader,
-            dynamic_batch=dynamic_batch,
-            passes=passes,
-            strict=strict,
-        )
+        # The constructor's arguments are the options, by name (the signature stays what LightningCLI reads).
+        self.options = FuseOptions(**{name: value for name, value in locals().items() if name in OPTION_NAMES})
         #: What a checkpoint keeps of this callback (its fusion history).
         self.state = FuseState()
         self.last_result: FuseResult | None = None
@@ -280,11 +244,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
         a misconfiguration fails now rather than after training."""
         if self.options.fuse_after_fit:
             with preserved_rng(), compat.uncompiled(pl_module):
-                o = self.options
-                networks = networks_of(pl_module, o.attributes)
-                batches = verification_batches(trainer, "fit", o.verify_dataloader, o.max_verify_batches)
-                binding = InputBinding(o.get_input, o.get_target)
-                check_first_batch(trainer, pl_module, networks, batches, binding, o.example_input, o.verify)
+                check_first_batch(trainer, pl_module, self.options, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Runs once training finished normally, with the module still on its device: fuses copies, verifies and
@@ -422,10 +382,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             # trainer.log_dir broadcasts under DDP: every rank asks for it, before anything can fail.
             directory = Path(o.export_dir or (Path(trainer.log_dir or trainer.default_root_dir) / "fused"))
             result.report_path = str(directory / report_file(stage, o.export_stages or []))
-            run = Run(trainer, pl_module, stage, result, InputBinding(o.get_input, o.get_target))
-            if compiled:
-                loop = "" if stage == "fit" else f"; the {stage} loop's compiled steps run the fused networks"
-                result.notes.append(_COMPILED_NOTE.format(name=type(pl_module).__name__, loop=loop))
+            run = Run(trainer, pl_module, stage, result, InputBinding(o.get_input, o.get_target), compiled=compiled)
             failure = None
             try:
                 prepare(run, o)

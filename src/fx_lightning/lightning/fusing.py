@@ -54,6 +54,16 @@ class Run:
     replacements: dict[str, nn.Module] = field(default_factory=dict)
     verifier: Verifier | None = None
     step: str = "finding the networks"
+    #: the LightningModule runs compiled: it is fused through its own uncompiled forward
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compiled:
+            loop = "" if self.stage == "fit" else f"; the {self.stage} loop's compiled steps run the fused networks"
+            self.result.notes.append(
+                f"{type(self.pl_module).__name__} runs compiled (torch.compile): its networks were fused, verified "
+                f"and exported through its own uncompiled forward{loop}"
+            )
 
     def forward(self, x: Any, networks: list[Network]) -> Any:
         """The LightningModule's forward on ``x`` (see :func:`~fx_lightning.lightning.networks.run_forward`)."""
