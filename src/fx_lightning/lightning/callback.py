@@ -229,7 +229,7 @@ class FuseOnExport(*_CALLBACK_BASES):  # type: ignore[misc]
             raise ValueError(reason)
         if self._restore():
             info(trainer, f"FuseOnExport: put the original network(s) back before `trainer.{trainer_fn(trainer)}`.")
-        networks_of(pl_module, self.options.attributes)
+        networks_of(pl_module, self.options.attributes)  # raises now on a name that is not a network
         self.options.verify_dataloader = keep_one_shot(self.options.verify_dataloader, self.options.max_verify_batches)
         if self.options.int8 is not None:
             self.options.calibration_dataloader = keep_one_shot(
