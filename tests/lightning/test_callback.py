@@ -457,7 +457,7 @@ def test_fuse_on_export_engine_error_warns_or_raises_when_strict(
     def broken_fuse(*args: Any, **kwargs: Any) -> nn.Module:
         raise RuntimeError("engine exploded")
 
-    monkeypatch.setattr("fx_lightning.lightning.callback.fuse", broken_fuse)
+    monkeypatch.setattr("fx_lightning.lightning.fusing.fuse", broken_fuse)
     model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
     match = r"FuseOnExport failed at the end of fit on \['net'\], in fx_lightning.fuse: RuntimeError: engine exploded"
     with pytest.warns(UserWarning, match=match):
@@ -475,7 +475,7 @@ def test_fuse_on_export_verification_error_warns_and_keeps_original(
     def broken_update(*args: Any, **kwargs: Any) -> None:
         raise ValueError("outputs differ in shape")
 
-    monkeypatch.setattr("fx_lightning.lightning.callback.Verifier.update", broken_update)
+    monkeypatch.setattr("fx_lightning.lightning.fusing.Verifier.update", broken_update)
     model, callback = tiny_cnn(), FuseOnExport(export_formats=[])
     with pytest.warns(UserWarning, match=r"on \['net'\], in the verification pass: ValueError: outputs differ"):
         make_trainer(callbacks=[callback]).fit(model, datamodule=digits)
@@ -578,7 +578,7 @@ def test_fuse_on_export_format_without_its_extra_fails_at_construction(monkeypat
 
     exporters = registered_exporters()
     exporters["onnx"] = dataclasses.replace(exporters["onnx"], check=missing)
-    monkeypatch.setattr("fx_lightning.lightning.callback.registered_exporters", lambda: exporters)
+    monkeypatch.setattr("fx_lightning.lightning.options.registered_exporters", lambda: exporters)
     match = r"FuseOnExport\(export_formats=\['pt2', 'onnx'\]\) cannot write 'onnx' here: needs onnxruntime: pip install"
     with pytest.raises(MissingExtraError, match=match):
         FuseOnExport(export_formats=["pt2", "onnx"])

@@ -25,13 +25,13 @@ SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     import torch
 
-    import fx_lightning.lightning.callback as callback_module
+    import fx_lightning.lightning.export as export_module
     from fx_lightning import FuseOnExport
     from fx_lightning.examples.data import DigitsDataModule
     from fx_lightning.examples.models import DigitsCNN
 
     out = Path(sys.argv[1])
-    export = callback_module.write_artifacts
+    export = export_module.export_and_verify
 
 
     def counted_export(*args, **kwargs):
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         return export(*args, **kwargs)
 
 
-    callback_module.write_artifacts = counted_export
+    export_module.export_and_verify = counted_export
     pl.seed_everything(0, verbose=False)
     model = DigitsCNN(width=4, lr=0.05)
     callback = FuseOnExport(export_dir=str(out / "fused"), export_formats=["weights"])
@@ -82,7 +82,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     import torch
 
-    import fx_lightning.lightning.callback as callback_module
+    import fx_lightning.lightning.fusing as fusing_module
     from fx_lightning import FuseOnExport
     from fx_lightning.examples.data import DigitsDataModule
     from fx_lightning.examples.models import DigitsCNN
@@ -114,7 +114,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     run.fit(DigitsCNN(width=4), datamodule=DigitsDataModule(batch_size=64))
     results["few"] = callback.last_result.to_dict()
 
-    engine = callback_module.fuse
+    engine = fusing_module.fuse
 
 
     def fuse_failing_on_rank_one(*args, **kwargs):
@@ -123,7 +123,7 @@ FAILURE_SCRIPT = textwrap.dedent(
         return engine(*args, **kwargs)
 
 
-    callback_module.fuse = fuse_failing_on_rank_one
+    fusing_module.fuse = fuse_failing_on_rank_one
     callback = FuseOnExport(export_dir=str(out / "fails"), export_formats=["weights"])
     run = trainer(callback)
     model = DigitsCNN(width=4)

@@ -18,8 +18,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from fx_lightning.deploy.check import ArtifactMismatchWarning, check_in_runtimes, failed_path, verify_artifacts
-from fx_lightning.deploy.export import ExportOptions, write_artifacts
-from fx_lightning.deploy.int8.gate import quantize_artifacts
+from fx_lightning.deploy.export import Artifact, ExportOptions, write_artifacts
+from fx_lightning.deploy.int8.gate import SUFFIX, quantize_artifacts, unmade
 from fx_lightning.deploy.int8.options import Int8Options, int8_options
 from fx_lightning.deploy.report import ArtifactReport, DeployReport
 from fx_lightning.deploy.table import deploy_table
@@ -49,6 +49,8 @@ def export_and_verify(
     options: ExportOptions | None = None,
     int8: Int8Options | Mapping[str, Any] | None = None,
     calibration: Iterable[Any] | None = None,
+    artifacts: Mapping[str, Artifact] | None = None,
+    keep_going: bool = False,
     **verify_kwargs: Any,
 ) -> DeployReport:
     """:func:`~fx_lightning.deploy.export.write_artifacts` then :func:`~fx_lightning.deploy.check.verify_artifacts`:
@@ -69,6 +71,10 @@ def export_and_verify(
             ``{"formats": ["onnx"], "max_metric_drop": 0.01}``); each one's float format is written too.
             ``None``: no int8.
         calibration: the batches int8 calibrates on (the training data); required with ``int8``.
+        artifacts: artifacts the caller made itself, checked and timed with the written ones, after them (an
+            :class:`~fx_lightning.deploy.export.Artifact` with ``runner=``, e.g. a checkpoint it reloaded).
+        keep_going: an int8 version that cannot be made (its calibration data cannot be read, its quantizer
+            fails) fails only the int8 artifacts, with the reason as their ``error``, instead of raising.
         **verify_kwargs: :func:`~fx_lightning.deploy.check.verify_artifacts`'s keyword arguments (``metric``,
             ``tolerance``, ``strict``, ...).
 
@@ -109,17 +115,24 @@ def export_and_verify(
     )
     if int8_wanted is not None:
         keys = ("metric", "get_input", "get_target", "max_batches")
-        written |= quantize_artifacts(
-            written,
-            original,
-            fused,
-            calibration,
-            batches,
-            example_inputs,
-            int8_wanted,
-            **{k: v for k, v in verify_kwargs.items() if k in keys},
-            owner="export_and_verify",
-        )
+        try:
+            written |= quantize_artifacts(
+                written,
+                original,
+                fused,
+                calibration,
+                batches,
+                example_inputs,
+                int8_wanted,
+                **{k: v for k, v in verify_kwargs.items() if k in keys},
+                owner="export_and_verify",
+            )
+        except Exception as err:
+            if not keep_going:
+                raise
+            error = f"int8 could not be made: {type(err).__name__}: {err}"
+            written |= {f + SUFFIX: unmade(f, written.get(f), error) for f in int8_wanted.formats}
+    written |= dict(artifacts or {})
     return verify_artifacts(
         written, original, fused, batches, example_inputs, owner="export_and_verify", **verify_kwargs
     )

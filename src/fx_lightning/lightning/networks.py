@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from fx_lightning.fusion.tracing import contains_batch_norm, is_batch_norm_module
-from fx_lightning.lightning.compat import compiled_module, recompile
+from fx_lightning.lightning.compat import compiled_module, overrides_forward, recompile
+from fx_lightning.verify.verifier import call_with_input
 
 #: The name of the LightningModule's own layers as one network.
 SELF = "self"
@@ -109,6 +110,50 @@ def named_network(pl_module: nn.Module, name: str) -> Network:
             "network attribute, e.g. 'net'."
         )
     return Network(name, name)
+
+
+def networks_of(pl_module: nn.Module, attributes: list[str] | None) -> list[Network]:
+    """The networks to fuse: the ones ``attributes`` names (:func:`named_network`), or those found
+    (:func:`find_networks`) when it is ``None``.
+
+    Raises:
+        ValueError: if a name has no attribute behind it (the message repeats ``FuseOnExport(attributes=...)``).
+        TypeError: if a name is not an ``nn.Module``.
+    """
+    if attributes is None:
+        return find_networks(pl_module)
+    try:
+        return [named_network(pl_module, name) for name in attributes]
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"FuseOnExport(attributes={attributes!r}): {err}") from err
+
+
+def forward_of(pl_module: nn.Module, networks: list[Network]) -> Any:
+    """The function that maps a batch's input to the outputs the metric scores: the LightningModule's own
+    ``forward``; without one, the single network's; ``None`` when neither applies."""
+    if overrides_forward(pl_module):
+        return pl_module.forward
+    if len(networks) == 1 and not networks[0].is_self:
+        return networks[0].holder(pl_module).forward
+    return None
+
+
+def run_forward(pl_module: nn.Module, x: Any, networks: list[Network]) -> Any:
+    """The LightningModule's forward on ``x`` (a tuple unpacked, a dict as keywords); without a ``forward`` of its
+    own, the one network's.
+
+    Raises:
+        ValueError: if the LightningModule has no ``forward`` and several networks (or its own layers) are fused.
+    """
+    if overrides_forward(pl_module):
+        return call_with_input(pl_module, x)
+    if len(networks) == 1 and not networks[0].is_self:
+        return call_with_input(networks[0].holder(pl_module), x)
+    raise ValueError(
+        f"FuseOnExport(attributes={[n.name for n in networks]!r}) needs {type(pl_module).__name__}.forward to "
+        "compare the original and fused networks: define forward(), or fuse a single network with "
+        "attributes=['net']."
+    )
 
 
 def replacements(pl_module: nn.Module, network: Network, fused: nn.Module) -> dict[str, nn.Module]:

@@ -3,6 +3,7 @@ behind the summary, the JSON report and the logged figures. Plain data; nothing 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -191,3 +192,40 @@ class FuseResult:
 def agreement_text(v: VerificationResult) -> str:
     """``", top-1 agreement 99.63%"``, or ``""`` when not computed."""
     return "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.2f}%"
+
+
+@dataclass
+class FuseState:
+    """What FuseOnExport keeps in a checkpoint (under its ``state_key``): plain data only, so that the checkpoint
+    loads with ``torch.load(weights_only=True)``.
+
+    Attributes:
+        history: every fusion's report (:meth:`FuseResult.to_dict` as JSON data), oldest first.
+
+    Example:
+        >>> state = FuseState.from_dict({"history": [{"stage": "fit"}]})
+        >>> state.history, state.to_dict() == {"history": [{"stage": "fit"}]}
+        ([{'stage': 'fit'}], True)
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as the checkpoint holds it (a deep copy: later fusions do not change a saved state)."""
+        return {"history": copy.deepcopy(self.history)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FuseState:
+        """The state a checkpoint holds; keys it does not know are ignored, missing ones take their defaults.
+
+        Raises:
+            TypeError: if ``data`` is not a dict, or its ``"history"`` not a list.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"FuseOnExport.load_state_dict expects a dict, got {type(data).__name__}.")
+        history = data.get("history", [])
+        if not isinstance(history, list):
+            raise TypeError(
+                f"FuseOnExport.load_state_dict expects 'history' to be a list of reports, got {type(history).__name__}."
+            )
+        return cls(history=copy.deepcopy(history))
