@@ -256,10 +256,10 @@ def _scale_first_conv(gm: fx.GraphModule) -> PassChanges:
 
 
 def test_fuse_self_check_reverts_a_rewrite_that_changes_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fx_lightning.fusion import engine as pipeline
+    from fx_lightning.fusion import api
 
     registry = {**registered_passes(), "wrong": _scale_first_conv}
-    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    monkeypatch.setattr(api, "registered_passes", lambda: registry)
     model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():

@@ -52,7 +52,7 @@ from fx_lightning.deploy.int8.quantize import (
     read_batches,
     unmade,
 )
-from fx_lightning.fusion.engine import fuse
+from fx_lightning.fusion.api import fuse
 from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.fusion.report import FusionReport
 from fx_lightning.fusion.tracing import is_frozen_batch_norm
