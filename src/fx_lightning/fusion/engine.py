@@ -30,10 +30,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fx_lightning.fusion.codegen import install_direct_calls
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, parsed_source
-from fx_lightning.fusion.passes import registered_passes
+from fx_lightning.fusion.passes import manager
+from fx_lightning.fusion.passes.manager import PassRun, run_passes
 from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_family, value_users
-from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
-from fx_lightning.fusion.report import Folded, FusionReport, Merged, Skipped, Untraced
+from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
+from fx_lightning.fusion.report import Folded, FusionReport, Skipped, Untraced
 from fx_lightning.fusion.self_check import run_seeded
 from fx_lightning.fusion.tracing import (
     TraceResult,
@@ -44,7 +45,6 @@ from fx_lightning.fusion.tracing import (
     trace,
 )
 
-MAX_ROUNDS = 8
 Form = Literal["modules", "graph"]
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -191,14 +191,14 @@ class _Engine:
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
         if self.form == "graph" and not path:
-            changes = _run_passes(gm, self.passes)
+            run = run_passes(gm, self.passes)
             result: nn.Module = _finish(gm)
-            self.report.merge(_report_of(changes), path)
+            self.report.merge(_report_of(run), path)
             self._replace(None, "", result, "", old=module)
         else:
             originals = dict(module.named_modules(remove_duplicate=False))
-            changes = _run_passes(gm, self.passes)
-            result = self._write_back(module, path, gm, changes, sites, originals, hint, below_untraced)
+            run = run_passes(gm, self.passes)
+            result = self._write_back(module, path, gm, run, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
             sub = find_module(result, name)
@@ -245,9 +245,9 @@ class _Engine:
             if hint is not None:
                 with contextlib.suppress(Exception):
                     _shape_prop(gm, hint)
-            changes = _run_passes(gm, fold)
-            records = [r for w in changes.rewrites for r in w.records]
-            if changes.skipped or len(records) != 1 or not isinstance(records[0], Folded):
+            run = run_passes(gm, fold)
+            records = [r for w in run.changes.rewrites for r in w.records]
+            if run.left or len(records) != 1 or not isinstance(records[0], Folded):
                 continue
             new = gm.get_submodule(first)
             if records[0].layers != (first,) or new is layer:
@@ -266,7 +266,7 @@ class _Engine:
         module: nn.Module,
         path: str,
         gm: fx.GraphModule,
-        changes: _Changes,
+        run: PassRun,
         sites: _Sites,
         originals: dict[str, nn.Module],
         example_inputs: Sequence[Any] | None,
@@ -275,7 +275,7 @@ class _Engine:
         """Write the rewrites of ``module``'s graph into ``module``: in place where they are module swaps,
         as generated code for the smallest enclosing module elsewhere."""
         scoped: dict[str, list[Rewrite]] = {}
-        for rewrite in changes.rewrites:
+        for rewrite in run.changes.rewrites:
             pass_through = self._tree_form(rewrite, sites, originals) if rewrite.swaps is not None else None
             if pass_through is None:
                 scoped.setdefault(sites.enclosing(rewrite.scope), []).append(rewrite)
@@ -327,8 +327,8 @@ class _Engine:
             replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
             for r in self.report.folded
         ]
-        self.report.notes += _capped_note(changes)
-        left = [s for s in changes.skipped if not any(within(scope_of([s.node]), g) for g in graphs)]
+        self.report.notes += _capped_note(run)
+        left = [s for s in run.left if not any(within(scope_of([s.node]), g) for g in graphs)]
         self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
         return result
 
@@ -396,9 +396,9 @@ class _Engine:
         if inputs is not None:
             with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
                 _shape_prop(gm, inputs)
-        changes = _run_passes(gm, self.passes)
+        run = run_passes(gm, self.passes)
         built = _finish(gm)
-        self.report.merge(_report_of(changes), path)
+        self.report.merge(_report_of(run), path)
         self.report.graphs.append(path)
         return built
 
@@ -436,73 +436,20 @@ class _Engine:
 # ----------------------------------------------------------------------------------------------- passes
 
 
-@dataclass
-class _LeftBatchNorm:
-    node: fx.Node
-    name: str
-    reason: str
-
-
-@dataclass
-class _Changes:
-    rewrites: list[Rewrite]
-    skipped: list[_LeftBatchNorm]
-    capped: bool
-
-
-def _run_passes(gm: fx.GraphModule, passes: dict[str, Any] | None = None) -> _Changes:
-    """Run ``passes`` until none applies (at most :data:`MAX_ROUNDS` rounds) and list the BatchNorms left."""
-    passes = registered_passes() if passes is None else passes
-    rewrites: list[Rewrite] = []
-    reasons: dict[str, list[str]] = {}
-    capped = True
-    # One rewrite can enable another (a merged conv followed by BN or a constant scale): repeat until none
-    # applies. The reasons kept are those of the last round, which saw the final graph.
-    for _ in range(MAX_ROUNDS):
-        changed = False
-        reasons = {}
-        for fn in passes.values():
-            result: PassChanges = fn(gm)
-            rewrites += result.rewrites
-            for node_name, reason in result.reasons.items():
-                if reason not in reasons.setdefault(node_name, []):
-                    reasons[node_name].append(reason)
-            if result.modified:
-                erase_dead_code(gm)
-                changed = True
-        if not changed:
-            capped = False
-            break
-    skipped = []
-    for node in gm.graph.nodes:
-        bn = match_batch_norm(gm, node)
-        if bn is not None:
-            why = "; ".join(reasons.get(node.name, [])) or "no fusion pass applies to it"
-            skipped.append(_LeftBatchNorm(node, bn.name, why))
-    return _Changes(rewrites, skipped, capped)
-
-
-def _report_of(changes: _Changes) -> FusionReport:
+def _report_of(run: PassRun) -> FusionReport:
     """The report of a graph used as generated code: every rewrite counts, and the BatchNorms left."""
-    report = FusionReport()
-    for rewrite in changes.rewrites:
-        for record in rewrite.records:
-            if isinstance(record, Folded):
-                report.folded.append(record)
-            elif isinstance(record, Merged):
-                report.merged.append(record)
-            else:
-                report.removed.append(record)
-    report.skipped = [Skipped(s.name, s.reason) for s in changes.skipped]
-    report.notes += _capped_note(changes)
+    changes = run.changes
+    report = FusionReport(folded=changes.folded, merged=changes.merged, removed=changes.removed)
+    report.skipped = [Skipped(s.name, s.reason) for s in run.left]
+    report.notes += _capped_note(run)
     return report
 
 
-def _capped_note(changes: _Changes) -> list[str]:
-    if not changes.capped:
+def _capped_note(run: PassRun) -> list[str]:
+    if not run.capped:
         return []
     return [
-        f"the passes still found rewrites after {MAX_ROUNDS} rounds; stopped there (the result is exact, "
+        f"the passes still found rewrites after {manager.MAX_ROUNDS} rounds; stopped there (the result is exact, "
         "possibly not fully fused)"
     ]
 
