@@ -30,7 +30,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fx_lightning.fusion.codegen import install_direct_calls
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, parsed_source
-from fx_lightning.fusion.passes import manager
 from fx_lightning.fusion.passes.manager import PassRun, run_passes
 from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_family, value_users
 from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
@@ -449,7 +448,7 @@ def _capped_note(run: PassRun) -> list[str]:
     if not run.capped:
         return []
     return [
-        f"the passes still found rewrites after {manager.MAX_ROUNDS} rounds; stopped there (the result is exact, "
+        f"the passes still found rewrites after {run.rounds} rounds; stopped there (the result is exact, "
         "possibly not fully fused)"
     ]
 

@@ -53,6 +53,7 @@ def test_run_passes_folds_and_reports_one_result() -> None:
     assert [(r.bn, r.into, r.rule) for r in run.changes.folded] == [("1", "0", "fold_bn_into_preceding")]
     assert [rw.rule for rw in run.changes.rewrites] == ["fold_bn_into_preceding"]
     assert run.left == []
+    assert run.rounds == 2  # the fold in round 1, then a round that finds nothing more
     assert run.capped is False
     assert not any(match_batch_norm(gm, n) for n in gm.graph.nodes)
 
@@ -117,7 +118,7 @@ def test_run_passes_stops_at_the_round_cap(monkeypatch: pytest.MonkeyPatch) -> N
 
     run = run_passes(_graph(_conv_bn()), {"always_changes": always_changes})
     assert calls == 3
-    assert run.capped is True
+    assert (run.rounds, run.capped) == (3, True)
     assert [r.name for r in run.changes.removed] == ["call1", "call2", "call3"]
 
 

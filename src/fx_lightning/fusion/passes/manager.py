@@ -45,12 +45,14 @@ class PassRun:
         changes: every rewrite made, in the order made, and for each BatchNorm call left alone the reasons the
             passes gave in the last round (the one that saw the final graph), joined by ``"; "``.
         left: the BatchNorm calls still in the graph, in graph order, each with its reason.
+        rounds: how many rounds ran.
         capped: whether the last of :data:`MAX_ROUNDS` rounds still changed the graph (the result is exact, but
             possibly not fully fused).
     """
 
     changes: PassChanges = field(default_factory=PassChanges)
     left: list[LeftBatchNorm] = field(default_factory=list)
+    rounds: int = 0
     capped: bool = False
 
 
@@ -90,12 +92,13 @@ def run_passes(gm: fx.GraphModule, passes: Mapping[str, GraphPass]) -> PassRun:
         >>> from fx_lightning.fusion.passes import registered_passes
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval())
         >>> run = run_passes(gm, registered_passes())
-        >>> len(run.changes.folded), run.left, run.capped
-        (1, [], False)
+        >>> len(run.changes.folded), run.left, run.rounds, run.capped
+        (1, [], 2, False)
     """
     run = PassRun(capped=True)
     reasons: dict[str, list[str]] = {}
     for _ in range(MAX_ROUNDS):
+        run.rounds += 1
         changed = False
         reasons = {}  # only the last round's reasons are kept: it saw the final graph
         for name, fn in passes.items():
