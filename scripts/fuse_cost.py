@@ -8,7 +8,7 @@ without weights, BatchNorm statistics randomised): the seconds of ``fx_lightning
 (each round runs every variant once, in balanced orders, so that the shared machine's drift hits them alike), and
 ``ratio`` = the median over rounds of fuse seconds / forward seconds in the same round. Beside it: the BatchNorms
 run per forward before and after (ATen ``batch_norm`` kernels plus calls of frozen BatchNorm modules, see
-``fusion.probe.count_batch_norms``), the rewrites the self-check reverted, the largest relative error of the
+``fusion.counting.count_batch_norms``), the rewrites the self-check reverted, the largest relative error of the
 whole output ("varies" where post-processed leaves change shape, e.g. detections after NMS) and of the continuous
 parts (backbone features and head outputs for a detector; the output itself otherwise), each against the original
 model in float32 (``fx_lightning.verify.compare.compare_trees``). Then the same for ``torch.fx``'s
@@ -42,7 +42,7 @@ import whole_models  # noqa: E402
 from benchmarking import balanced_orders, load_average, markdown_table, time_calls  # noqa: E402
 from fx_lightning import count_kernels, fuse  # noqa: E402
 from fx_lightning.errors import first_line  # noqa: E402
-from fx_lightning.fusion.probe import count_batch_norms  # noqa: E402
+from fx_lightning.fusion.counting import count_batch_norms  # noqa: E402
 from fx_lightning.verify.compare import Comparison, compare_trees  # noqa: E402
 
 # The default list: whole detectors, segmenters, YOLO, Hugging Face and smp models; the FrozenBatchNorm2d detectors

@@ -5,9 +5,9 @@ checked in their runtimes), ``lightning`` (``FuseOnExport``, the CLI), ``example
 """
 
 from fx_lightning import _aliases
+from fx_lightning.fusion.api import fuse
 from fx_lightning.fusion.checkpoint_form import CheckpointFold, checkpoint_plan, checkpoint_state_dict
 from fx_lightning.fusion.counting import count_kernels
-from fx_lightning.fusion.engine import fuse
 from fx_lightning.fusion.passes import register_pass, registered_passes
 from fx_lightning.fusion.report import Folded, FusionReport, Merged, Removed, Skipped, Untraced
 

@@ -256,10 +256,10 @@ def _scale_first_conv(gm: fx.GraphModule) -> PassChanges:
 
 
 def test_fuse_self_check_reverts_a_rewrite_that_changes_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fx_lightning.fusion import engine as pipeline
+    from fx_lightning.fusion import api
 
     registry = {**registered_passes(), "wrong": _scale_first_conv}
-    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    monkeypatch.setattr(api, "registered_passes", lambda: registry)
     model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
@@ -293,11 +293,11 @@ def test_fuse_rejects_an_unknown_form() -> None:
 
 
 def test_fuse_notes_when_the_passes_hit_the_round_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fx_lightning.fusion import engine as pipeline
+    from fx_lightning.fusion.passes import manager
 
     model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4))).eval()
     assert not any("rounds" in n for n in fuse(model).fusion_report.notes)
-    monkeypatch.setattr(pipeline, "MAX_ROUNDS", 1)  # the fold changes the graph in round 1; no round 2 to confirm
+    monkeypatch.setattr(manager, "MAX_ROUNDS", 1)  # the fold changes the graph in round 1; no round 2 to confirm
     for form in ("modules", "graph"):
         notes = fuse(model, form=form).fusion_report.notes
         assert any("still found rewrites after 1 rounds" in n for n in notes), form

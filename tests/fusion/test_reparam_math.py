@@ -13,7 +13,9 @@ from fx_lightning.fusion.maths import (
     constant_affine,
     fold_affine_after_layer,
     identity_kernel,
+    padding_for_offset,
     sum_branches,
+    window_offset,
 )
 
 
@@ -93,3 +95,23 @@ def test_fold_affine_after_grouped_conv_transpose() -> None:
     expected = F.conv_transpose2d(x, w, b, groups=2) * scale[:, None, None] + shift[:, None, None]
     torch.testing.assert_close(F.conv_transpose2d(x, fw, fb, groups=2), expected)
     assert fb.dtype == w.dtype
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "dilation"), [((3, 3), (1, 1), (1, 1)), ((1, 5), (0, 4), (1, 2)), ((4,), (2,), (3,))]
+)
+def test_window_offset_equal_means_same_output_size_and_padding_for_offset_inverts_it(
+    kernel: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> None:
+    dims = len(kernel)
+    conv = getattr(F, f"conv{dims}d")
+    x = torch.randn(1, 1, *([11] * dims), dtype=torch.float64)
+    offset = window_offset(kernel, padding, dilation)
+    assert padding_for_offset(offset, kernel, dilation) == padding
+    # a 1-sized kernel at the same offset (where one exists) gives the same output size
+    ones = (1,) * dims
+    small = padding_for_offset(offset, ones, dilation)
+    if window_offset(ones, small, dilation) == offset:
+        big_out = conv(x, torch.ones(1, 1, *kernel, dtype=torch.float64), padding=padding, dilation=dilation)
+        small_out = conv(x, torch.ones(1, 1, *ones, dtype=torch.float64), padding=small, dilation=dilation)
+        assert big_out.shape == small_out.shape

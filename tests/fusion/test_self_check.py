@@ -42,10 +42,10 @@ def _double_conv_in(block: str) -> object:
 
 
 def test_self_check_reverts_only_the_unit_that_misbehaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fx_lightning.fusion import engine as pipeline
+    from fx_lightning.fusion import api
 
     registry = {**registered_passes(), "wrong": _double_conv_in("1")}
-    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    monkeypatch.setattr(api, "registered_passes", lambda: registry)
     model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4), conv_bn(4, 4))).eval()
     x = torch.randn(2, 3, 6, 6)
     fused = fuse(model, example_inputs=(x,))
@@ -142,12 +142,11 @@ def test_self_check_outputs_of_magnitude_1e7() -> None:
 def test_self_check_returns_the_unfused_copy_when_no_unit_explains_a_mismatch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fx_lightning.fusion import engine as pipeline
-    from fx_lightning.fusion import self_check
+    from fx_lightning.fusion import api, self_check
 
     # Units that all pass while the model is wrong: what a reader outside a unit's module would cause.
     registry = {**registered_passes(), "wrong": _double_conv_in("1")}
-    monkeypatch.setattr(pipeline, "registered_passes", lambda: registry)
+    monkeypatch.setattr(api, "registered_passes", lambda: registry)
     monkeypatch.setattr(self_check._Check, "trial", lambda self, scope, applied: self_check._Verdict(True))
     model = randomize_batch_norm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))).eval()
     x = torch.randn(2, 3, 6, 6)

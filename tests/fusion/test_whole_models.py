@@ -17,7 +17,7 @@ from torch import nn
 
 import whole_models
 from fx_lightning import fuse
-from fx_lightning.fusion.probe import count_batch_norms
+from fx_lightning.fusion.counting import count_batch_norms
 from fx_lightning.verify.compare import compare_trees
 
 

@@ -1,9 +1,10 @@
 """Fusion: an ``nn.Module`` in, the fused ``nn.Module`` and its report out. Never imports Lightning.
 
-``engine`` holds :func:`fuse` (tracing, the passes, the self-check), ``passes/`` the rewrites, ``maths`` the
-folding formulas, ``report`` what was folded, left and why, ``checkpoint_form`` the fused weights as a state dict.
+``api`` holds :func:`fuse` and its argument checks, ``engine`` the tracing and the write-back, ``passes/`` the
+rewrites and the manager that runs them, ``maths`` the folding formulas, ``report`` what was folded, left and why,
+``checkpoint_form`` the fused weights as a state dict.
 """
 
-from fx_lightning.fusion.engine import fuse
+from fx_lightning.fusion.api import fuse
 
 __all__ = ["fuse"]

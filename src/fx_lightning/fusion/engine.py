@@ -1,4 +1,4 @@
-"""``fuse``: trace, run the registered passes, write the rewrites back into the user's module tree, self-check.
+"""The fusion engine behind :func:`~fx_lightning.fusion.api.fuse`: trace, run the passes, write the rewrites back.
 
 The default form keeps the user's network: each rewrite that amounts to replacing modules at their own paths
 (a layer by its folded twin, a BatchNorm by ``nn.Identity``) is written into a copy of the user's module tree,
@@ -16,7 +16,6 @@ import contextlib
 import functools
 import inspect
 import io
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,11 +30,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fx_lightning.fusion.codegen import install_direct_calls
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, parsed_source
-from fx_lightning.fusion.passes import registered_passes
+from fx_lightning.fusion.passes.manager import PassRun, run_passes
 from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_family, value_users
-from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, PassChanges, Rewrite, erase_dead_code, scope_of
-from fx_lightning.fusion.report import Folded, FusionReport, Merged, Skipped, Untraced
-from fx_lightning.fusion.self_check import check_units, run_seeded
+from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
+from fx_lightning.fusion.report import Folded, FusionReport, Skipped, Untraced
+from fx_lightning.fusion.self_check import run_seeded
 from fx_lightning.fusion.tracing import (
     TraceResult,
     contains_batch_norm,
@@ -45,138 +44,8 @@ from fx_lightning.fusion.tracing import (
     trace,
 )
 
-REPORT_ATTR = "fusion_report"
-MAX_ROUNDS = 8
 Form = Literal["modules", "graph"]
-_FORMS = ("modules", "graph")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def fuse(
-    model: nn.Module,
-    example_inputs: Sequence[Any] | None = None,
-    *,
-    passes: Sequence[str] | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    form: Form = "modules",
-) -> nn.Module:
-    """Return an eval-mode copy of ``model`` with every BatchNorm that can be folded exactly folded.
-
-    The result computes what ``model.eval()`` computes. ``model`` itself is never modified: its
-    parameters, buffers, ``requires_grad`` flags and ``training`` flag stay as they were. Untouched
-    parameters are shared with ``model`` (new ``Parameter`` objects over the same storage, so no
-    weight memory is duplicated): treat them as read-only. Buffers are copied.
-
-    With ``form="modules"`` (the default) the result is a copy of ``model`` of the same class: each folded
-    layer sits at its own path, each folded BatchNorm is an ``nn.Identity``, Dropout stays, and every method of
-    the model (``forward_features``, ``.features``, your own) runs as written. Only a module whose rewrite needs
-    generated code (merged RepVGG-style branches, folds into functional calls) becomes a ``GraphModule``; the
-    report lists those in ``graphs``. With ``form="graph"`` the whole traced model is one ``GraphModule``
-    (Dropout and Identity calls removed, every layer called directly), as for export or benchmarks.
-
-    When the whole model cannot be traced by torch.fx, the largest sub-modules that can be are traced
-    and fused, and the parts left untraced are named in the report with the tracer's error.
-
-    Args:
-        model: the network to fuse, in train or eval mode.
-        example_inputs: optional positional inputs for one forward call. With them, tensor shapes are
-            propagated (which settles ranks the graph alone leaves open, e.g. ``Linear`` + ``BatchNorm1d``), and
-            each rewrite is checked where it happens (see :mod:`fx_lightning.fusion.self_check`): the module holding it
-            runs, as it was and as rewritten, on what it receives from them; a rewrite that changes its output
-            beyond rounding is reverted and listed in the report's ``reverted`` with the reason.
-        passes: names of the registered passes to run, in registry order; all by default
-            (see :func:`fx_lightning.fusion.passes.registered_passes`).
-        leaf_modules: module classes to keep as single calls instead of tracing through them.
-        form: ``"modules"`` (the user's module tree with fused layers in place) or ``"graph"`` (one
-            ``GraphModule``).
-
-    Returns:
-        An ``nn.Module`` in eval mode, with the :class:`FusionReport` at ``result.fusion_report``.
-
-    Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, is wrapped (TorchScript, ``DataParallel``,
-            ``DistributedDataParallel``, ``torch.compile``), or ``example_inputs`` is not a sequence.
-        ValueError: if ``passes`` names a pass that is not registered, ``form`` is unknown, or the model cannot
-            run on ``example_inputs``.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        >>> fused = fuse(net)
-        >>> type(fused) is nn.Sequential, [type(m).__name__ for m in fused]
-        (True, ['Conv2d', 'Identity', 'ReLU'])
-        >>> fused.fusion_report.num_folded
-        1
-    """
-    chosen = _validate(model, example_inputs, passes, leaf_modules, form)
-    start = time.perf_counter()
-    report = FusionReport(model=type(model).__name__)
-    with torch.no_grad():
-        root = detached_copy(model)
-        engine = _Engine(chosen, tuple(leaf_modules), form, report)
-        engine.checked = example_inputs is not None
-        if example_inputs is not None:
-            engine.example = (model, tuple(example_inputs))
-        engine.instances = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
-        fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
-        if example_inputs is not None and engine.units:
-            fused = check_units(fused, engine.units, tuple(example_inputs), report)
-    if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
-        report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
-    report.seconds = time.perf_counter() - start
-    fused.eval()
-    object.__setattr__(fused, REPORT_ATTR, report)
-    return fused
-
-
-def _validate(
-    model: Any, example_inputs: Any, passes: Sequence[str] | None, leaf_modules: Sequence[Any], form: Any
-) -> dict[str, Any]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"fuse(model=...) expects a torch.nn.Module, got {type(model).__name__}. "
-            "Pass the network itself, e.g. fuse(lightning_module.net)."
-        )
-    wrapped = _wrapper_hint(model)
-    if wrapped:
-        raise TypeError(f"fuse(model=...) got a {type(model).__name__}, which fx cannot fold through. {wrapped}")
-    if example_inputs is not None and (
-        isinstance(example_inputs, (torch.Tensor, str)) or not isinstance(example_inputs, Sequence)
-    ):
-        raise TypeError(
-            f"fuse(example_inputs=...) expects a tuple or list of positional inputs, got "
-            f"{type(example_inputs).__name__}. Wrap a single tensor: example_inputs=(x,)."
-        )
-    bad_leaves = [leaf for leaf in leaf_modules if not (isinstance(leaf, type) and issubclass(leaf, nn.Module))]
-    if bad_leaves:
-        raise TypeError(
-            f"fuse(leaf_modules={list(leaf_modules)!r}) expects nn.Module subclasses, got {bad_leaves!r}. "
-            "Pass classes, e.g. leaf_modules=[MyBlock]."
-        )
-    if form not in _FORMS:
-        raise ValueError(
-            f"fuse(form={form!r}) expects one of {list(_FORMS)}: 'modules' keeps your module tree with fused "
-            "layers in place, 'graph' returns one GraphModule."
-        )
-    registry = registered_passes()
-    if passes is None:
-        return registry
-    unknown = [p for p in passes if p not in registry]
-    if unknown:
-        raise ValueError(
-            f"fuse(passes={list(passes)!r}) names unknown pass(es) {unknown}. Registered passes: {list(registry)}."
-        )
-    return {name: fn for name, fn in registry.items() if name in passes}
-
-
-def _wrapper_hint(model: nn.Module) -> str:
-    """The fix for a model wrapped in something torch.fx cannot trace through, or ``""``."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return "Pass the eager nn.Module you scripted, before torch.jit.script/trace."
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return "Pass the wrapped network instead: fuse(model.module)."
-    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-        return "Pass the module you compiled: fuse(model._orig_mod), then torch.compile the result."
-    return ""
 
 
 # ----------------------------------------------------------------------------------------------- the engine
@@ -321,14 +190,14 @@ class _Engine:
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
         if self.form == "graph" and not path:
-            changes = _run_passes(gm, self.passes)
+            run = run_passes(gm, self.passes)
             result: nn.Module = _finish(gm)
-            self.report.merge(_report_of(changes), path)
+            self.report.merge(_report_of(run), path)
             self._replace(None, "", result, "", old=module)
         else:
             originals = dict(module.named_modules(remove_duplicate=False))
-            changes = _run_passes(gm, self.passes)
-            result = self._write_back(module, path, gm, changes, sites, originals, hint, below_untraced)
+            run = run_passes(gm, self.passes)
+            result = self._write_back(module, path, gm, run, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
             sub = find_module(result, name)
@@ -375,9 +244,9 @@ class _Engine:
             if hint is not None:
                 with contextlib.suppress(Exception):
                     _shape_prop(gm, hint)
-            changes = _run_passes(gm, fold)
-            records = [r for w in changes.rewrites for r in w.records]
-            if changes.skipped or len(records) != 1 or not isinstance(records[0], Folded):
+            run = run_passes(gm, fold)
+            records = [r for w in run.changes.rewrites for r in w.records]
+            if run.left or len(records) != 1 or not isinstance(records[0], Folded):
                 continue
             new = gm.get_submodule(first)
             if records[0].layers != (first,) or new is layer:
@@ -396,7 +265,7 @@ class _Engine:
         module: nn.Module,
         path: str,
         gm: fx.GraphModule,
-        changes: _Changes,
+        run: PassRun,
         sites: _Sites,
         originals: dict[str, nn.Module],
         example_inputs: Sequence[Any] | None,
@@ -405,7 +274,7 @@ class _Engine:
         """Write the rewrites of ``module``'s graph into ``module``: in place where they are module swaps,
         as generated code for the smallest enclosing module elsewhere."""
         scoped: dict[str, list[Rewrite]] = {}
-        for rewrite in changes.rewrites:
+        for rewrite in run.changes.rewrites:
             pass_through = self._tree_form(rewrite, sites, originals) if rewrite.swaps is not None else None
             if pass_through is None:
                 scoped.setdefault(sites.enclosing(rewrite.scope), []).append(rewrite)
@@ -457,8 +326,8 @@ class _Engine:
             replace(r, in_place=False, writable=False) if r.in_place and any(_touches(p, r) for p in built_paths) else r
             for r in self.report.folded
         ]
-        self.report.notes += _capped_note(changes)
-        left = [s for s in changes.skipped if not any(within(scope_of([s.node]), g) for g in graphs)]
+        self.report.notes += _capped_note(run)
+        left = [s for s in run.left if not any(within(scope_of([s.node]), g) for g in graphs)]
         self.report.skipped += [Skipped(_join(path, s.name), s.reason) for s in left]
         return result
 
@@ -526,9 +395,9 @@ class _Engine:
         if inputs is not None:
             with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
                 _shape_prop(gm, inputs)
-        changes = _run_passes(gm, self.passes)
+        run = run_passes(gm, self.passes)
         built = _finish(gm)
-        self.report.merge(_report_of(changes), path)
+        self.report.merge(_report_of(run), path)
         self.report.graphs.append(path)
         return built
 
@@ -566,73 +435,20 @@ class _Engine:
 # ----------------------------------------------------------------------------------------------- passes
 
 
-@dataclass
-class _LeftBatchNorm:
-    node: fx.Node
-    name: str
-    reason: str
-
-
-@dataclass
-class _Changes:
-    rewrites: list[Rewrite]
-    skipped: list[_LeftBatchNorm]
-    capped: bool
-
-
-def _run_passes(gm: fx.GraphModule, passes: dict[str, Any] | None = None) -> _Changes:
-    """Run ``passes`` until none applies (at most :data:`MAX_ROUNDS` rounds) and list the BatchNorms left."""
-    passes = registered_passes() if passes is None else passes
-    rewrites: list[Rewrite] = []
-    reasons: dict[str, list[str]] = {}
-    capped = True
-    # One rewrite can enable another (a merged conv followed by BN or a constant scale): repeat until none
-    # applies. The reasons kept are those of the last round, which saw the final graph.
-    for _ in range(MAX_ROUNDS):
-        changed = False
-        reasons = {}
-        for fn in passes.values():
-            result: PassChanges = fn(gm)
-            rewrites += result.rewrites
-            for node_name, reason in result.reasons.items():
-                if reason not in reasons.setdefault(node_name, []):
-                    reasons[node_name].append(reason)
-            if result.modified:
-                erase_dead_code(gm)
-                changed = True
-        if not changed:
-            capped = False
-            break
-    skipped = []
-    for node in gm.graph.nodes:
-        bn = match_batch_norm(gm, node)
-        if bn is not None:
-            why = "; ".join(reasons.get(node.name, [])) or "no fusion pass applies to it"
-            skipped.append(_LeftBatchNorm(node, bn.name, why))
-    return _Changes(rewrites, skipped, capped)
-
-
-def _report_of(changes: _Changes) -> FusionReport:
+def _report_of(run: PassRun) -> FusionReport:
     """The report of a graph used as generated code: every rewrite counts, and the BatchNorms left."""
-    report = FusionReport()
-    for rewrite in changes.rewrites:
-        for record in rewrite.records:
-            if isinstance(record, Folded):
-                report.folded.append(record)
-            elif isinstance(record, Merged):
-                report.merged.append(record)
-            else:
-                report.removed.append(record)
-    report.skipped = [Skipped(s.name, s.reason) for s in changes.skipped]
-    report.notes += _capped_note(changes)
+    changes = run.changes
+    report = FusionReport(folded=changes.folded, merged=changes.merged, removed=changes.removed)
+    report.skipped = [Skipped(s.name, s.reason) for s in run.left]
+    report.notes += _capped_note(run)
     return report
 
 
-def _capped_note(changes: _Changes) -> list[str]:
-    if not changes.capped:
+def _capped_note(run: PassRun) -> list[str]:
+    if not run.capped:
         return []
     return [
-        f"the passes still found rewrites after {MAX_ROUNDS} rounds; stopped there (the result is exact, "
+        f"the passes still found rewrites after {run.rounds} rounds; stopped there (the result is exact, "
         "possibly not fully fused)"
     ]
 

@@ -322,6 +322,31 @@ def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, bn: BatchNormStat
 # --- branch kernels: parallel convolutions, identities and average pools as one convolution ------------------
 
 
+def window_offset(kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """``2 * padding - dilation * (kernel - 1)`` per dimension: where a convolution's windows sit on its input.
+
+    Two convolutions (or average pools) with the same stride, dilation and offset have the same output size on
+    every input, and their windows are centred on the same input positions; their kernels then add up once
+    centred to the larger size (:func:`centred_kernel`).
+
+    Example:
+        >>> window_offset((3, 1), (1, 0), (1, 1))
+        (0, 0)
+    """
+    return tuple(2 * p - d * (k - 1) for k, p, d in zip(kernel_size, padding, dilation))
+
+
+def padding_for_offset(offset: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """The padding that gives a ``kernel_size`` convolution the window ``offset`` (inverse of
+    :func:`window_offset`).
+
+    Example:
+        >>> padding_for_offset((0, 0), (5, 3), (1, 2))
+        (2, 2)
+    """
+    return tuple((o + d * (k - 1)) // 2 for o, d, k in zip(offset, dilation, kernel_size))
+
+
 def centred_kernel(weight: Tensor, kernel_size: Sequence[int]) -> Tensor:
     """Zero-pad a convolution weight ``(out, in/groups, *k)`` evenly on every side to ``kernel_size``.
 

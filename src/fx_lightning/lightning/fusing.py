@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fx_lightning.fusion.engine import fuse
+from fx_lightning.fusion.api import fuse
 from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
 from fx_lightning.fusion.report import FusionReport
 from fx_lightning.fusion.tracing import is_frozen_batch_norm

@@ -23,9 +23,11 @@ from fx_lightning.fusion.maths import (
     average_kernel,
     cast_like,
     identity_kernel,
+    padding_for_offset,
     pool_divisor,
     scale_output_channels,
     sum_branches,
+    window_offset,
 )
 from fx_lightning.fusion.passes.matching import (
     IN_PLACE_ARITHMETIC,
@@ -60,7 +62,7 @@ class _Geometry:
 
     stride: tuple[int, ...]
     dilation: tuple[int, ...]
-    # 2 * padding - dilation * (kernel - 1): equal values give equal output sizes for every input size.
+    # maths.window_offset: equal values give equal output sizes for every input size.
     offset: tuple[int, ...]
     parity: tuple[int, ...]
 
@@ -269,7 +271,7 @@ def _conv_geometry(conv: nn.Module) -> _Geometry | None:
 def _geometry(
     kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> _Geometry:
-    offset = tuple(2 * p - d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
+    offset = window_offset(kernel, padding, dilation)
     return _Geometry(tuple(stride), tuple(dilation), offset, tuple(k % 2 for k in kernel))
 
 
@@ -414,7 +416,7 @@ def _merged_conv(group: _Group) -> nn.Module:
         max(b.kernel_size[i] if b.kernel_size else 1 for b in (*group.convs, *group.others)) for i in range(dims)
     )
     geometry = group.convs[0].geometry
-    padding = tuple((o + d * (k - 1)) // 2 for o, d, k in zip(geometry.offset, geometry.dilation, kernel_size))
+    padding = padding_for_offset(geometry.offset, kernel_size, geometry.dilation)
     terms: list[tuple[float, Tensor, Tensor | None]] = []
     device = template.weight.device
     for branch in group.convs:
