@@ -3,7 +3,9 @@
 Shared by ``tests/fusion/test_whole_models.py`` and ``scripts/fuse_cost.py``. Each builder returns a
 :class:`WholeModel`: the network in eval mode with seeded random weights and randomised BatchNorm statistics
 (frozen ones included, so that a wrong fold shows), a matching example input, and a function that computes the
-network's continuous parts. Inputs are small, so that one eager forward stays around a second or less on 2 CPU threads.
+network's continuous parts. Inputs are small by default, so that one eager forward stays around a second or less on
+2 CPU threads; each builder takes the image side (``side``), and :data:`DEPLOY_SIDES` holds the sizes these models
+are deployed at (``build(name, side=DEPLOY_SIDES[name])``).
 
 Nothing is downloaded: torchvision models are built with ``weights=None, weights_backbone=None``, ultralytics
 YOLO from its bundled yaml (with ``YOLO_OFFLINE`` set, so its import makes no network check), Hugging Face
@@ -128,56 +130,56 @@ def _small(side: int, two_stage: bool = True) -> dict[str, Any]:
     return kwargs
 
 
-def fasterrcnn_mobilenet_v3_large_320_fpn() -> WholeModel:
+def fasterrcnn_mobilenet_v3_large_320_fpn(side: int = 160) -> WholeModel:
     """torchvision's Faster R-CNN with a MobileNetV3-Large FPN backbone (BatchNorm2d, as trained from scratch)."""
     torch.manual_seed(SEED)
-    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, **_small(160))
-    return _detector("fasterrcnn_mobilenet_v3_large_320_fpn", model, 160)
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, **_small(side))
+    return _detector("fasterrcnn_mobilenet_v3_large_320_fpn", model, side)
 
 
-def fasterrcnn_resnet50_fpn_v2() -> WholeModel:
+def fasterrcnn_resnet50_fpn_v2(side: int = 128) -> WholeModel:
     """torchvision's Faster R-CNN v2: BatchNorm in the ResNet-50 backbone and in the box head."""
     torch.manual_seed(SEED)
-    model = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **_small(128))
-    return _detector("fasterrcnn_resnet50_fpn_v2", model, 128)
+    model = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **_small(side))
+    return _detector("fasterrcnn_resnet50_fpn_v2", model, side)
 
 
-def retinanet_resnet50_fpn() -> WholeModel:
+def retinanet_resnet50_fpn(side: int = 128) -> WholeModel:
     """torchvision's RetinaNet with a ResNet-50 FPN backbone (BatchNorm2d)."""
     torch.manual_seed(SEED)
-    model = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, **_small(128, False))
-    return _detector("retinanet_resnet50_fpn", model, 128)
+    model = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, **_small(side, False))
+    return _detector("retinanet_resnet50_fpn", model, side)
 
 
-def ssdlite320_mobilenet_v3_large() -> WholeModel:
+def ssdlite320_mobilenet_v3_large(side: int = 320) -> WholeModel:
     """torchvision's SSDlite: 70 BatchNorms in the MobileNetV3 backbone, its extra layers and the separable head.
 
     SSD resizes every image to 320x320 whatever its size, so the input stays at that size.
     """
     torch.manual_seed(SEED)
     model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
-    return _detector("ssdlite320_mobilenet_v3_large", model, 320)
+    return _detector("ssdlite320_mobilenet_v3_large", model, side)
 
 
-def maskrcnn_resnet50_fpn_v2() -> WholeModel:
+def maskrcnn_resnet50_fpn_v2(side: int = 128) -> WholeModel:
     """torchvision's Mask R-CNN v2: BatchNorm in the backbone, the box head and the mask head."""
     torch.manual_seed(SEED)
-    model = detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **_small(128))
-    return _detector("maskrcnn_resnet50_fpn_v2", model, 128)
+    model = detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **_small(side))
+    return _detector("maskrcnn_resnet50_fpn_v2", model, side)
 
 
-def deeplabv3_mobilenet_v3_large() -> WholeModel:
+def deeplabv3_mobilenet_v3_large(side: int = 96) -> WholeModel:
     """torchvision's DeepLabV3 with a MobileNetV3-Large backbone; the output is ``{"out": ...}``."""
     torch.manual_seed(SEED)
     model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
-    return _whole("deeplabv3_mobilenet_v3_large", model, (_image(96, SEED),))
+    return _whole("deeplabv3_mobilenet_v3_large", model, (_image(side, SEED),))
 
 
-def lraspp_mobilenet_v3_large() -> WholeModel:
+def lraspp_mobilenet_v3_large(side: int = 96) -> WholeModel:
     """torchvision's LR-ASPP with a MobileNetV3-Large backbone; the output is ``{"out": ...}``."""
     torch.manual_seed(SEED)
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
-    return _whole("lraspp_mobilenet_v3_large", model, (_image(96, SEED),))
+    return _whole("lraspp_mobilenet_v3_large", model, (_image(side, SEED),))
 
 
 # Detectors as fine-tuned from pretrained weights: torchvision then builds the backbone with FrozenBatchNorm2d
@@ -190,45 +192,45 @@ def _frozen_resnet_fpn(depth: int, **fpn: Any) -> nn.Module:
     return detection.backbone_utils._resnet_fpn_extractor(resnet, 3, **fpn)
 
 
-def fasterrcnn_resnet18_fpn_frozen() -> WholeModel:
+def fasterrcnn_resnet18_fpn_frozen(side: int = 128) -> WholeModel:
     """Faster R-CNN with a ResNet-18 FPN backbone whose norms are FrozenBatchNorm2d (20 of them)."""
     torch.manual_seed(SEED)
-    model = detection.FasterRCNN(_frozen_resnet_fpn(18), num_classes=5, **_small(128))
-    return _detector("fasterrcnn_resnet18_fpn_frozen", model, 128)
+    model = detection.FasterRCNN(_frozen_resnet_fpn(18), num_classes=5, **_small(side))
+    return _detector("fasterrcnn_resnet18_fpn_frozen", model, side)
 
 
-def fasterrcnn_resnet50_fpn_frozen() -> WholeModel:
+def fasterrcnn_resnet50_fpn_frozen(side: int = 128) -> WholeModel:
     """``fasterrcnn_resnet50_fpn`` as built for pretrained weights: a FrozenBatchNorm2d ResNet-50 FPN backbone."""
     torch.manual_seed(SEED)
-    model = detection.FasterRCNN(_frozen_resnet_fpn(50), num_classes=91, **_small(128))
-    return _detector("fasterrcnn_resnet50_fpn_frozen", model, 128)
+    model = detection.FasterRCNN(_frozen_resnet_fpn(50), num_classes=91, **_small(side))
+    return _detector("fasterrcnn_resnet50_fpn_frozen", model, side)
 
 
-def fasterrcnn_mobilenet_v3_large_fpn_frozen() -> WholeModel:
+def fasterrcnn_mobilenet_v3_large_fpn_frozen(side: int = 160) -> WholeModel:
     """``fasterrcnn_mobilenet_v3_large_fpn`` as built for pretrained weights (FrozenBatchNorm2d backbone)."""
     torch.manual_seed(SEED)
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=FrozenBatchNorm2d)
     backbone = detection.backbone_utils._mobilenet_extractor(mobilenet, True, 3)
     anchor_sizes = ((32, 64, 128, 256, 512),) * 3
     anchors = detection.anchor_utils.AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    model = detection.FasterRCNN(backbone, num_classes=91, rpn_anchor_generator=anchors, **_small(160))
-    return _detector("fasterrcnn_mobilenet_v3_large_fpn_frozen", model, 160)
+    model = detection.FasterRCNN(backbone, num_classes=91, rpn_anchor_generator=anchors, **_small(side))
+    return _detector("fasterrcnn_mobilenet_v3_large_fpn_frozen", model, side)
 
 
-def retinanet_resnet50_fpn_frozen() -> WholeModel:
+def retinanet_resnet50_fpn_frozen(side: int = 128) -> WholeModel:
     """``retinanet_resnet50_fpn`` as built for pretrained weights (FrozenBatchNorm2d backbone)."""
     torch.manual_seed(SEED)
     extra = detection.retinanet.LastLevelP6P7(256, 256)
     backbone = _frozen_resnet_fpn(50, returned_layers=[2, 3, 4], extra_blocks=extra)
-    model = detection.RetinaNet(backbone, num_classes=91, **_small(128, False))
-    return _detector("retinanet_resnet50_fpn_frozen", model, 128)
+    model = detection.RetinaNet(backbone, num_classes=91, **_small(side, False))
+    return _detector("retinanet_resnet50_fpn_frozen", model, side)
 
 
-def maskrcnn_resnet50_fpn_frozen() -> WholeModel:
+def maskrcnn_resnet50_fpn_frozen(side: int = 128) -> WholeModel:
     """``maskrcnn_resnet50_fpn`` as built for pretrained weights (FrozenBatchNorm2d backbone)."""
     torch.manual_seed(SEED)
-    model = detection.MaskRCNN(_frozen_resnet_fpn(50), num_classes=91, **_small(128))
-    return _detector("maskrcnn_resnet50_fpn_frozen", model, 128)
+    model = detection.MaskRCNN(_frozen_resnet_fpn(50), num_classes=91, **_small(side))
+    return _detector("maskrcnn_resnet50_fpn_frozen", model, side)
 
 
 # ----------------------------------------------------------------------------------------------- ultralytics
@@ -250,103 +252,103 @@ def _yolo(name: str, cls_name: str, cfg: str, side: int) -> WholeModel:
     return _whole(name, model, (_image(side, SEED),))
 
 
-def yolo11n_detect() -> WholeModel:
+def yolo11n_detect(side: int = 160) -> WholeModel:
     """ultralytics YOLO11n detection from its yaml; eval outputs (decoded boxes, raw head maps) have fixed shapes."""
-    return _yolo("yolo11n_detect", "DetectionModel", "yolo11n.yaml", 160)
+    return _yolo("yolo11n_detect", "DetectionModel", "yolo11n.yaml", side)
 
 
-def yolo11n_segment() -> WholeModel:
+def yolo11n_segment(side: int = 160) -> WholeModel:
     """ultralytics YOLO11n segmentation from its yaml."""
-    return _yolo("yolo11n_segment", "SegmentationModel", "yolo11n-seg.yaml", 160)
+    return _yolo("yolo11n_segment", "SegmentationModel", "yolo11n-seg.yaml", side)
 
 
-def yolo11n_classify() -> WholeModel:
+def yolo11n_classify(side: int = 96) -> WholeModel:
     """ultralytics YOLO11n classification from its yaml."""
-    return _yolo("yolo11n_classify", "ClassificationModel", "yolo11n-cls.yaml", 96)
+    return _yolo("yolo11n_classify", "ClassificationModel", "yolo11n-cls.yaml", side)
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
 
 
-def hf_resnet() -> WholeModel:
+def hf_resnet(side: int = 64) -> WholeModel:
     """Hugging Face ``ResNetForImageClassification`` with a small config (narrow stages, 1-2 blocks each)."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(SEED)
     config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10)
-    return _whole("hf_resnet", ResNetForImageClassification(config), (_image(64, SEED, batch=2),))
+    return _whole("hf_resnet", ResNetForImageClassification(config), (_image(side, SEED, batch=2),))
 
 
-def hf_efficientnet() -> WholeModel:
+def hf_efficientnet(side: int = 64) -> WholeModel:
     """Hugging Face ``EfficientNetForImageClassification`` with B0's layout, and its ``top_bn`` after the encoder."""
     from transformers import EfficientNetConfig, EfficientNetForImageClassification
 
     torch.manual_seed(SEED)
     # The default config is B7; B0's coefficients (``hidden_dim`` is the width of ``top_bn``, 1280 at width 1).
     config = EfficientNetConfig(
-        image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, num_labels=10
+        image_size=side, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, num_labels=10
     )
-    return _whole("hf_efficientnet", EfficientNetForImageClassification(config), (_image(64, SEED, batch=2),))
+    return _whole("hf_efficientnet", EfficientNetForImageClassification(config), (_image(side, SEED, batch=2),))
 
 
-def hf_mobilenet_v2() -> WholeModel:
+def hf_mobilenet_v2(side: int = 64) -> WholeModel:
     """Hugging Face ``MobileNetV2ForImageClassification`` (52 BatchNorms; TF padding computed on sizes)."""
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
     torch.manual_seed(SEED)
-    config = MobileNetV2Config(image_size=64, depth_multiplier=0.35, num_labels=10)
-    return _whole("hf_mobilenet_v2", MobileNetV2ForImageClassification(config), (_image(64, SEED, batch=2),))
+    config = MobileNetV2Config(image_size=side, depth_multiplier=0.35, num_labels=10)
+    return _whole("hf_mobilenet_v2", MobileNetV2ForImageClassification(config), (_image(side, SEED, batch=2),))
 
 
 # ------------------------------------------------------------------------------ segmentation_models_pytorch, timm
 
 
-def smp_unet() -> WholeModel:
+def smp_unet(side: int = 64) -> WholeModel:
     """segmentation_models_pytorch ``Unet`` with a ResNet-18 encoder, ``encoder_weights=None``."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(SEED)
     model = smp.Unet("resnet18", encoder_weights=None, classes=3)
-    return _whole("smp_unet", model, (_image(64, SEED),))
+    return _whole("smp_unet", model, (_image(side, SEED),))
 
 
-def smp_unetplusplus() -> WholeModel:
+def smp_unetplusplus(side: int = 64) -> WholeModel:
     """segmentation_models_pytorch ``UnetPlusPlus`` with a ResNet-18 encoder, ``encoder_weights=None``."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(SEED)
     model = smp.UnetPlusPlus("resnet18", encoder_weights=None, classes=3)
-    return _whole("smp_unetplusplus", model, (_image(64, SEED),))
+    return _whole("smp_unetplusplus", model, (_image(side, SEED),))
 
 
-def smp_fpn_efficientnet_b0() -> WholeModel:
+def smp_fpn_efficientnet_b0(side: int = 64) -> WholeModel:
     """segmentation_models_pytorch ``FPN`` with an efficientnet-b0 encoder (TF-"same" padded convolutions)."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(SEED)
     model = smp.FPN("efficientnet-b0", encoder_weights=None, classes=3)
-    return _whole("smp_fpn_efficientnet_b0", model, (_image(64, SEED),))
+    return _whole("smp_fpn_efficientnet_b0", model, (_image(side, SEED),))
 
 
-def timm_efficientnet_b0_features() -> WholeModel:
+def timm_efficientnet_b0_features(side: int = 64) -> WholeModel:
     """timm ``efficientnet_b0`` with ``features_only=True`` (a list of five feature maps)."""
     import timm
 
     torch.manual_seed(SEED)
     model = timm.create_model("efficientnet_b0", pretrained=False, features_only=True)
-    return _whole("timm_efficientnet_b0_features", model, (_image(64, SEED, batch=2),))
+    return _whole("timm_efficientnet_b0_features", model, (_image(side, SEED, batch=2),))
 
 
-def timm_tf_efficientnet_b0() -> WholeModel:
+def timm_tf_efficientnet_b0(side: int = 64) -> WholeModel:
     """timm ``tf_efficientnet_b0`` (``Conv2dSame`` layers: TF-"same" padding computed from the input size)."""
     import timm
 
     torch.manual_seed(SEED)
     model = timm.create_model("tf_efficientnet_b0", pretrained=False)
-    return _whole("timm_tf_efficientnet_b0", model, (_image(64, SEED, batch=2),))
+    return _whole("timm_tf_efficientnet_b0", model, (_image(side, SEED, batch=2),))
 
 
-BUILDERS: dict[str, Callable[[], WholeModel]] = {
+BUILDERS: dict[str, Callable[..., WholeModel]] = {
     builder.__name__: builder
     for builder in (
         fasterrcnn_mobilenet_v3_large_320_fpn,
@@ -384,11 +386,47 @@ ULTRALYTICS = ("yolo11n_detect", "yolo11n_segment", "yolo11n_classify")
 """The ultralytics models, which have their own ``fuse()``."""
 
 
-def build(name: str) -> WholeModel:
-    """Build the whole model registered as ``name``.
+DEPLOY_SIDES: dict[str, int] = {
+    # torchvision detectors: the mobilenet ones at the 320 they are named for, the ResNet-50 ones at 640 (their
+    # transform resizes to min_size..max_size, set to the side); SSDlite resizes to 320 whatever it gets.
+    **dict.fromkeys(("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn_frozen"), 320),
+    **dict.fromkeys(
+        (
+            "fasterrcnn_resnet50_fpn_v2",
+            "retinanet_resnet50_fpn",
+            "maskrcnn_resnet50_fpn_v2",
+            "fasterrcnn_resnet18_fpn_frozen",
+            "fasterrcnn_resnet50_fpn_frozen",
+            "retinanet_resnet50_fpn_frozen",
+            "maskrcnn_resnet50_fpn_frozen",
+        ),
+        640,
+    ),
+    "ssdlite320_mobilenet_v3_large": 320,
+    # segmenters: torchvision's reference evaluation resizes to 520; smp needs a multiple of 32.
+    "deeplabv3_mobilenet_v3_large": 520,
+    "lraspp_mobilenet_v3_large": 520,
+    **dict.fromkeys(("smp_unet", "smp_unetplusplus", "smp_fpn_efficientnet_b0"), 512),
+    # YOLO at ultralytics' default imgsz; its classifier at 224
+    "yolo11n_detect": 640,
+    "yolo11n_segment": 640,
+    "yolo11n_classify": 224,
+    # image classifiers (and timm's feature extractor) at 224
+    **dict.fromkeys(
+        ("hf_resnet", "hf_efficientnet", "hf_mobilenet_v2", "timm_efficientnet_b0_features", "timm_tf_efficientnet_b0"),
+        224,
+    ),
+}
+"""The image side each whole model is deployed at: what a user fuses with. Only the input grows: the detectors keep
+the builders' small proposal and detection counts, and the Hugging Face ResNet its narrow config."""
+
+
+def build(name: str, side: int | None = None) -> WholeModel:
+    """Build the whole model registered as ``name``, on images of ``side`` pixels (the builder's small default when
+    ``None``; :data:`DEPLOY_SIDES` holds the deployed ones).
 
     Raises:
-        ValueError: if ``name`` is not in :data:`BUILDERS`.
+        ValueError: if ``name`` is not in :data:`BUILDERS`, or ``side`` is below 32.
 
     Example:
         >>> build("hf_resnet").model.training
@@ -396,4 +434,11 @@ def build(name: str) -> WholeModel:
     """
     if name not in BUILDERS:
         raise ValueError(f"whole_models.build({name!r}): no such model; choose one of {sorted(BUILDERS)}.")
-    return BUILDERS[name]()
+    if side is None:
+        return BUILDERS[name]()
+    if side < 32:
+        raise ValueError(
+            f"whole_models.build({name!r}, side={side}): expected a side of at least 32 pixels (the networks "
+            "downsample by up to 32); pass e.g. side=DEPLOY_SIDES[name]."
+        )
+    return BUILDERS[name](side)

@@ -176,3 +176,39 @@ def test_self_check_costs_a_few_forwards_when_every_unit_agrees(monkeypatch: pyt
     fused = fuse(model, example_inputs=(torch.randn(2, 4, 6, 6),))
     assert fused.fusion_report.num_folded == 6
     assert len(calls) == 4 * 6
+
+
+class _UntracedRoot(nn.Module):
+    """A root torch.fx cannot trace (control flow on a tensor's value): its blocks are traced apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.third = conv_bn(4, 4), conv_bn(4, 4), conv_bn(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.first(x)
+        if x.sum() > float("-inf"):
+            x = self.second(x)
+        return self.third(x)
+
+
+def test_self_check_reuses_the_forward_that_found_what_parts_receive(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under an untraced root, one forward of the original tells each part traced apart what it receives; the same
+    # forward records what the self-check compares against. Then: that forward, shape propagation of each part
+    # on what it received, each outermost unit once, the whole model once: four forwards' worth of conv calls.
+    model = randomize_batch_norm(_UntracedRoot()).eval()
+    calls = []
+    forward = nn.Conv2d.forward
+
+    def counting(self: nn.Conv2d, x: Tensor) -> Tensor:
+        calls.append(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Conv2d, "forward", counting)
+    x = torch.randn(2, 4, 6, 6)
+    fused = fuse(model, example_inputs=(x,))
+    report = fused.fusion_report
+    assert (report.num_folded, report.reverted, report.untraced[0].path) == (3, [], "<model>")
+    assert len(calls) == 4 * 3
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-5

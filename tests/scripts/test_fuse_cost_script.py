@@ -86,3 +86,32 @@ def test_fuse_cost_compares_fx_dict_output_with_ordered_dict() -> None:
     reference, traced = Segmenter()(x), fx.symbolic_trace(Segmenter())(x)
     assert compare_trees(reference, traced).structure
     assert compare_trees(script._plain(reference), script._plain(traced)).passed
+
+
+def test_fuse_cost_deploy_size_builds_inputs_at_deployed_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    sides: list[int | None] = []
+    built = whole_models.build("hf_resnet")
+
+    def measure(name: str, repeats: int, budget_s: float, side: int | None = None) -> Any:
+        sides.append(side)
+        return _cost(name, 1.0)
+
+    monkeypatch.setattr(script, "measure", measure)
+    script.main(["--models", "hf_resnet,yolo11n_detect", "--deploy-size", "--repeats", "1"])
+    script.main(["--models", "hf_resnet", "--repeats", "1"])
+    assert sides == [224, 640, None]
+    # The builder takes the side: the deployed input is that many pixels a side, the small one as the tests use it.
+    assert built.example_inputs[0].shape[-2:] == (64, 64)
+    assert whole_models.build("hf_resnet", side=224).example_inputs[0].shape[-2:] == (224, 224)
+
+
+def test_whole_models_deploy_sides_cover_every_model() -> None:
+    assert set(whole_models.DEPLOY_SIDES) == set(whole_models.BUILDERS)
+    assert all(
+        side % 32 == 0 or name.endswith("mobilenet_v3_large") for name, side in whole_models.DEPLOY_SIDES.items()
+    )
+
+
+def test_whole_models_build_rejects_tiny_side() -> None:
+    with pytest.raises(ValueError, match=r"whole_models.build\('hf_resnet', side=8\): expected a side of at least 32"):
+        whole_models.build("hf_resnet", side=8)

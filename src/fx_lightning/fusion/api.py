@@ -91,7 +91,7 @@ def fuse(
         engine.instances = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
-            fused = check_units(fused, engine.units, tuple(example_inputs), report)
+            fused = check_units(fused, engine.units, tuple(example_inputs), report, engine.recording)
     if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
     report.seconds = time.perf_counter() - start

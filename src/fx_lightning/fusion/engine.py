@@ -34,7 +34,7 @@ from fx_lightning.fusion.passes.manager import PassRun, run_passes
 from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_family, value_users
 from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped, Untraced
-from fx_lightning.fusion.self_check import run_seeded
+from fx_lightning.fusion.self_check import Recording, run_seeded
 from fx_lightning.fusion.tracing import (
     TraceResult,
     contains_batch_norm,
@@ -137,12 +137,17 @@ class _Engine:
         # The model and its example inputs, whose forward tells what each part receives (see seen_inputs).
         self.example: tuple[nn.Module, tuple[Any, ...]] | None = None
         self.instances: Counter[int] = Counter()  # how many paths hold each module object
+        # That example forward, recorded for the self-check, which then needs no forward of its own to record.
+        self.recording: Recording | None = None
 
     @functools.cached_property
     def seen_inputs(self) -> dict[str, tuple[Any, ...]]:
         """What each module received on the example forward (see :func:`inputs_seen`): ranks for the parts
         traced apart. Run once, and only when a part is traced apart (a model traced whole costs no forward)."""
-        return inputs_seen(*self.example) if self.example is not None else {}
+        if self.example is None:
+            return {}
+        seen, self.recording = _probe(*self.example, record=self.checked)
+        return seen
 
     # -- regions
 
@@ -565,6 +570,14 @@ def inputs_seen(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tu
     arguments alone, and with the same shapes at every call, are listed: for the others the ranks stay unknown.
     The forward runs on a copy, so that caches it fills stay out of the model that is traced.
     """
+    return _probe(model, example_inputs, record=False)[0]
+
+
+def _probe(
+    model: nn.Module, example_inputs: Sequence[Any], *, record: bool
+) -> tuple[dict[str, tuple[Any, ...]], Recording | None]:
+    """:func:`inputs_seen`, and with ``record`` the same forward recorded for the self-check (``None`` when the
+    model cannot run): the root and every module holding a BatchNorm are hooked, the scopes units usually have."""
     probe = detached_copy(model)
     paths: dict[int, list[str]] = {}
     layers: set[int] = set()  # conv and linear layers: only their input shapes are kept, as meta tensors
@@ -576,23 +589,30 @@ def inputs_seen(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tu
             layers.add(id(sub))
     calls: dict[int, list[tuple[Any, ...] | None]] = {}
 
-    def record(key: int, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def record_call(key: int, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if key in layers:
             args = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, args)
         calls.setdefault(key, []).append(None if kwargs else args)
 
     handles = [
-        sub.register_forward_pre_hook(functools.partial(record, id(sub)), with_kwargs=True)
+        sub.register_forward_pre_hook(functools.partial(record_call, id(sub)), with_kwargs=True)
         for _, sub in probe.named_modules()
         if id(sub) in paths
     ]
+    recording = Recording() if record else None
+    if recording is not None:
+        scopes = [p for p, sub in probe.named_modules(remove_duplicate=False) if not p or id(sub) in paths]
+        handles += recording.hook(probe, [p for p in scopes if not p or id(find_module(probe, p)) not in layers])
+    inputs = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tuple(example_inputs))
     try:
-        run_seeded(probe, tuple(example_inputs))
+        output = run_seeded(probe, inputs)
     except Exception:  # noqa: BLE001 - the root's own shape propagation reports a model that cannot run
-        return {}
+        return {}, None
     finally:
         for handle in handles:
             handle.remove()
+    if recording is not None:
+        recording.keep(output, inputs)
     seen: dict[str, tuple[Any, ...]] = {}
     for key, args in calls.items():
         first = args[0]
@@ -600,7 +620,7 @@ def inputs_seen(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tu
             continue
         for path in paths[key]:
             seen[path] = first
-    return seen
+    return seen, recording
 
 
 def _shapes(args: Any) -> tuple[Any, ...]:

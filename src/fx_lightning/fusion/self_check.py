@@ -14,6 +14,10 @@ The whole model is compared once at the end: its relative error is reported (``F
 every output is a floating tensor of fixed shape; there, a mismatch no unit explains means the analysis is wrong,
 and the unfused copy is returned with the reason (and a warning). Outputs that are selections (labels, indices,
 post-NMS detections whose counts vary) are not a verdict on the fused model: float rounding flips near ties.
+
+Where the engine already ran the original once on the example inputs (to learn what each part traced apart
+receives), that forward records for every module that could be a unit (see :class:`Recording`), and the self-check
+reuses it instead of running the original a second time.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from fx_lightning.fusion.report import Folded, FusionReport, Skipped
 from fx_lightning.trees import tree_to
 from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 
-__all__ = ["check_units"]
+__all__ = ["Recording", "check_units"]
 
 #: The whole-model verdict allows this many times the per-unit relative bound of the model's dtype.
 _WHOLE_MODEL_ULPS = 16
@@ -66,6 +70,41 @@ class _Record:
 
 
 @dataclass
+class Recording:
+    """What one seeded forward of the original on the example inputs recorded, for a later self-check.
+
+    Attributes:
+        records: by module path, what that module received and returned on its first call; every path hooked is
+            there, called or not (``done``), so a unit whose scope is among them needs no forward of its own.
+        whole: the original's output, and its inputs after the forward.
+    """
+
+    records: dict[str, _Record] = field(default_factory=dict)
+    whole: Any = None
+
+    def hook(self, model: nn.Module, paths: Sequence[str]) -> list[Any]:
+        """Register the recording hooks on the module at each of ``paths`` of ``model``; returns their handles."""
+        handles = []
+        for path in paths:
+            module = find_module(model, path)
+            if module is None:
+                continue
+            record = self.records.setdefault(path, _Record())
+            handles.append(module.register_forward_pre_hook(_pre_hook(record), with_kwargs=True))
+            handles.append(module.register_forward_hook(_post_hook(record), with_kwargs=True))
+        return handles
+
+    def keep(self, output: Any, inputs: tuple[Any, ...]) -> None:
+        """Keep the original's ``output`` and its ``inputs`` after the forward, as copies: the forward's tensors
+        may be handed on (as the inputs a part receives) and written into later."""
+        self.whole = (_clone(output), (_clone(inputs), {}))
+
+    def covers(self, scopes: set[str]) -> bool:
+        """Whether every one of ``scopes`` was hooked (so its record, or that it did not run, is known)."""
+        return self.whole is not None and scopes <= self.records.keys()
+
+
+@dataclass
 class _Verdict:
     ok: bool
     why: str = ""
@@ -78,6 +117,7 @@ class _Check:
     fused: nn.Module
     units: list[Unit]
     inputs: tuple[Any, ...]
+    recording: Recording | None = None  # a forward of the original already recorded (see Recording)
     groups: dict[int, list[Unit]] = field(default_factory=dict)
     scopes: dict[int, str] = field(default_factory=dict)
     records: dict[str, _Record] = field(default_factory=dict)
@@ -108,16 +148,17 @@ class _Check:
     # -- recording
 
     def record(self) -> None:
-        """Run the original once on the example inputs, recording what each unit's scope receives and returns."""
+        """Run the original once on the example inputs, recording what each unit's scope receives and returns; or
+        take those records from the forward already recorded, when it hooked every scope."""
+        scopes = set(self.scopes.values())
+        if self.recording is not None and self.recording.covers(scopes):
+            self.whole = self.recording.whole
+            self.records = {scope: r for scope, r in self.recording.records.items() if scope in scopes and r.done}
+            return
         original = self.configure(set())
-        handles = []
-        for scope in sorted(set(self.scopes.values())):
-            module = find_module(original, scope)
-            if module is None:
-                continue
-            record = self.records.setdefault(scope, _Record())
-            handles.append(module.register_forward_pre_hook(_pre_hook(record), with_kwargs=True))
-            handles.append(module.register_forward_hook(_post_hook(record), with_kwargs=True))
+        recording = Recording()
+        handles = recording.hook(original, sorted(scopes))
+        self.records = recording.records
         try:
             inputs = _clone(self.inputs)
             output = run_seeded(original, inputs)
@@ -216,7 +257,13 @@ class _Check:
         return accepted
 
 
-def check_units(fused: nn.Module, units: Sequence[Unit], inputs: tuple[Any, ...], report: FusionReport) -> nn.Module:
+def check_units(
+    fused: nn.Module,
+    units: Sequence[Unit],
+    inputs: tuple[Any, ...],
+    report: FusionReport,
+    recording: Recording | None = None,
+) -> nn.Module:
     """Check every unit of ``fused`` on ``inputs``, revert those that fail, compare the whole model once.
 
     Args:
@@ -224,11 +271,13 @@ def check_units(fused: nn.Module, units: Sequence[Unit], inputs: tuple[Any, ...]
         units: the module replacements made, in the order they were made.
         inputs: the example inputs.
         report: the fusion report, updated with what was reverted and why, and the whole-model figure.
+        recording: a seeded forward of (a copy of) the original on ``inputs``, already recorded; used when it
+            hooked the scope of every unit, else the original runs once more to record them.
 
     Returns:
         The fused model with the units that passed applied.
     """
-    check = _Check(fused, list(units), inputs)
+    check = _Check(fused, list(units), inputs, recording)
     check.record()
     all_groups = list(check.groups)
     accepted: set[int] = set()
