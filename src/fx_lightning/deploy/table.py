@@ -81,8 +81,10 @@ def deploy_table(report: Mapping[str, Any]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     counts = sorted(s for s in samples if s)
-    on = f"verified on {counts[0]} samples" if len(counts) == 1 else f"verified on {counts} samples"
     reference = ", ".join(f"{k} {v:.4f}" for k, v in original.items())
+    if not counts:  # no artifact could be loaded and run: nothing was compared
+        return "\n".join(["deploy artifacts, none verified (none could be loaded and run)", *lines])
+    on = f"verified on {counts[0]} samples" if len(counts) == 1 else f"verified on {counts} samples"
     title = f"deploy artifacts, {on} against the original" + (f" ({reference})" if reference else "")
     return "\n".join([title, *lines])
 
