@@ -7,7 +7,6 @@ from torch import nn
 
 from engine_nets import ConvNormAct
 from fx_lightning import count_kernels, fuse
-from fx_lightning.fusion import probe
 from fx_lightning.fusion.counting import count_batch_norms
 from fx_lightning.testing import randomize_batch_norm
 
@@ -60,7 +59,3 @@ def test_count_batch_norms_after_fuse_counts_none_left() -> None:
     assert fused.fusion_report.num_folded == 2
     assert count_batch_norms(lambda: fused(x), fused) == 0
     assert count_kernels(fused, x) == 0
-
-
-def test_count_batch_norms_has_one_definition() -> None:
-    assert probe.count_batch_norms is count_batch_norms

@@ -1,5 +1,4 @@
-"""Running a network once to learn about it: the inputs each sub-network receives, the BatchNorms it runs
-(:func:`~fx_lightning.fusion.counting.count_batch_norms`).
+"""Running a network once to learn about it: the inputs each sub-network receives.
 
 Nothing here imports Lightning; :class:`~fx_lightning.FuseOnExport` uses it on the LightningModule's forward.
 """
@@ -11,9 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-
-# The BatchNorms a forward runs are defined once, in counting; probing code reaches them here too.
-from fx_lightning.fusion.counting import count_batch_norms as count_batch_norms
 
 
 @dataclass

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fx_lightning.fusion.api import fuse
-from fx_lightning.fusion.probe import Call, capture_calls, count_batch_norms
+from fx_lightning.fusion.counting import count_batch_norms
+from fx_lightning.fusion.probe import Call, capture_calls
 from fx_lightning.fusion.report import FusionReport
 from fx_lightning.fusion.tracing import is_frozen_batch_norm
 from fx_lightning.lightning.batches import (
