@@ -29,9 +29,9 @@ __all__ = ["DetectionAgreement", "ImageAgreement", "compare_detections", "is_det
 DETECTION_KEYS = ("boxes", "scores", "labels")
 
 
-def is_detections(value: Any) -> bool:
-    """Whether ``value`` is a non-empty list/tuple of dicts holding ``boxes``, ``scores`` and ``labels`` tensors
-    (torchvision's detection output form).
+def is_detections(value: Any, keys: Sequence[str] = DETECTION_KEYS) -> bool:
+    """Whether ``value`` is a non-empty list/tuple of dicts holding tensors under ``keys`` (by default ``boxes``,
+    ``scores`` and ``labels``: torchvision's detection output form; its targets hold ``boxes`` and ``labels``).
 
     Example:
         >>> is_detections([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}])
@@ -42,7 +42,7 @@ def is_detections(value: Any) -> bool:
     return (
         isinstance(value, (list, tuple))
         and bool(value)
-        and all(isinstance(v, Mapping) and all(isinstance(v.get(k), Tensor) for k in DETECTION_KEYS) for v in value)
+        and all(isinstance(v, Mapping) and all(isinstance(v.get(k), Tensor) for k in keys) for v in value)
     )
 
 

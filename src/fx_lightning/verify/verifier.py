@@ -800,8 +800,8 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
     """
     preds = scored_output(outputs)
     if (
-        _detections(preds, ("boxes", "scores", "labels"))
-        and _detections(target, ("boxes", "labels"))
+        is_detections(preds)
+        and is_detections(target, ("boxes", "labels"))
         and not any(t["labels"].is_floating_point() for t in target)  # MeanAveragePrecision takes class indices
     ):
         from torchmetrics.detection import MeanAveragePrecision  # imports pycocotools: only for detections
@@ -819,15 +819,6 @@ def default_metric(outputs: Any, target: Any) -> Metric | None:
     if target.is_floating_point() and target.shape == preds.shape:
         return MeanSquaredError()
     return None
-
-
-def _detections(value: Any, keys: tuple[str, ...]) -> bool:
-    """Whether ``value`` is a non-empty list/tuple of dicts holding tensors under ``keys`` (torchvision's form)."""
-    return (
-        isinstance(value, (list, tuple))
-        and bool(value)
-        and all(isinstance(v, Mapping) and all(isinstance(v.get(k), Tensor) for k in keys) for v in value)
-    )
 
 
 def _describe(value: Any) -> str:
