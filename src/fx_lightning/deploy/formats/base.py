@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import TreeSpec, tree_map, tree_unflatten
 
 from fx_lightning.errors import first_line
 from fx_lightning.trees import module_device, tree_to
@@ -154,6 +154,14 @@ def reject_unknown(fmt: str, options: Mapping[str, Any], known: tuple[str, ...])
             f"export options for {fmt!r} name unknown option(s) {unknown}. {accepted} "
             f"Pass e.g. options={{{fmt!r}: {{...}}}} with those keys only."
         )
+
+
+def structured(outputs: list[torch.Tensor], spec: TreeSpec | None) -> Any:
+    """A runtime's flat outputs in the network's output structure (``spec``, recorded when it was written); the
+    flat outputs as they came when the structure is unknown or does not match (a lone output unwrapped)."""
+    if spec is not None and spec.num_leaves == len(outputs):
+        return tree_unflatten(outputs, spec)
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def on_device(run: Runner, module: nn.Module) -> Runner:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_leaves
 
 from fx_lightning.deploy.formats.base import (
     Exporter,
@@ -32,6 +32,7 @@ from fx_lightning.deploy.formats.base import (
     MissingExtraError,
     Runner,
     reject_unknown,
+    structured,
 )
 from fx_lightning.errors import first_line
 from fx_lightning.trees import tensor_leaves
@@ -166,9 +167,7 @@ def load_onnx(path: Path, context: LoadContext) -> Runner:
         tensors = tensor_leaves(args)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(names, tensors)}
         outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
-        if spec is not None and spec.num_leaves == len(outputs):
-            return tree_unflatten(outputs, spec)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return structured(outputs, spec)
 
     return run
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_unflatten
 
 from fx_lightning.deploy.formats.base import (
     Exporter,
@@ -28,6 +27,7 @@ from fx_lightning.deploy.formats.base import (
     MissingExtraError,
     Runner,
     reject_unknown,
+    structured,
 )
 from fx_lightning.trees import tensor_leaves
 
@@ -93,9 +93,7 @@ def load_openvino(path: Path, context: LoadContext) -> Runner:
         arrays = [t.detach().cpu().contiguous().numpy() for t in tensor_leaves(args)]
         results = compiled(arrays)
         outputs = [torch.from_numpy(results[out].copy()) for out in compiled.outputs]
-        if spec is not None and spec.num_leaves == len(outputs):
-            return tree_unflatten(outputs, spec)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return structured(outputs, spec)
 
     return run
 
