@@ -17,7 +17,7 @@ from torch import nn
 from fx_lightning.fusion.engine import Form, _Engine
 from fx_lightning.fusion.passes import registered_passes
 from fx_lightning.fusion.report import FusionReport
-from fx_lightning.fusion.self_check import check_units
+from fx_lightning.fusion.self_check import check_units, run_example
 from fx_lightning.fusion.tracing import contains_batch_norm, detached_copy
 
 REPORT_ATTR = "fusion_report"
@@ -92,6 +92,8 @@ def fuse(
         fused = engine.fuse_region(root, "", example_inputs, below_untraced=False)
         if example_inputs is not None and engine.units:
             fused = check_units(fused, engine.units, tuple(example_inputs), report, engine.recording)
+        elif example_inputs is not None and engine.recording is None:
+            run_example(fused, tuple(example_inputs))  # nothing rewritten: still, the inputs must suit the model
     if not report.folded and not report.skipped and not report.merged and not contains_batch_norm(fused):
         report.notes.append("no BatchNorm found: returned an eval-mode copy, unchanged")
     report.seconds = time.perf_counter() - start

@@ -15,7 +15,6 @@ import collections
 import contextlib
 import functools
 import inspect
-import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,10 +22,10 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fx_lightning.fusion import shapes
 from fx_lightning.fusion.codegen import install_direct_calls
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, parsed_source
@@ -187,11 +186,8 @@ class _Engine:
                         new = self.fuse_region(child, child_path, None, below_untraced=True)
                         self._replace(module, name, new, child_path)
             return module
-        if example_inputs is not None:
-            _propagate_shapes(gm, example_inputs)
-        elif hint is not None:
-            with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
-                _shape_prop(gm, hint)
+        if hint is not None:
+            shapes.defer(gm, lambda: hint)
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
         if self.form == "graph" and not path:
@@ -245,10 +241,7 @@ class _Engine:
             gm = traced.graph_module
             if gm is None or traced.opaque or traced.hooked:
                 continue
-            hint = self.seen_inputs.get(_join(path, first))
-            if hint is not None:
-                with contextlib.suppress(Exception):
-                    _shape_prop(gm, hint)
+            shapes.defer(gm, lambda: self.seen_inputs.get(_join(path, first)))
             run = run_passes(gm, fold)
             records = [r for w in run.changes.rewrites for r in w.records]
             if run.left or len(records) != 1 or not isinstance(records[0], Folded):
@@ -304,7 +297,7 @@ class _Engine:
                     self.report.merge(FusionReport(folded=[placed]), path)
             self.report.graphs += [_join(path, t) for t, m in pass_through.items() if isinstance(m, fx.GraphModule)]
         graphs, dropped = self._graph_scopes(module, scoped, below_untraced)
-        inputs = _capture_inputs(module, graphs, example_inputs)
+        inputs = functools.cache(lambda: _capture_inputs(module, graphs, example_inputs))
         result = module
         for scope, why in dropped.items():
             where = _join(path, scope) or "<model>"
@@ -313,7 +306,7 @@ class _Engine:
             self.report.skipped += [Skipped(_join(path, r.bn), reason) for r in records]
         for scope in graphs:
             sub = module.get_submodule(scope)
-            built = self._graph_of(sub, _join(path, scope), inputs.get(scope))
+            built = self._graph_of(sub, _join(path, scope), lambda scope=scope: inputs().get(scope))
             if built is None:
                 continue
             if not scope:
@@ -390,16 +383,15 @@ class _Engine:
                 graphs.append(scope)
         return graphs, dropped
 
-    def _graph_of(self, module: nn.Module, path: str, inputs: tuple[Any, ...] | None) -> fx.GraphModule | None:
-        """``module`` traced on its own and fused, as a ``GraphModule``; ``None`` when it cannot be traced alone."""
+    def _graph_of(self, module: nn.Module, path: str, inputs: shapes.Inputs) -> fx.GraphModule | None:
+        """``module`` traced on its own and fused, as a ``GraphModule``; ``None`` when it cannot be traced alone.
+        ``inputs()`` gives what it receives, for shapes the passes ask for."""
         traced = trace(module, self.leaf_types)
         gm = traced.graph_module
         if gm is None:
             self.report.notes.append(f"'{path or '<model>'}' could not be traced on its own: {traced.error}")
             return None
-        if inputs is not None:
-            with contextlib.suppress(Exception):  # shapes only help; without them fewer ranks are known
-                _shape_prop(gm, inputs)
+        shapes.defer(gm, inputs)
         run = run_passes(gm, self.passes)
         built = _finish(gm)
         self.report.merge(_report_of(run), path)
@@ -463,26 +455,6 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     install_direct_calls(gm)
     return gm
-
-
-def _shape_prop(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """``ShapeProp(gm).propagate(*inputs)`` without the traceback it prints on a failure (which it raises)."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*inputs)
-    except RuntimeError as err:
-        raise (err.__cause__ or err) from None
-
-
-def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    try:
-        _shape_prop(gm, example_inputs)
-    except Exception as err:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-        raise ValueError(
-            f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
-            f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
-        ) from err
 
 
 def _identity_for(bn: nn.Module) -> nn.Identity:
@@ -606,7 +578,7 @@ def _probe(
     inputs = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tuple(example_inputs))
     try:
         output = run_seeded(probe, inputs)
-    except Exception:  # noqa: BLE001 - the root's own shape propagation reports a model that cannot run
+    except Exception:  # noqa: BLE001 - fuse runs the model once more and reports why it cannot run
         return {}, None
     finally:
         for handle in handles:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fx_lightning.errors import first_line
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
@@ -38,7 +38,7 @@ from fx_lightning.fusion.report import Folded, FusionReport, Skipped
 from fx_lightning.trees import tree_to
 from fx_lightning.verify.compare import Comparison, compare_trees, default_rtol
 
-__all__ = ["Recording", "check_units"]
+__all__ = ["Recording", "check_units", "run_example"]
 
 #: The whole-model verdict allows this many times the per-unit relative bound of the model's dtype.
 _WHOLE_MODEL_ULPS = 16
@@ -67,6 +67,7 @@ class _Record:
     output: Any = None
     after: Any = None  # (args, kwargs) after the call: what the module wrote into its inputs
     done: bool = False
+    versions: list[int] = field(default_factory=list)  # of the input tensors, before the call
 
 
 @dataclass
@@ -161,13 +162,7 @@ class _Check:
         self.records = recording.records
         try:
             inputs = _clone(self.inputs)
-            output = run_seeded(original, inputs)
-        except Exception as err:
-            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in self.inputs]
-            raise ValueError(
-                f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
-                f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
-            ) from err
+            output = run_example(original, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -186,10 +181,13 @@ class _Check:
         if double:
             module = copy.deepcopy(module).double()
             args, kwargs = tree_to(args, dtype=torch.float64), tree_to(kwargs, dtype=torch.float64)
+        versions = _versions((args, kwargs))
         with torch.random.fork_rng(devices=[]):
             if record.rng is not None:
                 torch.set_rng_state(record.rng)
             output = module.eval()(*args, **kwargs)
+        if not double and _versions((args, kwargs)) == versions:
+            return output, (record.args, record.kwargs)  # inputs left as received (compared by identity)
         return output, (args, kwargs)
 
     def trial(self, scope: str, applied: set[int]) -> _Verdict:
@@ -375,6 +373,7 @@ def _pre_hook(record: _Record) -> Any:
         if record.args is None:
             record.args, record.kwargs = _clone(args), _clone(kwargs)
             record.rng = torch.get_rng_state()
+            record.versions = _versions((args, kwargs))
 
     return hook
 
@@ -382,9 +381,24 @@ def _pre_hook(record: _Record) -> Any:
 def _post_hook(record: _Record) -> Any:
     def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not record.done and record.args is not None:
-            record.output, record.after, record.done = _clone(output), _clone((args, kwargs)), True
+            # Inputs the call did not write into (their version counters unchanged) are the ones recorded before.
+            unchanged = _versions((args, kwargs)) == record.versions
+            after = (record.args, record.kwargs) if unchanged else _clone((args, kwargs))
+            record.output, record.after, record.done = _clone(output), after, True
 
     return hook
+
+
+def run_example(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """``module`` run seeded on the example ``inputs``; a ``ValueError`` saying so when it cannot run on them."""
+    try:
+        return run_seeded(module, inputs)
+    except Exception as err:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise ValueError(
+            f"fuse(example_inputs=...) could not run the model on inputs of shapes {shapes}: "
+            f"{type(err).__name__}: {err}. Pass inputs the model's forward accepts, or leave example_inputs out."
+        ) from err
 
 
 def run_seeded(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -395,6 +409,11 @@ def run_seeded(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
 
 def _clone(tree: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _versions(tree: Any) -> list[int]:
+    """The version counter of each tensor in ``tree``: it moves with every in-place write into the tensor."""
+    return [t._version for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
 def _floats(tree: Any) -> list[torch.Tensor]:

@@ -84,7 +84,7 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[str, fx.Node]:
     in_features = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
     if in_features != bn.num_features:
         return f"it normalises {bn.num_features} features but '{consumer.target}' reads {in_features}", node
-    rank = tensor_rank(gm, node) or bn.rank
+    rank = bn.rank or tensor_rank(gm, node)
     if isinstance(layer, nn.Linear):
         if rank != 2:
             return f"the Linear '{consumer.target}' after it may not see 2-D input", node

@@ -26,6 +26,7 @@ from fx_lightning.fusion.passes.matching import (
     is_transposed,
     producer_layer,
     tensor_rank,
+    tensor_shape,
     users_text,
     value_users,
 )
@@ -195,7 +196,7 @@ def _concatenated_parts(gm: fx.GraphModule, bn: BatchNormCall) -> tuple[list[tup
         layer, _ = _layer(gm, value)
         if layer is None or layer.kind == "linear" or layer.rows is not None:
             return [], f"{where} whose part '{value.name}' is not a Conv/ConvTranspose layer call"
-        why = _layer_problem(gm, layer, value, reader=cat, rank=tensor_rank(gm, cat) or bn.rank)
+        why = _layer_problem(gm, layer, value, reader=cat, rank=bn.rank or tensor_rank(gm, cat))
         if why:
             return [], f"{where}: {why}"
         end = start + layer.out_features
@@ -273,11 +274,6 @@ def _view_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | None:
     return (kind, source) if isinstance(source, fx.Node) else None
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _viewed_linear(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
     """The Linear call ``y`` when ``node`` is ``y`` rearranged by views alone (reshape, view, flatten, reshape_as,
     permute, transpose), each read by nothing but the next, and the shapes propagated from example inputs show
@@ -294,7 +290,7 @@ def _viewed_linear(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
     if not chain or current is None or current.op not in ("call_module", "call_function"):
         return None
     top = current
-    shapes = [_shape(top), *(_shape(n) for _, n in reversed(chain))]
+    shapes = [tensor_shape(gm, top), *(tensor_shape(gm, n) for _, n in reversed(chain))]
     if any(s is None or not s for s in shapes):
         return None
     features = shapes[0][-1]
@@ -359,12 +355,12 @@ def _why_not(gm: fx.GraphModule, bn: BatchNormCall, layer: Layer | None) -> str:
     if layer is None or source is None:
         what = describe(source) if source is not None else "a non-tensor argument"
         return f"its input is not a Conv/ConvTranspose/Linear layer call ({what})"
-    why = _layer_problem(gm, layer, source, reader=bn.node, rank=tensor_rank(gm, source) or bn.rank)
+    why = _layer_problem(gm, layer, source, reader=bn.node, rank=bn.rank or tensor_rank(gm, source))
     if why:
         return why
     if bn.num_features != layer.out_features:
         return f"it normalises {bn.num_features} features but '{layer.name}' produces {layer.out_features}"
-    rank = tensor_rank(gm, source) or bn.rank
+    rank = bn.rank or tensor_rank(gm, source)
     if layer.rows is not None and layer.rows_proven:
         return ""
     if layer.rows is not None:

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from fx_lightning.fusion import shapes
 from fx_lightning.fusion.maths import BatchNormStats
 from fx_lightning.fusion.padded_conv import padded_conv_family
 from fx_lightning.fusion.tracing import has_forward_hooks, is_batch_norm_module
@@ -275,13 +276,29 @@ _RANK_PRESERVING_FUNCTIONS = {
 }
 
 
-def tensor_rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
-    """The number of dimensions of ``node``'s output, from shape propagation or the graph alone; ``None`` if unknown.
+def tensor_rank(gm: fx.GraphModule, node: Any) -> int | None:
+    """The number of dimensions of ``node``'s output, from the graph alone or shape propagation; ``None`` if unknown.
 
     Without shape metadata, ranks are known after ``flatten(x, 1)``, ``nn.Flatten()`` and
     ``view``/``reshape`` to an explicit shape, where a reader asserts it (timm's ``_assert(x.ndim == 4)``),
-    and carried through element-wise layers and ``Linear``.
+    and carried through element-wise layers and ``Linear``. Where the graph leaves the rank open, the shapes
+    deferred for ``gm`` (:func:`fx_lightning.fusion.shapes.defer`) are propagated and asked.
     """
+    rank = _rank_known(gm, node)
+    if rank is None and isinstance(node, fx.Node) and shapes.ensure(gm):
+        rank = _rank_known(gm, node)
+    return rank
+
+
+def tensor_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    """``node``'s output shape from shape propagation (run now if deferred for ``gm``); ``None`` if unknown."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None and shapes.ensure(gm):
+        meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _rank_known(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
     if not isinstance(node, fx.Node) or depth > 64:
         return None
     meta = node.meta.get("tensor_meta")
@@ -295,14 +312,14 @@ def tensor_rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
         if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             return 2
         if isinstance(module, _RANK_PRESERVING_MODULES) or is_batch_norm_module(module):
-            return tensor_rank(gm, _first_node(node), depth + 1)
+            return _rank_known(gm, _first_node(node), depth + 1)
         return None
     if node.op == "call_function":
         if node.target is torch.flatten:
             args = bind_args(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
             return 2 if args["start_dim"] == 1 and args["end_dim"] == -1 else None
         if node.target in _RANK_PRESERVING_FUNCTIONS:
-            return tensor_rank(gm, _first_node(node), depth + 1)
+            return _rank_known(gm, _first_node(node), depth + 1)
         return None
     if node.op == "call_method":
         if node.target == "flatten":
@@ -312,7 +329,7 @@ def tensor_rank(gm: fx.GraphModule, node: Any, depth: int = 0) -> int | None:
             shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             return len(shape)
         if node.target in ("relu", "sigmoid", "tanh", "contiguous"):
-            return tensor_rank(gm, _first_node(node), depth + 1)
+            return _rank_known(gm, _first_node(node), depth + 1)
     return None
 
 
