@@ -200,10 +200,29 @@ def test_fuse_rejects_compiled_module() -> None:
         fuse(compiled)
 
 
-def test_fuse_rejects_example_inputs_the_model_cannot_run() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+class _ValueBranch(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace this root, so its children are traced apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) if x.sum() > float("-inf") else x
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),  # folded, then checked
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),  # nothing to fold: the inputs are still run once
+        _ValueBranch(),  # traced apart: the forward that finds what the parts receive fails
+    ],
+    ids=["folded", "nothing-to-fold", "untraced-root"],
+)
+def test_fuse_rejects_example_inputs_the_model_cannot_run(model: nn.Module) -> None:
     with pytest.raises(ValueError, match=r"could not run the model on inputs of shapes \[\(1, 5, 8, 8\)\]"):
-        fuse(model, example_inputs=(torch.randn(1, 5, 8, 8),))
+        fuse(model.eval(), example_inputs=(torch.randn(1, 5, 8, 8),))
 
 
 class _InPlaceStatements(nn.Module):
