@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
 from engine_nets import DataDependentBlock, LibraryStyleNet, conv_bn
-from fx_lightning.fusion.tracing import contains_batch_norm, detached_copy, is_builtin_batch_norm, trace
+from fx_lightning.fusion.tracing import (
+    LeafTracer,
+    contains_batch_norm,
+    detached_copy,
+    is_builtin_batch_norm,
+    trace,
+)
 
 
 def test_detached_copy_keeps_ties_and_shares_storage() -> None:
@@ -45,6 +54,43 @@ def test_trace_makes_failing_submodule_opaque() -> None:
     assert list(result.opaque) == ["mid"]
     assert "control flow" in result.opaque["mid"]
     assert any(n.op == "call_module" and n.target == "mid" for n in result.graph_module.graph.nodes)
+
+
+class _Nested(nn.Module):
+    """A block whose own code fails to trace after it called a layer, holding another such block."""
+
+    def __init__(self, c: int, inner: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.inner = inner if inner is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(self.conv(x))
+        return y if y.mean() > 0 else -y  # control flow on a value: not traceable
+
+
+def test_trace_finds_every_failing_submodule_in_one_trace_and_returns_a_clean_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = nn.Sequential(conv_bn(2, 2), _Nested(2), conv_bn(2, 2), _Nested(2, _Nested(2)), _Nested(2))
+    traces = []
+    plain = LeafTracer.trace
+
+    def counted(self: LeafTracer, root: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        traces.append(self.recover)
+        return plain(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(LeafTracer, "trace", counted)
+    result = trace(detached_copy(model))
+    # one trace that recovers in place from each failing block, one clean trace with them as leaves from the start
+    assert traces == [True, False]
+    assert sorted(result.opaque) == ["1", "3", "3.inner", "4"]  # as found one by one, innermost first
+    gm = result.graph_module
+    assert gm is not None
+    # the nodes the failed calls made before failing (their conv calls) are not in the graph
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0.0", "0.1", "1", "2.0", "2.1", "3", "4"]
+    x = torch.randn(1, 2, 4, 4)
+    torch.testing.assert_close(gm(x), model(x))
 
 
 def test_trace_reports_root_failure() -> None:

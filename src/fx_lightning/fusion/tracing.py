@@ -171,7 +171,12 @@ class LeafTracer(fx.Tracer):
     """
 
     def __init__(
-        self, leaves: Iterable[str] = (), leaf_types: tuple[type, ...] = (), wrapped: Iterable[Any] = ()
+        self,
+        leaves: Iterable[str] = (),
+        leaf_types: tuple[type, ...] = (),
+        wrapped: Iterable[Any] = (),
+        *,
+        recover: bool = False,
     ) -> None:
         super().__init__(autowrap_functions=tuple(wrapped))
         self.leaves = set(leaves)
@@ -179,6 +184,11 @@ class LeafTracer(fx.Tracer):
         self.stack: list[str] = []
         self.failed_in: list[str] | None = None
         self.hooked: set[str] = set()
+        # With ``recover``, a sub-module whose own code fails to trace is called as a leaf from there on, and the
+        # trace goes on: one trace finds every such sub-module (``recovered``: path -> the tracer's error).
+        self.recover = recover
+        self.recovered: dict[str, str] = {}
+        self.abandoned = False  # a failure recovering cannot handle (see call_module): the trace fails as it is
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return InPlaceProxy(node, self)
@@ -198,14 +208,33 @@ class LeafTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = self.path_of_module(m)
         self.stack.append(name)
+        mark = (self.graph._root.prev, collections.OrderedDict(self.module_stack), dict(self.num_calls))
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
+        except Exception as err:
+            innermost = self.failed_in is None
+            if innermost:
                 self.failed_in = list(self.stack)
-            raise
+            if not (self.recover and innermost and name) or self.abandoned:
+                raise
+            if _failed_callee(err, m) is not None:
+                self.abandoned = True  # the callee is recorded as one call instead, in a trace of its own
+                raise
+            self._roll_back(*mark)
+            self.recovered[name] = f"{type(err).__name__}: {err}"
+            self.leaves.add(name)
+            self.failed_in = None
+            return super().call_module(m, forward, args, kwargs)
         finally:
             self.stack.pop()
+
+    def _roll_back(self, last: fx.Node, module_stack: dict[str, Any], num_calls: dict[str, int]) -> None:
+        """Erase the nodes a failed call made after ``last`` and restore the module stack as it was before it."""
+        while self.graph._root.prev is not last:
+            self.graph.erase_node(self.graph._root.prev)
+        self.module_stack.clear()
+        self.module_stack.update(module_stack)
+        self.num_calls = num_calls
 
 
 @dataclass
@@ -230,12 +259,15 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
     # ModelOutput built from proxies), recorded as single calls instead: culprit path and message for each.
     wrapped: dict[Any, tuple[str, str]] = {}
     containers = _containers(root)
-    for _ in range(max_retries):
-        tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types, wrapped=wrapped)
+    for attempt in range(max_retries):
+        # The first trace recovers from each failing sub-module in place, which finds most of them at once; a graph
+        # is returned only from a trace that had every opaque sub-module as a leaf from the start.
+        tracer = LeafTracer(leaves=opaque, leaf_types=leaf_types, wrapped=wrapped, recover=attempt == 0)
         try:
             graph = tracer.trace(root)
         except Exception as err:  # noqa: BLE001 - any tracer failure means "not traceable here"
             _restore(containers)
+            opaque.update(tracer.recovered)
             message = f"{type(err).__name__}: {err}"
             culprit = tracer.failed_in[-1] if tracer.failed_in else ""
             callee = _failed_callee(err, _find_module(root, culprit))
@@ -247,6 +279,9 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
             opaque[culprit] = message
             continue
         _restore(containers)
+        if tracer.recovered:
+            opaque.update(tracer.recovered)
+            continue
         unproven = _unproven_wrapped_call(graph, tracer.root, wrapped)
         if unproven is not None:
             culprit, message = wrapped.pop(unproven)
