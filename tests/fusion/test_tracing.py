@@ -72,7 +72,7 @@ class _Nested(nn.Module):
 def test_trace_finds_every_failing_submodule_in_one_trace_and_returns_a_clean_graph(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model = nn.Sequential(conv_bn(2, 2), _Nested(2), conv_bn(2, 2), _Nested(2, _Nested(2)), _Nested(2))
+    model = nn.Sequential(conv_bn(2, 2), _Nested(2), conv_bn(2, 2), _Nested(2, _Nested(2)), _Nested(2)).eval()
     traces = []
     plain = LeafTracer.trace
 
