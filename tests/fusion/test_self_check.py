@@ -213,3 +213,38 @@ def test_self_check_reuses_the_forward_that_found_what_parts_receive(monkeypatch
     assert len(calls) == 3 * 3
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) < 1e-5
+
+
+class _WritesBetween(nn.Module):
+    """Adds into its first layer's output in place before its second layer reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.a(x)
+        y.add_(1.0)
+        return self.b(y)
+
+
+def test_recording_copies_a_tensor_handed_on_unchanged_once_and_a_written_one_again() -> None:
+    from fx_lightning.fusion.self_check import Recording
+
+    model = nn.Sequential(nn.Sequential(_WritesBetween())).eval()
+    recording = Recording()
+    handles = recording.hook(model, ["", "0", "0.0", "0.0.a", "0.0.b"])
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        out = model(x)
+    for handle in handles:
+        handle.remove()
+    recording.keep(out, (x,))
+    records = recording.records
+    # the input reaches three nested modules and the first layer: one copy
+    assert records[""].args[0] is records["0"].args[0] is records["0.0"].args[0] is records["0.0.a"].args[0]
+    assert records["0.0.b"].output is records["0.0"].output is records[""].output
+    # written into after 'a' returned it: 'b' received a new copy, with the write
+    torch.testing.assert_close(records["0.0.b"].args[0], records["0.0.a"].output + 1.0)
+    assert torch.equal(records[""].output, out) and records[""].output is not out
+    assert recording.copies == {}  # nothing of the forward held on after keep

@@ -82,6 +82,9 @@ class Recording:
 
     records: dict[str, _Record] = field(default_factory=dict)
     whole: Any = None
+    # During the forward: the copy made of each tensor, by id, with the tensor and its version then. Nested modules
+    # hand the same tensors on (a block's input is its first layer's), so each is copied once while unchanged.
+    copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
 
     def hook(self, model: nn.Module, paths: Sequence[str]) -> list[Any]:
         """Register the recording hooks on the module at each of ``paths`` of ``model``; returns their handles."""
@@ -91,14 +94,47 @@ class Recording:
             if module is None:
                 continue
             record = self.records.setdefault(path, _Record())
-            handles.append(module.register_forward_pre_hook(_pre_hook(record), with_kwargs=True))
-            handles.append(module.register_forward_hook(_post_hook(record), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(self._pre_hook(record), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._post_hook(record), with_kwargs=True))
         return handles
 
     def keep(self, output: Any, inputs: tuple[Any, ...]) -> None:
         """Keep the original's ``output`` and its ``inputs`` after the forward, as copies: the forward's tensors
         may be handed on (as the inputs a part receives) and written into later."""
-        self.whole = (_clone(output), (_clone(inputs), {}))
+        self.whole = (self._copy(output), (self._copy(inputs), {}))
+        self.copies.clear()
+
+    def _copy(self, tree: Any) -> Any:
+        """``tree`` with each tensor copied, or the copy already made of it if it was not written into since."""
+
+        def copied(t: torch.Tensor) -> torch.Tensor:
+            seen = self.copies.get(id(t))
+            if seen is not None and seen[0] is t and seen[1] == t._version:
+                return seen[2]
+            copy = t.detach().clone()
+            self.copies[id(t)] = (t, t._version, copy)
+            return copy
+
+        return tree_map(lambda t: copied(t) if isinstance(t, torch.Tensor) else t, tree)
+
+    def _pre_hook(self, record: _Record) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if record.args is None:
+                record.args, record.kwargs = self._copy(args), self._copy(kwargs)
+                record.rng = torch.get_rng_state()
+                record.versions = _versions((args, kwargs))
+
+        return hook
+
+    def _post_hook(self, record: _Record) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not record.done and record.args is not None:
+                # Inputs the call did not write into (their version counters unchanged) are the ones recorded before.
+                unchanged = _versions((args, kwargs)) == record.versions
+                after = (record.args, record.kwargs) if unchanged else self._copy((args, kwargs))
+                record.output, record.after, record.done = self._copy(output), after, True
+
+        return hook
 
     def covers(self, scopes: set[str]) -> bool:
         """Whether every one of ``scopes`` was hooked (so its record, or that it did not run, is known)."""
@@ -166,6 +202,7 @@ class _Check:
         finally:
             for handle in handles:
                 handle.remove()
+            recording.copies.clear()
         self.whole = (output, (inputs, {}))
         self.records = {scope: r for scope, r in self.records.items() if r.done}
 
@@ -366,27 +403,6 @@ def _report_reverted(report: FusionReport, check: _Check, reverted: list[int]) -
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _pre_hook(record: _Record) -> Any:
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if record.args is None:
-            record.args, record.kwargs = _clone(args), _clone(kwargs)
-            record.rng = torch.get_rng_state()
-            record.versions = _versions((args, kwargs))
-
-    return hook
-
-
-def _post_hook(record: _Record) -> Any:
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not record.done and record.args is not None:
-            # Inputs the call did not write into (their version counters unchanged) are the ones recorded before.
-            unchanged = _versions((args, kwargs)) == record.versions
-            after = (record.args, record.kwargs) if unchanged else _clone((args, kwargs))
-            record.output, record.after, record.done = _clone(output), after, True
-
-    return hook
 
 
 def run_example(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
