@@ -254,6 +254,48 @@ class _Check:
             return _Verdict(True)
         return _Verdict(False, f"{_describe(again)} in float64")
 
+    def together(self, tops: list[str], groups: list[int]) -> set[str]:
+        """The ``tops`` that agree in one seeded run of the whole model with every one of ``groups`` in.
+
+        Each top module is compared, as it returns, with what it returned and left in its inputs in the original's
+        forward, within the same bound as on its own; only, it runs on what the rewritten modules before it gave,
+        which differs from what it received by their rounding. When they all agree (the usual case), that one
+        forward checks every unit and gives the whole model's output too; a top that does not agree, is not
+        recorded, or is called around its hooks (by generated code) is checked on its own inputs after.
+        """
+        recorded = [t for t in tops if t in self.records]
+        if not recorded or recorded == [""]:
+            return set()  # the whole model alone: checking it on its own is this very run
+        root = self.configure(set(groups))
+        agreed: set[str] = set()
+        seen: set[str] = set()
+
+        def compare(top: str) -> Any:
+            def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+                if top not in seen:
+                    seen.add(top)
+                    record = self.records[top]
+                    if compare_trees((record.output, record.after), (output, (args, kwargs))).passed:
+                        agreed.add(top)
+
+            return hook
+
+        handles = []
+        for top in recorded:
+            module = find_module(root, top)
+            if module is not None:
+                handles.append(module.register_forward_hook(compare(top), with_kwargs=True))
+        inputs = _clone(self.inputs)
+        try:
+            output = run_seeded(root, inputs)
+        except Exception:  # noqa: BLE001 - checked on its own, each unit says whether it is the one that raises
+            return set()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.last_whole = (frozenset(groups), (output, (inputs, {})))
+        return agreed
+
     def check(self, scope: str, groups: list[int]) -> set[int]:
         """The ``groups`` (all with scopes within ``scope``) that keep the module at ``scope`` as it was."""
         if scope not in self.records:
@@ -316,8 +358,11 @@ def check_units(
     check.record()
     all_groups = list(check.groups)
     accepted: set[int] = set()
-    for top in _outermost(set(check.scopes.values())):
-        accepted |= check.check(top, [g for g in all_groups if within(check.scopes[g], top)])
+    tops = _outermost(set(check.scopes.values()))
+    agreed = check.together(tops, all_groups)
+    for top in tops:
+        groups = [g for g in all_groups if within(check.scopes[g], top)]
+        accepted |= set(groups) if top in agreed else check.check(top, groups)
     reverted = [g for g in all_groups if g not in accepted]
     if check.unchecked:
         paths = sorted({u.path or "<model>" for g in check.unchecked for u in check.groups[g]})
