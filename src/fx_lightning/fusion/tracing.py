@@ -89,22 +89,23 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     # forward, so a copied GraphModule (fuse(fuse(m)), fuse(symbolic_trace(m))) would lose its forward.
     new = object.__new__(cls)
     memo[id(module)] = new
-    new.__dict__ = dict(module.__dict__)
-    new._parameters = {k: _copy_tensor(p, memo, clone=False) for k, p in module._parameters.items()}
-    new._buffers = {k: _copy_tensor(b, memo, clone=True) for k, b in module._buffers.items()}
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    new._modules = {k: (_copy_module(m, memo) if m is not None else None) for k, m in module._modules.items()}
+    # Written into __dict__ directly: nn.Module.__setattr__ would look each name up in the three dicts first.
+    state = new.__dict__ = dict(module.__dict__)
+    state["_parameters"] = {k: _copy_tensor(p, memo, clone=False) for k, p in module._parameters.items()}
+    state["_buffers"] = {k: _copy_tensor(b, memo, clone=True) for k, b in module._buffers.items()}
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {k: (_copy_module(m, memo) if m is not None else None) for k, m in module._modules.items()}
     for name in _HOOK_DICTS:
         if name in module.__dict__:
-            new.__dict__[name] = collections.OrderedDict(module.__dict__[name])
+            state[name] = collections.OrderedDict(module.__dict__[name])
     for name, value in module.__dict__.items():
         # Containers a forward may write into while being traced (timm LeViT's attention-bias cache stores a
         # Proxy keyed by device): one level copied, so those writes land in the copy, not the caller's model.
         if name not in _INTERNAL_ATTRIBUTES and isinstance(value, (dict, list, set)):
             if id(value) not in memo:
                 memo[id(value)] = copy.copy(value)
-            new.__dict__[name] = memo[id(value)]
-    new.training = False
+            state[name] = memo[id(value)]
+    state["training"] = False
     return new
 
 
