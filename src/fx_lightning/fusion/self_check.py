@@ -4,11 +4,13 @@ One forward of the original on the example inputs records what each rewritten un
 keyword inputs, the random state) and what it returns and leaves in its inputs. A unit is the smallest module whose
 forward holds a rewrite and every reader of what it changed, so comparing that module's output and in-place effects,
 as it was and as rewritten, sees there what a comparison of the whole model would. Units are checked outermost
-first, with every rewrite inside applied: when the outermost agree (the usual case), the check costs about one
-forward of the model beside the recording one. Only a unit that disagrees is looked at closer: its inner units on
-their own, each of its own rewrites alone, and, where the model's dtype disagrees, a float64 copy of that unit (never
-of the whole model), so that float rounding never reverts an exact rewrite. What fails is reverted, with a reason
-naming the unit.
+first, with every rewrite inside applied, all in one forward of the fused model: each outermost unit is compared as
+it returns (fed by the rewritten units before it, which differ from the original only by rounding), and the same
+forward gives the whole model's output. When they agree (the usual case), the check costs that one forward beside
+the recording one. Only a unit that disagrees is looked at closer: on its own recorded inputs, then its inner units
+on their own, each of its own rewrites alone, and, where the model's dtype disagrees, a float64 copy of that unit
+(never of the whole model), so that float rounding never reverts an exact rewrite. What fails is reverted, with a
+reason naming the unit.
 
 The whole model is compared once at the end: its relative error is reported (``FusionReport.max_rel_error``) where
 every output is a floating tensor of fixed shape; there, a mismatch no unit explains means the analysis is wrong,
