@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 
 import pytest
@@ -320,3 +322,33 @@ def test_fuse_notes_when_the_passes_hit_the_round_cap(monkeypatch: pytest.Monkey
     for form in ("modules", "graph"):
         notes = fuse(model, form=form).fusion_report.notes
         assert any("still found rewrites after 1 rounds" in n for n in notes), form
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fuse_pauses_the_garbage_collector_and_leaves_it_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    import gc
+
+    from fx_lightning.fusion import engine
+
+    during = []
+    region = engine._Engine.fuse_region
+
+    def watched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        during.append(gc.isenabled())
+        return region(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine._Engine, "fuse_region", watched)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        fuse(model, example_inputs=(torch.randn(1, 3, 8, 8),))
+        assert during and not any(during)
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError, match="could not run the model"):
+            fuse(model, example_inputs=(torch.randn(1, 5, 8, 8),))
+        assert gc.isenabled() is enabled  # restored when fuse raises too
+    finally:
+        gc.enable() if was else gc.disable()

@@ -6,9 +6,11 @@ what the user calls and the checks of what they passed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +84,7 @@ def fuse(
     chosen = _validate(model, example_inputs, passes, leaf_modules, form)
     start = time.perf_counter()
     report = FusionReport(model=type(model).__name__)
-    with torch.no_grad():
+    with torch.no_grad(), _collector_paused():
         root = detached_copy(model)
         engine = _Engine(chosen, tuple(leaf_modules), form, report)
         engine.checked = example_inputs is not None
@@ -100,6 +102,23 @@ def fuse(
     fused.eval()
     object.__setattr__(fused, REPORT_ATTR, report)
     return fused
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused, as it was before afterwards.
+
+    Tracing makes many small objects (graph nodes, proxies), and each of the collections they trigger walks every
+    object of the process: hundreds of thousands once torch and a model library are imported, a fifth of the time
+    of a fuse of YOLO11n. What a fuse leaves in cycles is collected at the next collection after it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _validate(
