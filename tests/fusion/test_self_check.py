@@ -247,5 +247,6 @@ def test_recording_copies_a_tensor_handed_on_unchanged_once_and_a_written_one_ag
     assert records["0.0.b"].output is records["0.0"].output is records[""].output
     # written into after 'a' returned it: 'b' received a new copy, with the write
     torch.testing.assert_close(records["0.0.b"].args[0], records["0.0.a"].output + 1.0)
-    assert torch.equal(records[""].output, out) and records[""].output is not out
+    assert torch.equal(records[""].output, out)
+    assert records[""].output is not out
     assert recording.copies == {}  # nothing of the forward held on after keep
