@@ -25,7 +25,6 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fx_lightning.fusion import shapes
 from fx_lightning.fusion.codegen import install_direct_calls
 from fx_lightning.fusion.module_paths import common_scope, find_module, within
 from fx_lightning.fusion.padded_conv import chained_children, padded_conv_family, parsed_source
@@ -34,6 +33,7 @@ from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_fa
 from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped, Untraced
 from fx_lightning.fusion.self_check import Recording, run_seeded
+from fx_lightning.fusion.shapes import Inputs, defer
 from fx_lightning.fusion.tracing import (
     TraceResult,
     contains_batch_norm,
@@ -187,7 +187,7 @@ class _Engine:
                         self._replace(module, name, new, child_path)
             return module
         if hint is not None:
-            shapes.defer(gm, lambda: hint)
+            defer(gm, lambda: hint)
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
         if self.form == "graph" and not path:
@@ -241,7 +241,7 @@ class _Engine:
             gm = traced.graph_module
             if gm is None or traced.opaque or traced.hooked:
                 continue
-            shapes.defer(gm, lambda: self.seen_inputs.get(_join(path, first)))
+            defer(gm, lambda: self.seen_inputs.get(_join(path, first)))
             run = run_passes(gm, fold)
             records = [r for w in run.changes.rewrites for r in w.records]
             if run.left or len(records) != 1 or not isinstance(records[0], Folded):
@@ -383,7 +383,7 @@ class _Engine:
                 graphs.append(scope)
         return graphs, dropped
 
-    def _graph_of(self, module: nn.Module, path: str, inputs: shapes.Inputs) -> fx.GraphModule | None:
+    def _graph_of(self, module: nn.Module, path: str, inputs: Inputs) -> fx.GraphModule | None:
         """``module`` traced on its own and fused, as a ``GraphModule``; ``None`` when it cannot be traced alone.
         ``inputs()`` gives what it receives, for shapes the passes ask for."""
         traced = trace(module, self.leaf_types)
@@ -391,7 +391,7 @@ class _Engine:
         if gm is None:
             self.report.notes.append(f"'{path or '<model>'}' could not be traced on its own: {traced.error}")
             return None
-        shapes.defer(gm, inputs)
+        defer(gm, inputs)
         run = run_passes(gm, self.passes)
         built = _finish(gm)
         self.report.merge(_report_of(run), path)

@@ -17,9 +17,9 @@ from torch import fx, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from fx_lightning.fusion import shapes
 from fx_lightning.fusion.maths import BatchNormStats
 from fx_lightning.fusion.padded_conv import padded_conv_family
+from fx_lightning.fusion.shapes import ensure as ensure_shapes
 from fx_lightning.fusion.tracing import has_forward_hooks, is_batch_norm_module
 
 # ----------------------------------------------------------------------------------------------- BatchNorm calls
@@ -285,7 +285,7 @@ def tensor_rank(gm: fx.GraphModule, node: Any) -> int | None:
     deferred for ``gm`` (:func:`fx_lightning.fusion.shapes.defer`) are propagated and asked.
     """
     rank = _rank_known(gm, node)
-    if rank is None and isinstance(node, fx.Node) and shapes.ensure(gm):
+    if rank is None and isinstance(node, fx.Node) and ensure_shapes(gm):
         rank = _rank_known(gm, node)
     return rank
 
@@ -293,7 +293,7 @@ def tensor_rank(gm: fx.GraphModule, node: Any) -> int | None:
 def tensor_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
     """``node``'s output shape from shape propagation (run now if deferred for ``gm``); ``None`` if unknown."""
     meta = node.meta.get("tensor_meta")
-    if meta is None and shapes.ensure(gm):
+    if meta is None and ensure_shapes(gm):
         meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
