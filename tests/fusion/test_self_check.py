@@ -250,3 +250,33 @@ def test_recording_copies_a_tensor_handed_on_unchanged_once_and_a_written_one_ag
     assert torch.equal(records[""].output, out)
     assert records[""].output is not out
     assert recording.copies == {}  # nothing of the forward held on after keep
+
+
+class _HalvedInput(nn.Module):
+    """A network whose forward pre-hook replaces its input (hooks that normalise or cast inputs do this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.register_forward_pre_hook(lambda _, args: (args[0] * 0.5, *args[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.fc(x))
+
+
+def test_self_check_runs_a_unit_on_what_its_caller_passed_not_on_what_its_pre_hook_made_of_it() -> None:
+    # Recorded after the pre-hook, the input would be halved again when the unit runs: the check would compare
+    # the unit on x / 4 with the original on x / 2 and call an exact fold wrong.
+    import warnings
+
+    model = randomize_batch_norm(_HalvedInput()).eval()
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = fuse(model, example_inputs=(x,))
+    report = fused.fusion_report
+    assert [r.bn for r in report.folded] == ["bn"]
+    assert report.reverted == []
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5

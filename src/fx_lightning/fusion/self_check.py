@@ -70,6 +70,7 @@ class _Record:
     after: Any = None  # (args, kwargs) after the call: what the module wrote into its inputs
     done: bool = False
     versions: list[int] = field(default_factory=list)  # of the input tensors, before the call
+    given: Any = None  # during the call: the (args, kwargs) the caller passed, before the module's own pre-hooks
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Recording:
             if module is None:
                 continue
             record = self.records.setdefault(path, _Record())
-            handles.append(module.register_forward_pre_hook(self._pre_hook(record), with_kwargs=True))
+            # First among the pre-hooks: the module's own may replace its inputs (and would again when it is run).
+            handles.append(module.register_forward_pre_hook(self._pre_hook(record), with_kwargs=True, prepend=True))
             handles.append(module.register_forward_hook(self._post_hook(record), with_kwargs=True))
         return handles
 
@@ -124,17 +126,19 @@ class Recording:
             if record.args is None:
                 record.args, record.kwargs = self._copy(args), self._copy(kwargs)
                 record.rng = torch.get_rng_state()
-                record.versions = _versions((args, kwargs))
+                record.given = (args, kwargs)
+                record.versions = _versions(record.given)
 
         return hook
 
     def _post_hook(self, record: _Record) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not record.done and record.args is not None:
+            if not record.done and record.given is not None:
                 # Inputs the call did not write into (their version counters unchanged) are the ones recorded before.
-                unchanged = _versions((args, kwargs)) == record.versions
-                after = (record.args, record.kwargs) if unchanged else self._copy((args, kwargs))
+                unchanged = _versions(record.given) == record.versions
+                after = (record.args, record.kwargs) if unchanged else self._copy(record.given)
                 record.output, record.after, record.done = self._copy(output), after, True
+                record.given = None
 
         return hook
 
@@ -270,22 +274,31 @@ class _Check:
             return set()  # the whole model alone: checking it on its own is this very run
         root = self.configure(set(groups))
         agreed: set[str] = set()
-        seen: set[str] = set()
+        given: dict[str, Any] = {}  # what the caller passed each top, on its first call
+
+        def take(top: str) -> Any:
+            def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                given.setdefault(top, (args, kwargs))
+
+            return hook
 
         def compare(top: str) -> Any:
             def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-                if top not in seen:
-                    seen.add(top)
+                inputs = given.get(top)
+                if inputs is not None and top not in checked:
+                    checked.add(top)
                     record = self.records[top]
-                    if compare_trees((record.output, record.after), (output, (args, kwargs))).passed:
+                    if compare_trees((record.output, record.after), (output, inputs)).passed:
                         agreed.add(top)
 
             return hook
 
+        checked: set[str] = set()
         handles = []
         for top in recorded:
             module = find_module(root, top)
             if module is not None:
+                handles.append(module.register_forward_pre_hook(take(top), with_kwargs=True, prepend=True))
                 handles.append(module.register_forward_hook(compare(top), with_kwargs=True))
         inputs = _clone(self.inputs)
         try:
