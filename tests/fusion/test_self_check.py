@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, fx, nn
@@ -280,3 +282,126 @@ def test_self_check_runs_a_unit_on_what_its_caller_passed_not_on_what_its_pre_ho
     assert report.reverted == []
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def _check_one_swap(model: nn.Module, container_path: str, name: str, scope: str, x: Tensor) -> Any:
+    """Swap a deliberately wrong conv (weights doubled) in at ``container_path.name`` and run the self-check."""
+    import copy
+    import warnings
+
+    from fx_lightning.fusion.engine import _Unit
+    from fx_lightning.fusion.report import FusionReport
+    from fx_lightning.fusion.self_check import check_units
+
+    fused = copy.deepcopy(model)
+    container = fused.get_submodule(container_path)
+    old = container._modules[name]
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.weight.mul_(2.0)
+    container._modules[name] = new
+    unit = _Unit(f"{container_path}.{name}", container, name, old, new, group=0, scope=scope)
+    report = FusionReport(model=type(model).__name__)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check_units(fused, [unit], (x,), report)
+    return result, report
+
+
+class _ReplacesAnElement(nn.Module):
+    """Writes its result into the list it receives, as ultralytics' Detect head does (``x[i] = ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        xs[0] = self.conv(xs[0])
+        return xs[1] * 1.0
+
+
+class _ListLabels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _ReplacesAnElement()
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = [x, x + 1]
+        y = self.head(xs)
+        return (xs[0] + y).argmax(1)  # labels: the whole-model comparison is no verdict
+
+
+class _WritesThroughData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.data.copy_(self.conv(x))  # moves no version counter
+        return x.new_zeros(())
+
+
+class _DataLabels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = _WritesThroughData()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + 0
+        self.w(x)
+        return x.argmax(1)
+
+
+@pytest.mark.parametrize(
+    ("model", "container", "scope"),
+    [(_ListLabels(), "head", "head"), (_DataLabels(), "w", "w")],
+    ids=["list-element-replaced", "write-through-data"],
+)
+def test_self_check_sees_writes_into_inputs_that_move_no_version_counter(
+    model: nn.Module, container: str, scope: str
+) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 8, 8)
+    result, report = _check_one_swap(model.eval(), container, "conv", scope, x)
+    assert report.reverted == [f"{container}.conv"]
+    with torch.no_grad():
+        assert torch.equal(result(x), model(x))
+
+
+def test_fuse_with_example_inputs_under_inference_mode() -> None:
+    model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 8, 8)
+        fused = fuse(model, example_inputs=(x,))
+        assert fused.fusion_report.num_folded == 1
+        assert fused.fusion_report.reverted == []
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_forgets_the_example_inputs_and_the_model_it_fused() -> None:
+    import gc
+    import weakref
+
+    import torch.nn.functional as F
+
+    class FunctionalBlock(nn.Module):
+        """A BatchNorm after a functional conv: folded in generated code, whose passes get deferred shapes."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 3, 1, 1))
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(F.conv2d(x, self.weight)) * 1.0
+
+    refs = []
+    for _ in range(2):
+        model = nn.Sequential(FunctionalBlock(), FunctionalBlock()).eval()
+        x = torch.randn(2, 3, 4, 4)
+        fused = fuse(model, example_inputs=(x,))
+        assert fused.fusion_report.num_folded == 2
+        refs.append((weakref.ref(fused), weakref.ref(x)))
+        del model, x, fused
+    gc.collect()
+    assert [(f() is None, x() is None) for f, x in refs] == [(True, True), (True, True)]

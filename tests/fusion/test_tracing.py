@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine_nets import DataDependentBlock, LibraryStyleNet, conv_bn
+from fx_lightning import fuse
 from fx_lightning.fusion.tracing import (
     LeafTracer,
     contains_batch_norm,
@@ -147,3 +148,36 @@ def test_detached_copy_copies_attribute_containers_so_tracing_cannot_write_into_
     copy = detached_copy(model)
     assert copy[0].cache is copy[2].cache  # one shared dict stays one dict in the copy
     assert copy[0].cache is not shared
+
+
+class _FastPath(nn.Module):
+    """A fast path that raises where it is not available (on this device, in this build)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("no fused kernel here")
+
+
+class _WithFallback(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fast = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _FastPath()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        try:
+            return self.fast(x)
+        except NotImplementedError:
+            return x.relu()
+
+
+def test_trace_follows_a_fallback_the_code_takes_when_a_sub_module_raises_on_its_own() -> None:
+    # Only torch.fx's own errors (a Proxy used as a value) make a sub-module a leaf: an exception the module raises
+    # itself is caught by its caller, as when it runs.
+    result = trace(detached_copy(_WithFallback()))
+    assert result.opaque == {}
+    gm = result.graph_module
+    assert gm is not None
+    assert "fast" not in {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    x = torch.randn(2, 3, 8, 8)
+    model = _WithFallback().eval()
+    torch.testing.assert_close(fuse(model, form="graph")(x), model(x), rtol=1e-5, atol=1e-6)

@@ -74,3 +74,13 @@ def test_compare_trees_bounds_an_all_zero_leaf_by_atol():
     assert not compare_trees(zeros, off * 100, rtol=1e-9, atol=1e-6).passed
     # a leaf with a scale is not loosened by atol
     assert not compare_trees(torch.ones(3), torch.ones(3) + off * 10, rtol=1e-9, atol=1e-3).passed
+
+
+def test_compare_trees_measures_complex_leaves_by_modulus():
+    a = torch.tensor([3 + 4j, -1 + 0j], dtype=torch.complex64)
+    same = compare_trees(a, a.clone())
+    assert same.passed
+    assert same.leaves[0].scale == 5.0
+    off = compare_trees(a, a + torch.tensor([0.05j, 0j], dtype=torch.complex64))
+    assert not off.passed
+    assert abs(off.max_rel - 0.05 / 5.0) < 1e-6

@@ -33,7 +33,7 @@ from fx_lightning.fusion.passes.matching import match_batch_norm, plain_layer_fa
 from fx_lightning.fusion.passes.rewriting import PASS_THROUGH, Rewrite, erase_dead_code, scope_of
 from fx_lightning.fusion.report import Folded, FusionReport, Skipped, Untraced
 from fx_lightning.fusion.self_check import Recording, run_seeded
-from fx_lightning.fusion.shapes import Inputs, defer
+from fx_lightning.fusion.shapes import Inputs, deferred
 from fx_lightning.fusion.tracing import (
     TraceResult,
     contains_batch_norm,
@@ -186,18 +186,16 @@ class _Engine:
                         new = self.fuse_region(child, child_path, None, below_untraced=True)
                         self._replace(module, name, new, child_path)
             return module
-        if hint is not None:
-            defer(gm, lambda: hint)
         self.report.traced.append(path or "<model>")
         sites = _Sites(gm)
-        if self.form == "graph" and not path:
+        originals = dict(module.named_modules(remove_duplicate=False))
+        with deferred(gm, lambda: hint):
             run = run_passes(gm, self.passes)
+        if self.form == "graph" and not path:
             result: nn.Module = _finish(gm)
             self.report.merge(_report_of(run), path)
             self._replace(None, "", result, "", old=module)
         else:
-            originals = dict(module.named_modules(remove_duplicate=False))
-            run = run_passes(gm, self.passes)
             result = self._write_back(module, path, gm, run, sites, originals, hint, below_untraced)
         # Parts kept as single calls (untraceable, or hooked) are fused on their own.
         for name in sorted({*traced.opaque, *traced.hooked}):
@@ -241,8 +239,8 @@ class _Engine:
             gm = traced.graph_module
             if gm is None or traced.opaque or traced.hooked:
                 continue
-            defer(gm, lambda: self.seen_inputs.get(_join(path, first)))
-            run = run_passes(gm, fold)
+            with deferred(gm, lambda: self.seen_inputs.get(_join(path, first))):
+                run = run_passes(gm, fold)
             records = [r for w in run.changes.rewrites for r in w.records]
             if run.left or len(records) != 1 or not isinstance(records[0], Folded):
                 continue
@@ -391,8 +389,8 @@ class _Engine:
         if gm is None:
             self.report.notes.append(f"'{path or '<model>'}' could not be traced on its own: {traced.error}")
             return None
-        defer(gm, inputs)
-        run = run_passes(gm, self.passes)
+        with deferred(gm, inputs):
+            run = run_passes(gm, self.passes)
         built = _finish(gm)
         self.report.merge(_report_of(run), path)
         self.report.graphs.append(path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,8 +70,8 @@ class _Record:
     output: Any = None
     after: Any = None  # (args, kwargs) after the call: what the module wrote into its inputs
     done: bool = False
-    versions: list[int] = field(default_factory=list)  # of the input tensors, before the call
     given: Any = None  # during the call: the (args, kwargs) the caller passed, before the module's own pre-hooks
+    before: Any = None  # during the call: what ``given`` held before it (see _Snapshot)
 
 
 @dataclass
@@ -85,9 +86,10 @@ class Recording:
 
     records: dict[str, _Record] = field(default_factory=dict)
     whole: Any = None
-    # During the forward: the copy made of each tensor, by id, with the tensor and its version then. Nested modules
-    # hand the same tensors on (a block's input is its first layer's), so each is copied once while unchanged.
-    copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
+    # During the forward: the copy made of each tensor, by id, with a weak reference to the tensor and its version
+    # then. Nested modules hand the same tensors on (a block's input is its first layer's), so each is copied once
+    # while it is unchanged.
+    copies: dict[int, tuple[weakref.ref[torch.Tensor], int | None, torch.Tensor]] = field(default_factory=dict)
 
     def hook(self, model: nn.Module, paths: Sequence[str]) -> list[Any]:
         """Register the recording hooks on the module at each of ``paths`` of ``model``; returns their handles."""
@@ -113,10 +115,13 @@ class Recording:
 
         def copied(t: torch.Tensor) -> torch.Tensor:
             seen = self.copies.get(id(t))
-            if seen is not None and seen[0] is t and seen[1] == t._version:
+            version = _version(t)
+            # Unchanged: the same tensor, no in-place write counted, and equal (a write through .data counts none).
+            unchanged = seen is not None and seen[0]() is t and version is not None and seen[1] == version
+            if unchanged and seen is not None and torch.equal(t, seen[2]):
                 return seen[2]
             copy = t.detach().clone()
-            self.copies[id(t)] = (t, t._version, copy)
+            self.copies[id(t)] = (weakref.ref(t), version, copy)
             return copy
 
         return tree_map(lambda t: copied(t) if isinstance(t, torch.Tensor) else t, tree)
@@ -127,18 +132,18 @@ class Recording:
                 record.args, record.kwargs = self._copy(args), self._copy(kwargs)
                 record.rng = torch.get_rng_state()
                 record.given = (args, kwargs)
-                record.versions = _versions(record.given)
+                record.before = _Snapshot.of(record.given)
 
         return hook
 
     def _post_hook(self, record: _Record) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not record.done and record.given is not None:
-                # Inputs the call did not write into (their version counters unchanged) are the ones recorded before.
-                unchanged = _versions(record.given) == record.versions
+                # Inputs the call left as they were are the ones recorded before it (compared by identity later).
+                unchanged = record.before.unchanged(record.given, (record.args, record.kwargs))
                 after = (record.args, record.kwargs) if unchanged else self._copy(record.given)
                 record.output, record.after, record.done = self._copy(output), after, True
-                record.given = None
+                record.given = record.before = None
 
         return hook
 
@@ -224,12 +229,12 @@ class _Check:
         if double:
             module = copy.deepcopy(module).double()
             args, kwargs = tree_to(args, dtype=torch.float64), tree_to(kwargs, dtype=torch.float64)
-        versions = _versions((args, kwargs))
+        before = _Snapshot.of((args, kwargs))
         with torch.random.fork_rng(devices=[]):
             if record.rng is not None:
                 torch.set_rng_state(record.rng)
             output = module.eval()(*args, **kwargs)
-        if not double and _versions((args, kwargs)) == versions:
+        if not double and before.unchanged((args, kwargs), (record.args, record.kwargs)):
             return output, (record.args, record.kwargs)  # inputs left as received (compared by identity)
         return output, (args, kwargs)
 
@@ -487,9 +492,37 @@ def _clone(tree: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
-def _versions(tree: Any) -> list[int]:
-    """The version counter of each tensor in ``tree``: it moves with every in-place write into the tensor."""
-    return [t._version for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter, which moves with every in-place write into it; ``None`` for an inference tensor."""
+    return None if t.is_inference() else t._version
+
+
+@dataclass
+class _Snapshot:
+    """What a module's inputs held before a call: the structure, the objects in it, the tensors' version counters."""
+
+    spec: Any
+    leaves: list[Any]
+    versions: list[int | None]
+
+    @classmethod
+    def of(cls, tree: Any) -> _Snapshot:
+        leaves, spec = tree_flatten(tree)
+        return cls(spec, leaves, [_version(t) if isinstance(t, torch.Tensor) else 0 for t in leaves])
+
+    def unchanged(self, tree: Any, copy: Any) -> bool:
+        """Whether the call left ``tree`` as it was: the same structure holding the same objects (an element of a list
+        replaced is a change), no in-place write counted, and every tensor equal to ``copy`` of it taken before the
+        call (a write through ``.data`` or NumPy moves no counter)."""
+        leaves, spec = tree_flatten(tree)
+        if spec != self.spec or any(a is not b for a, b in zip(leaves, self.leaves)):
+            return False
+        versions = [_version(t) if isinstance(t, torch.Tensor) else 0 for t in leaves]
+        if None in versions or versions != self.versions:
+            return False
+        copies = tree_flatten(copy)[0]
+        tensors = [(t, c) for t, c in zip(leaves, copies) if isinstance(t, torch.Tensor)]
+        return len(copies) == len(leaves) and all(isinstance(c, torch.Tensor) and torch.equal(t, c) for t, c in tensors)
 
 
 def _floats(tree: Any) -> list[torch.Tensor]:

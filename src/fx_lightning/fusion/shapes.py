@@ -4,7 +4,8 @@ Most folds need no shape: a ``BatchNorm2d`` accepts 4-D input only, so the rank 
 from its class. Shapes settle what the graph alone leaves open (``Linear`` + ``BatchNorm1d``, a functional
 ``batch_norm``, a view between a layer and its BatchNorm). Propagating them runs the graph through torch.fx's
 interpreter, which costs about one forward of the traced module, so the engine only says where the inputs come
-from (:func:`defer`) and the first question about a shape runs the propagation (:func:`ensure`).
+from while the passes run (:func:`deferred`), and the first question about a shape runs the propagation
+(:func:`ensure`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["defer", "ensure", "propagate"]
+__all__ = ["deferred", "ensure", "propagate"]
 
 Inputs = Callable[[], Sequence[Any] | None]
 
@@ -36,9 +37,17 @@ def propagate(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         raise (err.__cause__ or err) from None
 
 
-def defer(gm: fx.GraphModule, inputs: Inputs) -> None:
-    """Propagate shapes through ``gm`` on ``inputs()`` when :func:`ensure` first asks (``None``: no inputs)."""
+@contextlib.contextmanager
+def deferred(gm: fx.GraphModule, inputs: Inputs) -> Iterator[None]:
+    """Within it, the first :func:`ensure` of ``gm`` propagates shapes on ``inputs()`` (``None``: there are none).
+
+    Leaving it forgets ``inputs``, which holds the example inputs and the modules they run through.
+    """
     _PENDING[gm] = inputs
+    try:
+        yield
+    finally:
+        _PENDING.pop(gm, None)
 
 
 def ensure(gm: fx.GraphModule) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.proxy import TraceError
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
@@ -216,7 +217,7 @@ class LeafTracer(fx.Tracer):
             innermost = self.failed_in is None
             if innermost:
                 self.failed_in = list(self.stack)
-            if not (self.recover and innermost and name) or self.abandoned:
+            if not (self.recover and innermost and name and _is_trace_error(err)) or self.abandoned:
                 raise
             if _failed_callee(err, m) is not None:
                 self.abandoned = True  # the callee is recorded as one call instead, in a trace of its own
@@ -293,6 +294,16 @@ def trace(root: nn.Module, leaf_types: tuple[type, ...] = (), max_retries: int =
         name = type(root).__name__
         return TraceResult(FusedGraphModule(tracer.root, graph, name), opaque, hooked=tracer.hooked)
     return TraceResult(None, opaque, f"gave up after {max_retries} opaque sub-modules")
+
+
+def _is_trace_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from torch.fx itself (a Proxy used as a value), not from the module's own code: only
+    then is calling the module whole what its code does. A module that raises on its own (and a caller that catches
+    it and falls back) is traced as it runs."""
+    if isinstance(err, TraceError):
+        return True
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return bool(frames) and "/torch/fx/" in frames[-1].f_code.co_filename.replace("\\", "/")
 
 
 def _flat_nodes(value: Any) -> list[fx.Node]:

@@ -259,7 +259,9 @@ def _leaf(path: str, ref: Any, cand: Any, rtol: float | None, exact: Any, slack:
 
 
 def _max_abs(values: Tensor) -> float:
-    """The largest ``|value|`` of a non-empty tensor, read in one pass without an ``abs()`` copy."""
+    """The largest ``|value|`` of a non-empty tensor, read in one pass without an ``abs()`` copy (real values)."""
+    if values.is_complex():
+        return float(values.abs().max())
     low, high = torch.aminmax(values)
     return max(-float(low), float(high))
 
