@@ -27,22 +27,28 @@ def test_deferred_shapes_are_propagated_on_the_first_question_only() -> None:
         asked.append(1)
         return (torch.randn(2, 3, 8, 8),)
 
-    shapes.defer(gm, inputs)
-    assert asked == []  # deferring runs nothing
     node = _conv_node(gm)
-    assert tensor_shape(gm, node) == (2, 4, 6, 6)
-    assert tensor_rank(gm, node) == 4
+    with shapes.deferred(gm, inputs):
+        assert asked == []  # deferring runs nothing
+        assert tensor_shape(gm, node) == (2, 4, 6, 6)
+        assert tensor_rank(gm, node) == 4
+        assert asked == [1]
+        assert shapes.ensure(gm) is False  # done once
+    gm = _traced()
+    with shapes.deferred(gm, inputs):
+        pass
+    assert shapes.ensure(gm) is False  # forgotten when the passes are done, asked or not
     assert asked == [1]
-    assert shapes.ensure(gm) is False  # done once
+    assert tensor_rank(gm, _conv_node(gm)) is None
 
 
 def test_shapes_stay_unknown_without_inputs_or_when_the_graph_cannot_run_on_them() -> None:
     gm = _traced()
-    shapes.defer(gm, lambda: None)
-    assert tensor_rank(gm, _conv_node(gm)) is None
+    with shapes.deferred(gm, lambda: None):
+        assert tensor_rank(gm, _conv_node(gm)) is None
     gm = _traced()
-    shapes.defer(gm, lambda: (torch.randn(2, 5, 8, 8),))  # 5 channels into a 3-channel conv
-    assert tensor_shape(gm, _conv_node(gm)) is None
+    with shapes.deferred(gm, lambda: (torch.randn(2, 5, 8, 8),)):  # 5 channels into a 3-channel conv
+        assert tensor_shape(gm, _conv_node(gm)) is None
 
 
 def test_propagate_raises_the_interpreter_s_cause() -> None:

@@ -282,7 +282,7 @@ def tensor_rank(gm: fx.GraphModule, node: Any) -> int | None:
     Without shape metadata, ranks are known after ``flatten(x, 1)``, ``nn.Flatten()`` and
     ``view``/``reshape`` to an explicit shape, where a reader asserts it (timm's ``_assert(x.ndim == 4)``),
     and carried through element-wise layers and ``Linear``. Where the graph leaves the rank open, the shapes
-    deferred for ``gm`` (:func:`fx_lightning.fusion.shapes.defer`) are propagated and asked.
+    deferred for ``gm`` (:func:`fx_lightning.fusion.shapes.deferred`) are propagated and asked.
     """
     rank = _rank_known(gm, node)
     if rank is None and isinstance(node, fx.Node) and ensure_shapes(gm):
