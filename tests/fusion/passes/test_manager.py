@@ -72,6 +72,26 @@ def test_run_passes_runs_the_passes_in_the_order_given() -> None:
     assert order == ["b", "a", "c"]  # one round, since none changed anything
 
 
+def test_run_passes_runs_a_pass_again_only_when_the_graph_changed_since_it_found_nothing() -> None:
+    order: list[str] = []
+    registry = registered_passes()
+
+    def logged(name: str) -> GraphPass:
+        def fn(gm: fx.GraphModule) -> PassChanges:
+            order.append(name)
+            return registry[name](gm)
+
+        return fn
+
+    names = ["remove_dropout", "fold_bn_into_preceding", "fold_bn_into_following"]
+    run = run_passes(_graph(_conv_bn()), {name: logged(name) for name in names})
+    assert [r.bn for r in run.changes.folded] == ["1"]
+    assert run.rounds == 2
+    # round 1: all three, the fold in the second; round 2: the first (the graph changed after it) and the fold
+    # itself (it changed the graph); the third saw the final graph in round 1 and is not run again
+    assert order == [*names, "remove_dropout", "fold_bn_into_preceding"]
+
+
 def test_run_passes_lists_a_batch_norm_no_pass_applies_to() -> None:
     gm = _graph(_conv_bn())
     run = run_passes(gm, {"remove_dropout": registered_passes()["remove_dropout"]})

@@ -96,23 +96,34 @@ def run_passes(gm: fx.GraphModule, passes: Mapping[str, GraphPass]) -> PassRun:
         (1, [], 2, False)
     """
     run = PassRun(capped=True)
-    reasons: dict[str, list[str]] = {}
+    # A pass is run again only when the graph changed since it last ran and found nothing: on the same graph it
+    # would find nothing again. Its reasons from that run are the ones it would give on the final graph.
+    changes = 0
+    seen: dict[str, int] = {}  # pass -> the number of changes when it last ran and changed nothing
+    last_reasons: dict[str, dict[str, str]] = {}
     for _ in range(MAX_ROUNDS):
         run.rounds += 1
         changed = False
-        reasons = {}  # only the last round's reasons are kept: it saw the final graph
         for name, fn in passes.items():
+            if seen.get(name) == changes:
+                continue
             result = run_pass(gm, name, fn, passes)
             run.changes.rewrites += result.rewrites
-            for node_name, reason in result.reasons.items():
-                if reason not in reasons.setdefault(node_name, []):
-                    reasons[node_name].append(reason)
+            last_reasons[name] = result.reasons
             if result.modified:
                 erase_dead_code(gm)
                 changed = True
+                changes += 1
+            else:
+                seen[name] = changes
         if not changed:
             run.capped = False
             break
+    reasons: dict[str, list[str]] = {}
+    for name in passes:  # in pass order, as one round over the final graph would give them
+        for node_name, reason in last_reasons.get(name, {}).items():
+            if reason not in reasons.setdefault(node_name, []):
+                reasons[node_name].append(reason)
     run.changes.reasons = {node_name: "; ".join(why) for node_name, why in reasons.items()}
     for node in gm.graph.nodes:
         bn = match_batch_norm(gm, node)
