@@ -210,14 +210,15 @@ class LeafTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = self.path_of_module(m)
         self.stack.append(name)
-        mark = (self.graph._root.prev, collections.OrderedDict(self.module_stack), dict(self.num_calls))
+        # Where to roll back to, in the trace that recovers (whose graph is only used when nothing was rolled back).
+        mark = (self.graph._root.prev, collections.OrderedDict(self.module_stack)) if self.recover else None
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:
             innermost = self.failed_in is None
             if innermost:
                 self.failed_in = list(self.stack)
-            if not (self.recover and innermost and name and _is_trace_error(err)) or self.abandoned:
+            if mark is None or not (innermost and name and _is_trace_error(err)) or self.abandoned:
                 raise
             if _failed_callee(err, m) is not None:
                 self.abandoned = True  # the callee is recorded as one call instead, in a trace of its own
@@ -230,13 +231,12 @@ class LeafTracer(fx.Tracer):
         finally:
             self.stack.pop()
 
-    def _roll_back(self, last: fx.Node, module_stack: dict[str, Any], num_calls: dict[str, int]) -> None:
+    def _roll_back(self, last: fx.Node, module_stack: dict[str, Any]) -> None:
         """Erase the nodes a failed call made after ``last`` and restore the module stack as it was before it."""
         while self.graph._root.prev is not last:
             self.graph.erase_node(self.graph._root.prev)
         self.module_stack.clear()
         self.module_stack.update(module_stack)
-        self.num_calls = num_calls
 
 
 @dataclass
