@@ -118,8 +118,13 @@ class Recording:
             seen = self.copies.get(id(t))
             version = _version(t)
             # Unchanged: the same tensor, no in-place write counted, and equal (a write through .data counts none).
-            unchanged = seen is not None and seen[0]() is t and version is not None and seen[1] == version
-            if unchanged and seen is not None and torch.equal(t, seen[2]):
+            if (
+                seen is not None
+                and seen[0]() is t
+                and version is not None
+                and seen[1] == version
+                and torch.equal(t, seen[2])
+            ):
                 return seen[2]
             copy = t.detach().clone()
             self.copies[id(t)] = (weakref.ref(t), version, copy)
@@ -283,6 +288,7 @@ class _Check:
             return set()  # the whole model alone: checking it on its own is this very run
         root = self.configure(set(groups))
         agreed: set[str] = set()
+        checked: set[str] = set()
         given: dict[str, Any] = {}  # what the caller passed each top, on its first call
 
         def take(top: str) -> Any:
@@ -302,7 +308,6 @@ class _Check:
 
             return hook
 
-        checked: set[str] = set()
         handles = []
         for top in recorded:
             module = find_module(root, top)
@@ -501,6 +506,10 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+def _versions(leaves: list[Any]) -> list[int | None]:
+    return [_version(t) if isinstance(t, torch.Tensor) else 0 for t in leaves]
+
+
 @dataclass
 class _Snapshot:
     """What a module's inputs held before a call: the structure, the objects in it, the tensors' version counters."""
@@ -512,7 +521,7 @@ class _Snapshot:
     @classmethod
     def of(cls, tree: Any) -> _Snapshot:
         leaves, spec = tree_flatten(tree)
-        return cls(spec, leaves, [_version(t) if isinstance(t, torch.Tensor) else 0 for t in leaves])
+        return cls(spec, leaves, _versions(leaves))
 
     def unchanged(self, tree: Any, copy: Any) -> bool:
         """Whether the call left ``tree`` as it was: the same structure holding the same objects (an element of a list
@@ -521,7 +530,7 @@ class _Snapshot:
         leaves, spec = tree_flatten(tree)
         if spec != self.spec or any(a is not b for a, b in zip(leaves, self.leaves)):
             return False
-        versions = [_version(t) if isinstance(t, torch.Tensor) else 0 for t in leaves]
+        versions = _versions(leaves)
         if None in versions or versions != self.versions:
             return False
         copies = tree_flatten(copy)[0]
